@@ -1,0 +1,1 @@
+"""Benchmark suites. Run one with ``python -m difftilt.benchmarks.<suite>``."""

@@ -1,0 +1,43 @@
+"""difftilt.core: the domain-agnostic library.
+
+Processes and their transitions (:mod:`.process`, :mod:`.distributions`), rewards
+(:mod:`.reward`), the entropy-regularized objective's optimizers (:mod:`.strategies`,
+:mod:`.system`), ELEGANT (:mod:`.finetune`), plugins (:mod:`.plugins`) and runs
+(:mod:`.run`, :mod:`.cli`). It imports torch, lightning, numpy and the standard
+library only -- never a plugin.
+"""
+
+from .distributions import CategoricalStep, GaussianStep, StepDistribution
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DeterministicStepError,
+    DifftiltError,
+    InputDataError,
+    OptionalDependencyError,
+    PluginNotFoundError,
+    RewardError,
+    ShapeError,
+)
+from .finetune import Finetuner, FinetuneResult, ValueReward, estimate_kl
+from .nets import TimeMLP
+from .plugins import Domain, list_plugins, load_plugin
+from .process import BrownianProcess, ChainedProcess, ControlledProcess, Process, ResidualControlProcess, freeze
+from .reward import FunctionReward, Reward, RewardOutput, WeightedSumReward
+from .rollout import Trajectory, differentiable_rollout, sample_trajectories
+from .strategies import DirectBackprop, PolicyGradient, Strategy, UpdateContext, UpdateOutput, make_strategy
+from .system import EntropyRegularizedSystem
+
+__all__ = [
+    "StepDistribution", "GaussianStep", "CategoricalStep",
+    "DifftiltError", "ConfigError", "ShapeError", "InputDataError", "RewardError", "DeterministicStepError",
+    "PluginNotFoundError", "OptionalDependencyError", "CheckpointError",
+    "Finetuner", "FinetuneResult", "ValueReward", "estimate_kl",
+    "TimeMLP",
+    "Domain", "load_plugin", "list_plugins",
+    "Process", "ResidualControlProcess", "ControlledProcess", "BrownianProcess", "ChainedProcess", "freeze",
+    "Reward", "RewardOutput", "FunctionReward", "WeightedSumReward",
+    "Trajectory", "sample_trajectories", "differentiable_rollout",
+    "Strategy", "DirectBackprop", "PolicyGradient", "UpdateContext", "UpdateOutput", "make_strategy",
+    "EntropyRegularizedSystem",
+]

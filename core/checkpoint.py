@@ -1,0 +1,142 @@
+"""Saving and loading fine-tuned models (safetensors + JSON, never pickles).
+
+A fine-tuned model folder holds::
+
+    model_index.json          format, plugin and process spec (how to rebuild the reference),
+                              alpha, and which parts follow
+    transitions_control.*     the control network of the transition chain (residual policy)
+    transitions_policy.safetensors   or the whole policy's weights (full-copy policy)
+    initial_control.*         the auxiliary chain's control (learned initial law), if any
+    value.*                   the value network v(x_0), if any
+
+The reference chain is not stored: it is rebuilt from the plugin and its process spec,
+which is what makes a fine-tuned model a few kilobytes for a domain with a committed
+pretrained checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConfigMixin, atomic_write_text
+from .errors import CheckpointError
+from .finetune import FinetuneResult
+from .plugins import load_plugin
+from .process import ChainedProcess, ControlledProcess, Process, ResidualControlProcess, freeze
+
+__all__ = ["save_finetuned", "load_finetuned", "FORMAT"]
+
+FORMAT = "difftilt.finetuned/1"
+
+
+def _save_module(module: nn.Module, directory: Path, name: str) -> None:
+    if not isinstance(module, ConfigMixin):
+        raise CheckpointError(
+            f"cannot save a {type(module).__name__}: networks saved with a model must be ConfigMixin "
+            "subclasses that record their constructor arguments"
+        )
+    module.save_pretrained(directory, name)
+
+
+def _policy_part(policy: Process, reference: Process, directory: Path, prefix: str) -> dict:
+    from safetensors.torch import save_file
+
+    if isinstance(policy, ResidualControlProcess) and policy.base is reference:
+        _save_module(policy.control, directory, f"{prefix}_control")
+        return {"kind": "residual", "control": f"{prefix}_control"}
+    state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
+    tmp = directory / f".{prefix}_policy.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, directory / f"{prefix}_policy.safetensors")
+    return {"kind": "full", "weights": f"{prefix}_policy.safetensors"}
+
+
+def save_finetuned(result: FinetuneResult, directory: str | os.PathLike, *, plugin: str, process: dict,
+                   extra: dict | None = None) -> Path:
+    """Write ``result`` to ``directory``.
+
+    Args:
+        result: what :meth:`~difftilt.core.finetune.Finetuner.fit` returned.
+        directory: target folder (created).
+        plugin: the plugin name that builds the reference chain.
+        process: the plugin's process spec (``{"name": ..., **kwargs}``).
+        extra: JSON-able metadata to record (e.g. the reward spec).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    index: dict[str, Any] = {
+        "format": FORMAT,
+        "plugin": plugin,
+        "process": process,
+        "alpha": result.alpha,
+        "transitions": _policy_part(result.transitions.policy, result.transitions.reference, directory, "transitions"),
+        "initial": None,
+        "value": None,
+    }
+    if result.initial is not None:
+        aux = result.initial
+        index["initial"] = {"steps": aux.num_steps, **_policy_part(aux.policy, aux.reference, directory, "initial")}
+    if result.value_net is not None:
+        _save_module(result.value_net, directory, "value")
+        index["value"] = "value"
+    if extra:
+        index["extra"] = extra
+    # The index goes last: a folder without it is not a model.
+    atomic_write_text(directory / "model_index.json", json.dumps(index, indent=2) + "\n")
+    return directory
+
+
+def _load_policy(part: dict, reference: Process, directory: Path) -> Process:
+    if part["kind"] == "residual":
+        control = ConfigMixin.from_pretrained(directory, part["control"])
+        return ResidualControlProcess(reference, control)
+    if part["kind"] == "full":
+        from safetensors.torch import load_file
+
+        policy = copy.deepcopy(reference)
+        for p in policy.parameters():
+            p.requires_grad_(True)
+        policy.load_state_dict(load_file(str(directory / part["weights"])))
+        return policy
+    raise CheckpointError(f"unknown policy kind '{part['kind']}' in {directory}")
+
+
+def load_finetuned(directory: str | os.PathLike) -> FinetuneResult:
+    """Rebuild a fine-tuned model saved by :func:`save_finetuned`.
+
+    The plugin named in the folder must be installed. Returns a
+    :class:`~difftilt.core.finetune.FinetuneResult` (``history`` empty) whose ``model``
+    samples like the saved one.
+    """
+    directory = Path(directory)
+    index_path = directory / "model_index.json"
+    if not index_path.is_file():
+        raise CheckpointError(f"{directory} is not a fine-tuned model folder (no model_index.json)")
+    index = json.loads(index_path.read_text())
+    if index.get("format") != FORMAT:
+        raise CheckpointError(f"{index_path}: unknown format {index.get('format')!r} (expected {FORMAT})")
+    domain = load_plugin(index["plugin"])
+    reference = freeze(domain.make_process(index["process"]))
+    transitions = ControlledProcess(reference, _load_policy(index["transitions"], reference, directory))
+    initial = None
+    value = None
+    if index.get("initial"):
+        aux_ref = reference.initial_sde(int(index["initial"]["steps"]))
+        if aux_ref is None:
+            raise CheckpointError(f"{index_path} has an initial law but the reference's initial law is a point")
+        initial = ControlledProcess(aux_ref, _load_policy(index["initial"], aux_ref, directory))
+    if index.get("value"):
+        value = ConfigMixin.from_pretrained(directory, index["value"])
+    model: Process = ChainedProcess(transitions.policy, initial.policy) if initial is not None else transitions.policy
+    for module in (transitions, initial, value):
+        if module is not None:
+            freeze(module)
+    return FinetuneResult(model=model, transitions=transitions, initial=initial, value_net=value,
+                          alpha=float(index["alpha"]))

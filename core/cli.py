@@ -1,0 +1,132 @@
+"""The ``difftilt`` command (also ``python -m difftilt``).
+
+Errors a user can cause (:class:`~difftilt.core.errors.DifftiltError`) end the
+command with one line on stderr and exit status 2; ``--debug`` (or
+``DIFFTILT_DEBUG=1``) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import DifftiltError
+
+__all__ = ["main", "build_parser"]
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import list_plugins
+
+    rows = list_plugins()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no difftilt plugins installed")
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['description'] or r['target']}")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .run import run_finetune
+
+    run = run_finetune(args.config, overrides=args.set, output_dir=args.output_dir, name=args.name,
+                       progress=not args.no_progress)
+    summary = run.read_json("summary.json")
+    ft, pre = summary["finetuned"], summary["pretrained"]
+    kl = summary["kl_to_pretrained"]
+    print(f"run folder: {run.path}")
+    print(f"{'':<12}{'reward mean':>12}{'reward max':>12}{'feasible':>10}")
+    for label, s in (("pretrained", pre), ("fine-tuned", ft)):
+        print(f"{label:<12}{s['reward_mean']:>12.4f}{s['reward_max']:>12.4f}{s['feasible']:>10.3f}")
+    print(f"KL(fine-tuned || pretrained) = {kl['total']:.4f}  (initial law {kl['initial']:.4f}, "
+          f"transitions {kl['transitions']:.4f})")
+    extras = {k: v for k, v in ft.items() if k in ("sw2", "mean_error", "weight_error", "target_reward")}
+    if extras:
+        print("exact target p*: " + ", ".join(f"{k} = {v:.4f}" for k, v in extras.items()))
+    print(f"plot: {run.path / 'training.png'}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_finetuned
+
+    result = load_finetuned(args.model)
+    x = result.sample(args.num_samples, seed=args.seed)
+    out = Path(args.output)
+    if out.suffix == ".npy":
+        import numpy as np
+
+        np.save(out, x.cpu().numpy())
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"samples": x.contiguous().cpu()}, str(out))
+    print(f"wrote {args.num_samples} samples of shape {tuple(x.shape[1:])} to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``difftilt`` command."""
+    parser = argparse.ArgumentParser(
+        prog="difftilt",
+        description="Fine-tune pretrained diffusion models toward a reward (ELEGANT, SEIKO).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what plugins load and what stages run")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("plugins", help="list installed domain plugins")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained model toward a reward (ELEGANT)")
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("--output-dir", help="parent folder of the run folder (overrides output_dir)")
+    p.add_argument("--name", help="run folder name (overrides name)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set finetune.alpha=0.5 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("sample", help="draw samples from a fine-tuned model folder")
+    p.add_argument("model", help="a model folder (e.g. RUN/model)")
+    p.add_argument("-n", "--num-samples", type=int, default=16)
+    p.add_argument("-o", "--output", default="samples.safetensors", help=".safetensors or .npy")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("DIFFTILT_DEBUG", "") not in ("", "0")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if not debug:
+        warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except DifftiltError as err:
+        if debug:
+            raise
+        print(f"difftilt: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("difftilt: interrupted", file=sys.stderr)
+        return 130

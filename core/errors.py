@@ -1,0 +1,48 @@
+"""The exceptions difftilt raises on bad input.
+
+Every error a user can cause derives from :class:`DifftiltError`; the CLI prints
+such an error as one line and exits with status 2 (a traceback only with
+``--debug``). Anything else escaping the library is a bug.
+"""
+
+from __future__ import annotations
+
+
+class DifftiltError(Exception):
+    """Base class of the errors a user can cause (bad config, bad data, bad model)."""
+
+
+class ConfigError(DifftiltError, ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+class ShapeError(DifftiltError, ValueError):
+    """A tensor handed to a public function has the wrong shape or dtype."""
+
+
+class InputDataError(DifftiltError, ValueError):
+    """Input data is malformed: out-of-alphabet tokens, NaN coordinates, and so on."""
+
+
+class RewardError(DifftiltError, ValueError):
+    """A reward returned something unusable (NaN or inf, wrong shape)."""
+
+
+class DeterministicStepError(DifftiltError, ValueError):
+    """A KL objective met a deterministic transition (std 0, e.g. DDIM with eta = 0).
+
+    The KL divergence between two different deterministic transitions is infinite,
+    so no finite entropy-regularized objective exists for such a sampler.
+    """
+
+
+class PluginNotFoundError(DifftiltError, LookupError):
+    """No installed plugin has the requested name."""
+
+
+class OptionalDependencyError(DifftiltError, ImportError):
+    """A feature needs a package from one of difftilt's extras."""
+
+
+class CheckpointError(DifftiltError, OSError):
+    """A checkpoint folder is missing, incomplete or of an unknown format."""

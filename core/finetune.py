@@ -1,0 +1,422 @@
+"""ELEGANT: entropy-regularized fine-tuning with a learned initial distribution.
+
+Uehara et al. 2024 (arXiv 2402.15194). The maximizer of
+``J(Q) = E_Q[r(x_K)] - alpha * KL(Q || P)`` has terminal law
+``p*(x) ∝ p_pre(x) exp(r(x) / alpha)``. Learning the transitions alone from the
+pretrained initial law ``nu_pre`` does not reach it: the optimal initial law is
+``nu*(x_0) ∝ nu_pre(x_0) exp(v*(x_0) / alpha)`` with the soft value ``v*``. So:
+
+1. learn the transitions (the control) from ``x_0 ~ nu_pre`` while a value network
+   regresses ``v(x_0)`` on the return ``r(x_K) - alpha * sum_k KL_k``; then refit ``v``
+   with the control frozen;
+2. learn ``nu*`` as a controlled auxiliary chain from a fixed point whose uncontrolled
+   end law is ``nu_pre`` (Brownian motion from 0 for ``nu_pre = N(0, I)``), maximizing
+   ``E[v(z_M)] - alpha * KL`` -- the same solver, with ``v`` as the reward;
+3. sample by chaining: ``x_0 = z_M``, then the fine-tuned transitions.
+
+``learn_initial=False`` gives the "drift-only" variant (steps 2-3 skipped), which is
+what most published fine-tuning methods do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, DeterministicStepError
+from .nets import TimeMLP
+from .process import (
+    ChainedProcess,
+    ControlledProcess,
+    Process,
+    ResidualControlProcess,
+    freeze,
+)
+from .reward import Reward, RewardOutput
+from .rollout import sample_trajectories, step_generator
+from .strategies import Strategy, make_strategy
+from .system import EntropyRegularizedSystem
+
+__all__ = ["Finetuner", "FinetuneResult", "ValueReward", "default_policy", "make_trainer", "estimate_kl"]
+
+log = logging.getLogger(__name__)
+
+
+class ValueReward(Reward):
+    """A (frozen) value network used as a differentiable reward: ``r(z) = v(z)``.
+
+    Args:
+        value_net: maps ``(b, *event_shape) -> (b,)`` (or ``(b, 1)``).
+    """
+
+    differentiable = True
+
+    def __init__(self, value_net: nn.Module):
+        super().__init__()
+        self.value_net = value_net
+
+    @property
+    def name(self) -> str:
+        return "value"
+
+    def evaluate(self, x: Tensor) -> Tensor:
+        return self.value_net(x).reshape(-1)
+
+
+def default_policy(reference: Process, hidden: int = 64, depth: int = 2) -> ResidualControlProcess:
+    """The reference tilted by a :class:`~difftilt.core.nets.TimeMLP` control started at zero."""
+    shape = tuple(reference.event_shape)
+    return ResidualControlProcess(reference, TimeMLP(shape, shape, hidden=hidden, depth=depth))
+
+
+def default_value_net(reference: Process, hidden: int = 64, depth: int = 2) -> TimeMLP:
+    """A :class:`~difftilt.core.nets.TimeMLP` from ``x_0`` to a scalar (time ignored)."""
+    return TimeMLP(tuple(reference.event_shape), (), hidden=hidden, depth=depth, time_features=0, zero_init=False)
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Silence Lightning's start-up banners and the warnings that do not apply to
+    fine-tuning (no dataset workers, chain modules kept in eval mode on purpose)."""
+    names = ["lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+            warnings.filterwarnings("ignore", message=".*LitLogger.*")
+            warnings.filterwarnings("ignore", message=".*litlogger.*")
+            warnings.filterwarnings("ignore", message=".*treespec.*")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def make_trainer(
+    stage: str,
+    iterations: int,
+    *,
+    progress: bool = True,
+    accelerator: str = "cpu",
+    devices: int | str = 1,
+    precision: str = "32-true",
+    loggers: list | None = None,
+    default_root_dir: str | None = None,
+) -> L.Trainer:
+    """A Trainer for one fine-tuning stage: one pass of ``iterations`` updates, no
+    Lightning checkpoints or summaries, a progress bar named after the stage."""
+    callbacks = []
+    if progress:
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        class _StageBar(TQDMProgressBar):
+            def init_train_tqdm(self):
+                bar = super().init_train_tqdm()
+                bar.set_description(stage)
+                return bar
+
+            def on_train_epoch_start(self, trainer, *args):
+                super().on_train_epoch_start(trainer, *args)
+                self.train_progress_bar.set_description(stage)
+
+        callbacks.append(_StageBar(refresh_rate=max(1, iterations // 200)))
+    return L.Trainer(
+        max_epochs=1,
+        limit_train_batches=iterations,
+        accelerator=accelerator,
+        devices=devices,
+        precision=precision,
+        logger=loggers if loggers else False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, iterations // 20)),
+        callbacks=callbacks,
+        default_root_dir=default_root_dir,
+    )
+
+
+@dataclass
+class FinetuneResult:
+    """What :meth:`Finetuner.fit` returns.
+
+    Attributes:
+        model: the fine-tuned sampler: a :class:`ChainedProcess` (learned initial law,
+            then the learned transitions) or, drift-only, the policy chain itself.
+        transitions: the controlled transition chain (policy beside the reference).
+        initial: the controlled auxiliary chain for the initial law, or ``None``.
+        value_net: the fitted value network ``v(x_0)``, or ``None``.
+        alpha: the KL weight.
+        history: per-update metrics, each with a ``stage`` key.
+    """
+
+    model: Process
+    transitions: ControlledProcess
+    initial: ControlledProcess | None
+    value_net: nn.Module | None
+    alpha: float
+    history: list[dict] = field(default_factory=list)
+
+    def sample(self, n: int, seed: int = 0) -> Tensor:
+        """``n`` samples ``x_K`` from the fine-tuned model: ``(n, *event_shape)``."""
+        return self.model.sample(n, generator=step_generator(seed, -3, self.model.device))
+
+
+@torch.no_grad()
+def estimate_kl(result: FinetuneResult, n: int = 4096, seed: int = 0) -> dict[str, float]:
+    """Monte-Carlo path KL of the fine-tuned model to its reference.
+
+    ``KL(Q || P) = KL(nu || nu_pre) + sum_k E_Q[KL_k]``; the first term is estimated by
+    the auxiliary chain's path KL (an upper bound, tight at its optimum). Returns
+    ``{"initial": ..., "transitions": ..., "total": ...}``.
+    """
+    init_kl = 0.0
+    x0 = None
+    if result.initial is not None:
+        aux = sample_trajectories(result.initial, n, seed=seed, kl=True)
+        init_kl = float(aux.kl.sum(1).mean())
+        x0 = aux.x
+    traj = sample_trajectories(result.transitions, n, x0=x0, seed=seed + 1, kl=True)
+    trans_kl = float(traj.kl.sum(1).mean())
+    return {"initial": init_kl, "transitions": trans_kl, "total": init_kl + trans_kl}
+
+
+class Finetuner:
+    """Fine-tune a pretrained chain toward a reward with ELEGANT (or drift-only).
+
+    Every argument after ``reward`` is a field of the ``finetune:`` section of a run's
+    YAML config.
+
+    Args:
+        reference: the pretrained chain ``P`` (frozen).
+        reward: the reward on final states.
+        alpha: KL weight. ``0`` is plain reward maximization (no KL; ``learn_initial`` must
+            then be off).
+        strategy: ``"backprop"``, ``"policy_gradient"``, a mapping ``{name: ..., **options}``
+            or a :class:`~difftilt.core.strategies.Strategy`.
+        learn_initial: learn the optimal initial law (full ELEGANT); ``False`` is drift-only.
+        iterations: policy updates in step 1.
+        batch_size: chains per update in step 1.
+        lr: Adam learning rate of the policy.
+        lr_schedule: ``"cosine"`` or ``"constant"``.
+        warmup: linear warm-up updates.
+        max_grad_norm: gradient clipping of the policy (``None``: off).
+        control_hidden: width of the default control network (when ``policy`` is not given).
+        control_depth: hidden layers of the default control network.
+        value_lr: Adam learning rate of the value network.
+        value_refit_iterations: value-only updates with the control frozen after step 1.
+        value_batch_size: chains per value-refit update.
+        initial_steps: Euler steps ``M`` of the auxiliary chain in step 2.
+        initial_iterations: updates in step 2.
+        initial_batch_size: chains per update in step 2.
+        initial_lr: Adam learning rate in step 2.
+        seed: seeds everything.
+        accelerator: Lightning accelerator (``"cpu"``, ``"gpu"``, ``"auto"``).
+        devices: Lightning devices.
+        precision: Lightning precision (``"32-true"``, ``"bf16-mixed"``, ...).
+        progress: show progress bars.
+        policy: the trainable chain (default: ``reference`` tilted by a fresh control network).
+        value_net: ``v(x_0)`` network (default: an MLP on the flattened state).
+        initial_control: control network of the auxiliary chain (default: an MLP).
+        loggers: Lightning loggers to receive metrics.
+        on_metrics: called with each update's metrics dict (with ``stage``).
+    """
+
+    def __init__(
+        self,
+        reference: Process,
+        reward: Reward,
+        alpha: float = 1.0,
+        strategy: str | dict | Strategy = "backprop",
+        learn_initial: bool = True,
+        iterations: int = 1000,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        warmup: int = 0,
+        max_grad_norm: float | None = 1.0,
+        control_hidden: int = 64,
+        control_depth: int = 2,
+        value_lr: float = 1e-3,
+        value_refit_iterations: int = 400,
+        value_batch_size: int = 1024,
+        initial_steps: int = 50,
+        initial_iterations: int = 500,
+        initial_batch_size: int = 512,
+        initial_lr: float = 1e-3,
+        seed: int = 0,
+        accelerator: str = "cpu",
+        devices: int | str = 1,
+        precision: str = "32-true",
+        progress: bool = True,
+        policy: Process | None = None,
+        value_net: nn.Module | None = None,
+        initial_control: nn.Module | None = None,
+        loggers: list | None = None,
+        on_metrics: Callable[[dict], None] | None = None,
+    ):
+        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+            raise ConfigError(f"finetune.alpha must be a finite number >= 0, got {alpha!r}")
+        for name, value in [("iterations", iterations), ("batch_size", batch_size), ("initial_steps", initial_steps),
+                            ("initial_batch_size", initial_batch_size), ("value_batch_size", value_batch_size)]:
+            if value < 1:
+                raise ConfigError(f"finetune.{name} must be >= 1, got {value}")
+        for name, value in [("value_refit_iterations", value_refit_iterations), ("initial_iterations", initial_iterations),
+                            ("warmup", warmup)]:
+            if value < 0:
+                raise ConfigError(f"finetune.{name} must be >= 0, got {value}")
+        if learn_initial and alpha == 0:
+            raise ConfigError(
+                "finetune.learn_initial needs alpha > 0: with alpha = 0 the optimal initial law is a point "
+                "mass at the value's maximum. Set learn_initial: false for reward maximization without KL."
+            )
+        self.reference = freeze(reference)
+        self.reward = reward
+        self.alpha = float(alpha)
+        self.strategy = make_strategy(strategy, "finetune.strategy")
+        if self.strategy.requires_differentiable_reward and not reward.differentiable:
+            raise ConfigError(
+                f"strategy '{type(self.strategy).__name__}' needs a differentiable reward and '{reward.name}' is not; "
+                "use strategy: policy_gradient"
+            )
+        self.learn_initial = bool(learn_initial)
+        self.iterations, self.batch_size, self.lr = iterations, batch_size, lr
+        self.lr_schedule, self.warmup, self.max_grad_norm = lr_schedule, warmup, max_grad_norm
+        self.value_lr, self.value_refit_iterations, self.value_batch_size = value_lr, value_refit_iterations, value_batch_size
+        self.initial_steps, self.initial_iterations = initial_steps, initial_iterations
+        self.initial_batch_size, self.initial_lr = initial_batch_size, initial_lr
+        self.seed = seed
+        self.trainer_kwargs = dict(accelerator=accelerator, devices=devices, precision=precision, progress=progress)
+        self.loggers = loggers
+        self.on_metrics = on_metrics
+
+        self.policy = policy if policy is not None else default_policy(self.reference, control_hidden, control_depth)
+        self.transitions = ControlledProcess(self.reference, self.policy)
+        self.aux_reference = self.reference.initial_sde(initial_steps) if self.learn_initial else None
+        if self.learn_initial and self.aux_reference is None:
+            log.info("the initial law of %s is a point: ELEGANT's initial-law step is skipped", type(reference).__name__)
+        if self.aux_reference is not None:
+            self.value_net = value_net if value_net is not None else default_value_net(self.reference, control_hidden, control_depth)
+            shape = tuple(self.reference.event_shape)
+            ctrl = initial_control if initial_control is not None else TimeMLP(shape, shape, control_hidden, control_depth)
+            self.initial = ControlledProcess(self.aux_reference, ResidualControlProcess(self.aux_reference, ctrl))
+        else:
+            self.value_net = None
+            self.initial = None
+        self._preflight()
+
+    def _preflight(self) -> None:
+        """Fail before any training (and before a run folder exists) on problems that
+        would otherwise show up mid-run: a deterministic chain under a KL objective, a
+        reward that rejects the chain's samples or returns NaN on them."""
+        with torch.no_grad():
+            gen = step_generator(self.seed, -1, self.reference.device)
+            x = self.reference.initial(2, generator=gen)
+            if self.alpha > 0 and self.reference.step(x, 0).is_deterministic:
+                raise DeterministicStepError(
+                    "the reference chain is deterministic (std 0, e.g. DDIM with eta = 0): KL(Q || P) is "
+                    "infinite for any change to it, so the KL-regularized objective has no finite value; "
+                    "use a stochastic sampler (eta > 0)"
+                )
+            self.reward(self.reference.sample(2, generator=gen, x0=x))
+
+    # ------------------------------------------------------------------ stages
+    def _emit(self, stage: str) -> Callable[[dict], None]:
+        history = self.history
+
+        def emit(metrics: dict) -> None:
+            row = {"stage": stage, **metrics}
+            history.append(row)
+            if self.on_metrics is not None:
+                self.on_metrics(row)
+
+        return emit
+
+    def _fit(self, system: EntropyRegularizedSystem, stage: str, iterations: int) -> None:
+        if iterations <= 0:
+            return
+        with quiet_lightning():
+            trainer = make_trainer(stage, iterations, loggers=self.loggers, **self.trainer_kwargs)
+            trainer.fit(system)
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+
+    def fit(self, stages: Callable[[str, "Finetuner"], None] | None = None) -> FinetuneResult:
+        """Run ELEGANT's steps (or drift-only) and return the fine-tuned model.
+
+        Args:
+            stages: called as ``stages(name, self)`` after each stage finishes (the CLI
+                saves a checkpoint there, so a crash loses at most one stage).
+        """
+        self.history: list[dict] = []
+        done = stages or (lambda name, ft: None)
+        L.seed_everything(self.seed, verbose=False)
+
+        # Step 1: transitions (and the value regression if the initial law is learned).
+        s1 = EntropyRegularizedSystem(
+            self.transitions, self.reward, self.strategy, self.alpha, batch_size=self.batch_size,
+            iterations=self.iterations, lr=self.lr, lr_schedule=self.lr_schedule, warmup=self.warmup,
+            max_grad_norm=self.max_grad_norm, value_net=self.value_net, value_lr=self.value_lr,
+            seed=self.seed, on_metrics=self._emit("transitions"),
+        )
+        self._fit(s1, "transitions", self.iterations)
+        done("transitions", self)
+
+        if self.initial is not None:
+            # Step 1b: the return's conditional mean is v*(x_0) only at the optimal control:
+            # refit v on fresh trajectories of the final, frozen control.
+            s1b = EntropyRegularizedSystem(
+                self.transitions, self.reward, self.strategy, self.alpha, batch_size=self.value_batch_size,
+                iterations=self.value_refit_iterations, lr_schedule=self.lr_schedule, value_net=self.value_net,
+                value_lr=self.value_lr, train_policy=False, seed=self.seed + 1, on_metrics=self._emit("value"),
+            )
+            self._fit(s1b, "value", self.value_refit_iterations)
+            done("value", self)
+
+            # Step 2: the initial law nu* ∝ nu_pre exp(v / alpha) as a controlled auxiliary chain.
+            value_reward = ValueReward(freeze(self.value_net))
+            s2 = EntropyRegularizedSystem(
+                self.initial, value_reward, make_strategy("backprop"), self.alpha,
+                batch_size=self.initial_batch_size, iterations=self.initial_iterations, lr=self.initial_lr,
+                lr_schedule=self.lr_schedule, max_grad_norm=self.max_grad_norm, seed=self.seed + 2,
+                on_metrics=self._emit("initial"),
+            )
+            self._fit(s2, "initial", self.initial_iterations)
+            done("initial", self)
+
+        return self.result()
+
+    def result(self) -> FinetuneResult:
+        """The model as trained so far (step 3: chain the learned initial law, if any)."""
+        if self.initial is not None:
+            model: Process = ChainedProcess(self.transitions.policy, self.initial.policy)
+        else:
+            model = self.transitions.policy
+        return FinetuneResult(
+            model=model, transitions=self.transitions, initial=self.initial, value_net=self.value_net,
+            alpha=self.alpha, history=list(getattr(self, "history", [])),
+        )
+
+
+def reward_summary(out: RewardOutput, infeasible_value: float) -> dict[str, float]:
+    """Mean, std and max of a reward over a sample, with the feasible fraction."""
+    v = out.masked(infeasible_value)
+    return {
+        "reward_mean": float(v.mean()),
+        "reward_std": float(v.std()) if v.numel() > 1 else 0.0,
+        "reward_max": float(v.max()),
+        "feasible": float(out.feasible.float().mean()),
+    }

@@ -1,0 +1,158 @@
+"""Domain plugins and their discovery.
+
+A domain (images, sequences, molecules, the analytic toy) is a :class:`Domain`
+subclass published under the entry-point group ``difftilt.plugins``::
+
+    [project.entry-points."difftilt.plugins"]
+    mydomain = "mypackage.domain:MyDomain"
+
+so a third-party package adds a domain without touching difftilt. The core never
+imports a plugin module directly; :func:`load_plugin` resolves names through entry
+points. Set ``DIFFTILT_DISABLE_PLUGIN_AUTOLOAD=1`` to keep :func:`list_plugins` from
+importing every installed plugin (it then only lists names); a plugin named explicitly
+is still loaded.
+
+The toy plugin (``difftilt/plugins/toy``) is the worked example of writing one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata as md
+import inspect
+import logging
+import os
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from .config import validate_kwargs
+from .errors import ConfigError, PluginNotFoundError
+from .process import Process
+from .reward import Reward
+
+__all__ = ["Domain", "ENTRY_POINT_GROUP", "AUTOLOAD_ENV", "plugin_entry_points", "load_plugin", "list_plugins"]
+
+ENTRY_POINT_GROUP = "difftilt.plugins"
+AUTOLOAD_ENV = "DIFFTILT_DISABLE_PLUGIN_AUTOLOAD"
+
+log = logging.getLogger(__name__)
+
+
+class Domain:
+    """A domain: pretrained chains, rewards, and how to read and judge samples.
+
+    Subclasses fill the two registries with factories (functions or classes) whose
+    signatures are the config schema of the ``process:`` and ``reward:`` sections:
+
+    * :attr:`processes` -- ``name -> factory(**kwargs) -> Process``. The first entry is the
+      default. A run config selects one with ``process: {name: ..., **kwargs}``.
+    * :attr:`rewards` -- ``name -> factory(**kwargs) -> Reward``. A factory with a
+      parameter named ``process`` receives the built process.
+
+    and may override the networks used for fine-tuning and the evaluation hooks.
+    """
+
+    #: Entry-point name, e.g. ``"toy"``.
+    name: str = "domain"
+    #: One line shown by ``difftilt plugins``.
+    description: str = ""
+    processes: dict[str, Callable[..., Process]] = {}
+    rewards: dict[str, Callable[..., Reward]] = {}
+
+    # ------------------------------------------------------------------ building
+    def _build(self, registry: dict[str, Callable], spec: Any, section: str, extra: dict | None = None) -> Any:
+        if spec is None:
+            spec = {}
+        if isinstance(spec, str):
+            spec = {"name": spec}
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{section}: expected a mapping with a 'name', got {type(spec).__name__}")
+        options = dict(spec)
+        if not registry:
+            raise ConfigError(f"plugin '{self.name}' provides no {section}")
+        name = options.pop("name", next(iter(registry)))
+        if name not in registry:
+            close = difflib.get_close_matches(str(name), list(registry), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"{section}.name: plugin '{self.name}' has no {section} '{name}'{hint}; known: {', '.join(registry)}"
+            )
+        factory = registry[name]
+        extra = {k: v for k, v in (extra or {}).items() if k in inspect.signature(factory).parameters}
+        kwargs = validate_kwargs(factory, options, section, skip=tuple(extra))
+        return factory(**kwargs, **extra)
+
+    def make_process(self, spec: dict | str | None = None) -> Process:
+        """Build a pretrained chain from ``{"name": ..., **kwargs}`` (validated)."""
+        return self._build(self.processes, spec, "process")
+
+    def make_reward(self, spec: dict | str | None, process: Process | None = None) -> Reward:
+        """Build a reward from ``{"name": ..., **kwargs}`` (validated)."""
+        return self._build(self.rewards, spec, "reward", {"process": process})
+
+    # ------------------------------------------------------------------ fine-tuning networks
+    def make_policy(self, reference: Process, hidden: int = 64, depth: int = 2) -> Process | None:
+        """The trainable chain for ``reference``; ``None`` uses the core default (a
+        :class:`~difftilt.core.nets.TimeMLP` tilt). Domains with large states override it."""
+        return None
+
+    def make_value_net(self, reference: Process) -> nn.Module | None:
+        """The network ``v(x_0)``; ``None`` uses the core default."""
+        return None
+
+    # ------------------------------------------------------------------ reading samples
+    def decode(self, x: Tensor) -> list:
+        """Domain objects for a batch of final states (images, strings, molecules)."""
+        return [row for row in x.detach().cpu()]
+
+    def evaluate(self, x: Tensor, *, process: Process, reward: Reward, alpha: float) -> dict[str, float]:
+        """Domain metrics of samples ``x`` of a model fine-tuned on ``reward`` with ``alpha``
+        (diversity, distances to known optima, ...). Plain floats only."""
+        return {}
+
+
+def plugin_entry_points() -> dict[str, md.EntryPoint]:
+    """Installed plugins by name, without importing them."""
+    return {ep.name: ep for ep in md.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_plugin(name: str) -> Domain:
+    """Import and instantiate the plugin ``name``.
+
+    Raises:
+        PluginNotFoundError: no installed plugin has that name.
+    """
+    eps = plugin_entry_points()
+    if name not in eps:
+        close = difflib.get_close_matches(name, list(eps), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        installed = ", ".join(sorted(eps)) or "none"
+        raise PluginNotFoundError(f"unknown plugin '{name}'{hint}; installed plugins: {installed}")
+    ep = eps[name]
+    factory = ep.load()
+    domain = factory() if callable(factory) else factory
+    if not isinstance(domain, Domain):
+        raise PluginNotFoundError(f"plugin '{name}' ({ep.value}) did not produce a difftilt Domain")
+    log.info("loaded plugin %s from %s", name, ep.value)
+    return domain
+
+
+def list_plugins() -> list[dict[str, str]]:
+    """``[{"name", "target", "description"}]`` for every installed plugin.
+
+    Imports each plugin to read its description unless plugin autoloading is disabled
+    through ``DIFFTILT_DISABLE_PLUGIN_AUTOLOAD``; a plugin that fails to import is
+    listed with the error as its description.
+    """
+    rows = []
+    autoload = os.environ.get(AUTOLOAD_ENV, "").strip().lower() in ("", "0", "false", "no")
+    for name, ep in sorted(plugin_entry_points().items()):
+        desc = ""
+        if autoload:
+            try:
+                desc = load_plugin(name).description
+            except Exception as err:  # a broken third-party plugin must not break listing
+                desc = f"(failed to load: {type(err).__name__}: {err})"
+        rows.append({"name": name, "target": ep.value, "description": desc})
+    return rows

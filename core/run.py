@@ -1,0 +1,308 @@
+"""Runs: one YAML config in, one run folder out. The CLI and the Python API share this.
+
+A ``difftilt finetune`` run folder holds::
+
+    config.yaml       the validated config, with every default filled in
+    status.json       {"state": "running" | "complete" | "failed" | "interrupted", ...}
+    metrics.jsonl     one line per update, appended as training goes (nothing lost on a crash)
+    metrics.csv/.json the same as tables, rewritten after every stage
+    checkpoints/      the model after each finished stage
+    model/            the final fine-tuned model (see :mod:`.checkpoint`)
+    summary.json      evaluation of the final model against the pretrained one
+    training.png      reward and KL over training
+
+Everything is validated before the folder is created, so a bad config leaves no folder;
+a run that fails later is marked ``failed`` with the error and has no ``model/`` or
+``summary.json`` -- it never looks complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import inspect
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .checkpoint import save_finetuned
+from .config import atomic_write_text, load_yaml, validate_kwargs
+from .errors import ConfigError
+from .finetune import Finetuner, FinetuneResult, estimate_kl, reward_summary
+from .plugins import load_plugin
+from .rollout import step_generator
+
+__all__ = ["RunFolder", "FinetuneRunConfig", "run_finetune", "load_config"]
+
+
+class RunFolder:
+    """A run's folder on disk.
+
+    Args:
+        path: the folder (created by :meth:`create`).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, parent: str | os.PathLike, name: str) -> "RunFolder":
+        """Create ``parent/name``; if it exists, ``name-1``, ``name-2``, ... (never reuses a folder)."""
+        parent = Path(parent)
+        parent.mkdir(parents=True, exist_ok=True)
+        for i in range(10_000):
+            path = parent / (name if i == 0 else f"{name}-{i}")
+            try:
+                path.mkdir()
+                return cls(path)
+            except FileExistsError:
+                continue
+        raise ConfigError(f"could not create a run folder under {parent}")
+
+    # ------------------------------------------------------------------ files
+    def write_json(self, name: str, obj: Any) -> Path:
+        """Atomically write ``obj`` as JSON to ``<run>/<name>``."""
+        path = self.path / name
+        atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+        return path
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+    def write_config(self, config: dict) -> None:
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    def set_status(self, state: str, **info: Any) -> None:
+        """Record the run's state (``running``, ``complete``, ``failed``, ``interrupted``)."""
+        prev = self.status() if (self.path / "status.json").is_file() else {}
+        now = _dt.datetime.now().isoformat(timespec="seconds")
+        status = {**prev, "state": state, "updated": now, **info}
+        status.setdefault("started", now)
+        self.write_json("status.json", status)
+
+    def status(self) -> dict:
+        """The content of ``status.json`` (``{}`` if absent)."""
+        path = self.path / "status.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def append_metrics(self, row: dict) -> None:
+        """Append one update's metrics to ``metrics.jsonl`` (flushed at once)."""
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row, default=_json_default) + "\n")
+
+    def metrics(self) -> list[dict]:
+        """All rows of ``metrics.jsonl``."""
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def write_metric_tables(self) -> None:
+        """Rewrite ``metrics.csv`` and ``metrics.json`` from ``metrics.jsonl``."""
+        rows = self.metrics()
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path / "metrics.csv", buf.getvalue())
+        self.write_json("metrics.json", rows)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+@dataclass
+class FinetuneRunConfig:
+    """The YAML config of ``difftilt finetune``.
+
+    Attributes:
+        plugin: the domain plugin (entry-point name), e.g. ``toy``.
+        reward: ``{name: ..., **kwargs}`` for one of the plugin's rewards.
+        process: ``{name: ..., **kwargs}`` for one of the plugin's pretrained chains
+            (default: the plugin's first, with its defaults).
+        finetune: fields of :class:`~difftilt.core.finetune.Finetuner` (``alpha``,
+            ``strategy``, ``learn_initial``, ``iterations``, ...).
+        seed: seeds everything; the same seed gives the same run.
+        output_dir: parent folder of run folders.
+        name: run folder name (default ``<plugin>-<date>-<time>``).
+        eval_samples: samples drawn to evaluate the final model.
+        loggers: extra Lightning loggers writing into the run folder: ``csv``, ``tensorboard``.
+    """
+
+    plugin: str
+    reward: dict | str
+    process: dict | str | None = None
+    finetune: dict = field(default_factory=dict)
+    seed: int = 0
+    output_dir: str = "runs"
+    name: str | None = None
+    eval_samples: int = 10000
+    loggers: list[str] = field(default_factory=list)
+
+
+_FINETUNER_SKIP = ("reference", "reward", "policy", "value_net", "initial_control", "loggers", "on_metrics", "seed")
+
+
+def load_config(config: dict | str | os.PathLike, overrides: list[str] | None = None) -> FinetuneRunConfig:
+    """Read and validate a run config (a mapping or a YAML path) with ``key.sub=value`` overrides."""
+    raw = dict(config) if isinstance(config, dict) else load_yaml(config)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        target = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+        target[parts[-1]] = yaml.safe_load(value)
+    cfg = FinetuneRunConfig(**validate_kwargs(FinetuneRunConfig, raw, "config"))
+    if cfg.eval_samples < 2:
+        raise ConfigError("config.eval_samples must be >= 2")
+    validate_kwargs(Finetuner, cfg.finetune, "finetune", skip=_FINETUNER_SKIP)
+    return cfg
+
+
+def _make_loggers(names: list[str], run: RunFolder) -> list:
+    loggers = []
+    for name in names:
+        if name == "csv":
+            from lightning.pytorch.loggers import CSVLogger
+
+            loggers.append(CSVLogger(save_dir=str(run.path), name="lightning"))
+        elif name == "tensorboard":
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(save_dir=str(run.path), name="lightning"))
+        else:
+            raise ConfigError(f"config.loggers: unknown logger '{name}' (known: csv, tensorboard)")
+    return loggers
+
+
+def _filled_defaults(fn, given: dict, skip: tuple[str, ...]) -> dict:
+    out = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        if name in skip or name == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        if name in given:
+            out[name] = given[name]
+        elif p.default is not inspect.Parameter.empty:
+            out[name] = p.default
+    return out
+
+
+@torch.no_grad()
+def evaluate_model(result: FinetuneResult, reference, reward, domain, n: int, seed: int) -> dict:
+    """Reward, KL and domain metrics of the fine-tuned model, beside the pretrained one."""
+    x = result.sample(n, seed=seed)
+    x_pre = reference.sample(n, generator=step_generator(seed, -5, reference.device))
+    summary = {
+        "finetuned": reward_summary(reward(x), reward.infeasible_value),
+        "pretrained": reward_summary(reward(x_pre), reward.infeasible_value),
+        "kl_to_pretrained": estimate_kl(result, min(n, 4096), seed=seed),
+        "alpha": result.alpha,
+        "num_samples": n,
+    }
+    summary["finetuned"].update(domain.evaluate(x, process=reference, reward=reward, alpha=result.alpha))
+    return summary
+
+
+def run_finetune(
+    config: dict | str | os.PathLike,
+    *,
+    overrides: list[str] | None = None,
+    output_dir: str | os.PathLike | None = None,
+    name: str | None = None,
+    progress: bool = True,
+) -> RunFolder:
+    """Run ``difftilt finetune`` and return its run folder (the CLI calls exactly this).
+
+    Args:
+        config: a YAML path or the same mapping.
+        overrides: ``key.sub=value`` strings applied on top (YAML values).
+        output_dir: overrides ``config.output_dir``.
+        name: overrides ``config.name``.
+        progress: show progress bars.
+
+    Raises:
+        DifftiltError: on bad input, before any folder is created when the problem is in
+            the config, plugin, process or reward.
+    """
+    cfg = load_config(config, overrides)
+    if output_dir is not None:
+        cfg.output_dir = str(output_dir)
+    if name is not None:
+        cfg.name = name
+    domain = load_plugin(cfg.plugin)
+    process = domain.make_process(cfg.process)
+    reward = domain.make_reward(cfg.reward, process)
+    ft_kwargs = validate_kwargs(Finetuner, cfg.finetune, "finetune", skip=_FINETUNER_SKIP)
+    finetuner = Finetuner(
+        process, reward, seed=cfg.seed, policy=domain.make_policy(process), value_net=domain.make_value_net(process),
+        **{"progress": progress, **ft_kwargs},
+    )
+
+    resolved = {
+        "plugin": cfg.plugin,
+        "process": cfg.process if cfg.process is not None else {"name": next(iter(domain.processes))},
+        "reward": cfg.reward,
+        "finetune": _filled_defaults(Finetuner, ft_kwargs, _FINETUNER_SKIP),
+        "seed": cfg.seed,
+        "eval_samples": cfg.eval_samples,
+        "loggers": cfg.loggers,
+    }
+    if isinstance(resolved["finetune"].get("strategy"), object) and not isinstance(
+        resolved["finetune"].get("strategy"), (str, dict)
+    ):
+        resolved["finetune"]["strategy"] = type(resolved["finetune"]["strategy"]).__name__
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run = RunFolder.create(cfg.output_dir, cfg.name or f"{cfg.plugin}-{stamp}")
+    run.write_config(resolved)
+    run.set_status("running", pid=os.getpid())
+    finetuner.on_metrics = run.append_metrics
+    finetuner.loggers = _make_loggers(cfg.loggers, run) or None
+    process_spec = resolved["process"] if isinstance(resolved["process"], dict) else {"name": resolved["process"]}
+    t0 = time.time()
+    stage_times: dict[str, float] = {}
+
+    def stage_done(stage: str, ft: Finetuner) -> None:
+        stage_times[stage] = round(time.time() - t0, 2)
+        save_finetuned(ft.result(), run.path / "checkpoints" / stage, plugin=cfg.plugin, process=process_spec)
+        run.write_metric_tables()
+        run.set_status("running", stage_done=stage, stage_times=stage_times)
+
+    try:
+        result = finetuner.fit(stages=stage_done)
+        summary = evaluate_model(result, finetuner.reference, reward, domain, cfg.eval_samples, cfg.seed)
+        summary["stage_seconds"] = stage_times
+        from .plotting import plot_training
+
+        plot_training(result.history, run.path / "training.png",
+                      title=f"{cfg.plugin}: reward '{reward.name}', alpha = {finetuner.alpha:g}")
+        save_finetuned(result, run.path / "model", plugin=cfg.plugin, process=process_spec,
+                       extra={"reward": cfg.reward})
+        run.write_json("summary.json", summary)
+        run.set_status("complete", seconds=round(time.time() - t0, 2))
+    except KeyboardInterrupt:
+        run.write_metric_tables()
+        run.set_status("interrupted", error="interrupted by the user")
+        raise
+    except BaseException as err:
+        run.write_metric_tables()
+        run.set_status("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    return run

@@ -1,0 +1,195 @@
+"""The Lightning system that optimizes the entropy-regularized objective.
+
+:class:`EntropyRegularizedSystem` receives the chain, the reward and the strategy as
+constructor arguments (Lightning's "separate systems from models"), so moving
+fine-tuning to GPUs, DDP or mixed precision is a Trainer flag. It uses manual
+optimization because a strategy may take several optimizer steps per sampled batch
+(PPO epochs and minibatches).
+
+With a ``value_net`` it also regresses ``v(x_0)`` on the per-trajectory return
+``r(x_K) - alpha * sum_k KL_k`` -- ELEGANT's step 1. With ``train_policy=False`` it only
+samples from the (frozen) policy and fits the value, which is how the value is refined
+once the control has converged (the return's conditional mean is the soft value
+``v*(x_0)`` only at the optimal control).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from .process import ControlledProcess
+from .reward import Reward
+from .rollout import sample_trajectories, step_generator
+from .strategies import Strategy, UpdateContext
+
+__all__ = ["EntropyRegularizedSystem", "iteration_loader"]
+
+
+def iteration_loader(iterations: int) -> DataLoader:
+    """A loader yielding ``iterations`` dummy items: one per update (there is no dataset)."""
+    return DataLoader(range(iterations), batch_size=None, shuffle=False)
+
+
+def _lr_lambda(schedule: str, iterations: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, iterations - warmup))
+        return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+class EntropyRegularizedSystem(L.LightningModule):
+    """Fine-tunes ``process.policy`` to maximize ``E[r(x_K)] - alpha * KL(Q || P)``.
+
+    Args:
+        process: the controlled chain; its trainable policy parameters are optimized.
+        reward: the reward on final states.
+        strategy: how to compute updates (:class:`~difftilt.core.strategies.DirectBackprop`,
+            :class:`~difftilt.core.strategies.PolicyGradient`, ...).
+        alpha: KL weight (``>= 0``).
+        batch_size: chains per update.
+        iterations: number of updates (sets the learning-rate schedule's length).
+        lr: Adam learning rate of the policy.
+        lr_schedule: ``"cosine"`` (decay to 2% of ``lr``) or ``"constant"``.
+        warmup: linear warm-up updates.
+        max_grad_norm: clip the policy's gradient norm (``None``: no clipping).
+        value_net: if given, ``v(x_0) -> (b,)`` regressed on returns.
+        value_lr: Adam learning rate of the value network.
+        train_policy: if ``False``, the policy is frozen and only the value is fitted.
+        seed: seeds initial states and noise (combined with the rank and update index).
+        on_metrics: called with each update's metrics (a dict of floats).
+    """
+
+    def __init__(
+        self,
+        process: ControlledProcess,
+        reward: Reward,
+        strategy: Strategy,
+        alpha: float,
+        batch_size: int = 256,
+        iterations: int = 1000,
+        lr: float = 1e-3,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        warmup: int = 0,
+        max_grad_norm: float | None = 1.0,
+        value_net: nn.Module | None = None,
+        value_lr: float = 1e-3,
+        train_policy: bool = True,
+        seed: int = 0,
+        on_metrics: Callable[[dict], None] | None = None,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.process = process
+        self.reward = reward
+        self.strategy = strategy
+        self.alpha = float(alpha)
+        self.batch_size = int(batch_size)
+        self.iterations = int(iterations)
+        self.lr = lr
+        self.lr_schedule = lr_schedule
+        self.warmup = warmup
+        self.max_grad_norm = max_grad_norm
+        self.value_net = value_net
+        self.value_lr = value_lr
+        self.train_policy = train_policy
+        self.seed = int(seed)
+        self.on_metrics = on_metrics
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ setup
+    def train(self, mode: bool = True) -> "EntropyRegularizedSystem":
+        super().train(mode)
+        # Dropout and the like stay off in the chain: a checkpointed step is recomputed
+        # in the backward pass and must see the same function.
+        self.process.eval()
+        return self
+
+    def configure_optimizers(self):
+        optimizers, schedulers = [], []
+        if self.train_policy:
+            params = self.process.trainable_parameters()
+            if not params:
+                raise ValueError("the policy has no trainable parameters")
+            opt = torch.optim.Adam(params, lr=self.lr)
+            optimizers.append(opt)
+            schedulers.append(torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.lr_schedule, self.iterations, self.warmup)))
+        if self.value_net is not None:
+            vopt = torch.optim.Adam(self.value_net.parameters(), lr=self.value_lr)
+            optimizers.append(vopt)
+            schedulers.append(torch.optim.lr_scheduler.LambdaLR(vopt, _lr_lambda(self.lr_schedule, self.iterations, 0)))
+        return optimizers, schedulers
+
+    def _update_seed(self, batch_idx: int) -> int:
+        return (self.seed * 1_000_003 + self.global_rank * 7_919 + int(batch_idx)) & ((1 << 62) - 1)
+
+    # ------------------------------------------------------------------ step
+    def _policy_optimizer_step(self, opt) -> Callable[[], float]:
+        params = self.process.trainable_parameters()
+
+        def step() -> float:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm else float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(norm)
+
+        return step
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        scheds = self.lr_schedulers()
+        scheds = scheds if isinstance(scheds, list) else ([scheds] if scheds is not None else [])
+        seed = self._update_seed(batch_idx)
+        x0 = self.process.initial(self.batch_size, generator=step_generator(seed, -1, self.process.device))
+
+        if self.train_policy:
+            ctx = UpdateContext(
+                process=self.process, reward=self.reward, alpha=self.alpha, x0=x0, seed=seed,
+                backward=self.manual_backward, optimizer_step=self._policy_optimizer_step(opts[0]),
+            )
+            out = self.strategy.update(ctx)
+            x0, returns, metrics = out.x0, out.returns, dict(out.metrics)
+        else:
+            traj = sample_trajectories(self.process, x0=x0, seed=seed, kl=True)
+            with torch.no_grad():
+                res = self.reward(traj.x)
+            r = res.masked(self.reward.infeasible_value)
+            path_kl = traj.kl.sum(1)
+            returns = r - self.alpha * path_kl
+            metrics = {"reward": float(r.mean()), "kl": float(path_kl.mean()),
+                       "objective": float(returns.mean()), "feasible": float(res.feasible.float().mean())}
+
+        if self.value_net is not None:
+            vopt = opts[-1]
+            v = self.value_net(x0).reshape(-1)
+            value_loss = torch.mean((v - returns) ** 2)
+            self.manual_backward(value_loss)
+            vopt.step()
+            vopt.zero_grad(set_to_none=True)
+            metrics["value_loss"] = float(value_loss.detach())
+        for s in scheds:
+            s.step()
+
+        metrics["iteration"] = int(batch_idx)
+        self.history.append(metrics)
+        if self.on_metrics is not None:
+            self.on_metrics(metrics)
+        shown = {k: metrics[k] for k in ("reward", "kl", "value_loss") if k in metrics}
+        self.log_dict(shown, prog_bar=True, on_step=True, on_epoch=False, batch_size=self.batch_size)
+        rest = {k: v for k, v in metrics.items() if k not in shown and k != "iteration"}
+        if rest:
+            self.log_dict(rest, prog_bar=False, on_step=True, on_epoch=False, batch_size=self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return iteration_loader(self.iterations)

@@ -1,0 +1,101 @@
+"""Rewards with an analytic tilted target on Gaussian mixtures."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from difftilt.core.errors import ConfigError, ShapeError
+from difftilt.core.reward import Reward
+
+from .mixture import GaussianMixture
+
+__all__ = ["LinearReward", "QuadraticReward"]
+
+
+class _AnalyticReward(Reward):
+    differentiable = True
+    dim: int
+
+    def _check(self, x: Tensor) -> None:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ShapeError(f"{self.name} expects points of shape (b, {self.dim}), got {tuple(x.shape)}")
+
+    def tilt(self, mixture: GaussianMixture, alpha: float) -> GaussianMixture:
+        """The exact ``∝ mixture(x) exp(r(x) / alpha)``."""
+        raise NotImplementedError
+
+
+class LinearReward(_AnalyticReward):
+    """``r(x) = <c, x> + b``. Tilts each component's mean by ``C c / alpha`` and reweights.
+
+    Args:
+        weights: the direction ``c`` (its length is the dimension).
+        bias: the offset ``b`` (it does not change the tilted law).
+    """
+
+    def __init__(self, weights: list[float], bias: float = 0.0):
+        super().__init__()
+        if len(weights) == 0:
+            raise ConfigError("reward.weights must not be empty")
+        self.register_buffer("c", torch.tensor(weights, dtype=torch.float32))
+        self.c64 = torch.tensor(weights, dtype=torch.float64)
+        self.bias = float(bias)
+        self.dim = len(weights)
+
+    @property
+    def name(self) -> str:
+        return "linear"
+
+    def evaluate(self, x: Tensor) -> Tensor:
+        self._check(x)
+        return x @ self.c.to(x.dtype) + self.bias
+
+    def tilt(self, mixture: GaussianMixture, alpha: float) -> GaussianMixture:
+        if mixture.dim != self.dim:
+            raise ConfigError(f"reward dimension {self.dim} does not match the mixture's {mixture.dim}")
+        return mixture.tilt_linear(self.c64, alpha)
+
+
+class QuadraticReward(_AnalyticReward):
+    """``r(x) = -(x - x0)^T A (x - x0) / 2``, a concave bowl around ``x0``.
+
+    Args:
+        center: ``x0``.
+        precision: ``A``: a number (``A = a I``), one number per coordinate (diagonal), or a
+            full symmetric positive semi-definite matrix.
+    """
+
+    def __init__(self, center: list[float], precision: float | list[float] | list[list[float]] = 1.0):
+        super().__init__()
+        d = len(center)
+        if d == 0:
+            raise ConfigError("reward.center must not be empty")
+        A = torch.as_tensor(precision, dtype=torch.float64)
+        if A.dim() == 0:
+            A = A * torch.eye(d, dtype=torch.float64)
+        elif A.dim() == 1:
+            A = torch.diag(A)
+        if A.shape != (d, d):
+            raise ConfigError(f"reward.precision must be a number, {d} numbers or a {d}x{d} matrix")
+        if not torch.allclose(A, A.T) or torch.linalg.eigvalsh(A).min() < -1e-10:
+            raise ConfigError("reward.precision must be symmetric positive semi-definite")
+        self.A64 = A
+        self.x064 = torch.tensor(center, dtype=torch.float64)
+        self.register_buffer("A", A.to(torch.float32))
+        self.register_buffer("x0", self.x064.to(torch.float32))
+        self.dim = d
+
+    @property
+    def name(self) -> str:
+        return "quadratic"
+
+    def evaluate(self, x: Tensor) -> Tensor:
+        self._check(x)
+        diff = x - self.x0.to(x.dtype)
+        return -0.5 * ((diff @ self.A.to(x.dtype)) * diff).sum(-1)
+
+    def tilt(self, mixture: GaussianMixture, alpha: float) -> GaussianMixture:
+        if mixture.dim != self.dim:
+            raise ConfigError(f"reward dimension {self.dim} does not match the mixture's {mixture.dim}")
+        return mixture.tilt_quadratic(self.A64, self.x064, alpha)

@@ -1,0 +1,14 @@
+import os
+
+import pytest
+import torch
+
+# Deterministic, CPU-only, quiet.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,160 @@
+import math
+
+import pytest
+import torch
+from torch.distributions import Categorical, Normal, kl_divergence
+
+from difftilt.core import CategoricalStep, DeterministicStepError, GaussianStep, ShapeError
+
+
+# ---------------------------------------------------------------- Gaussian
+
+def test_gaussian_kl_shared_std_hand_computed():
+    # ||mu_q - mu_p||^2 / (2 s^2), summed over dimensions (never averaged)
+    q = GaussianStep(torch.tensor([[1.0, 2.0], [0.0, 0.0]]), 0.5)
+    p = GaussianStep(torch.zeros(2, 2), 0.5)
+    assert torch.allclose(q.kl(p), torch.tensor([(1 + 4) / (2 * 0.25), 0.0]))
+
+
+def test_gaussian_kl_different_std_hand_computed():
+    # KL(N(0,1) || N(1, 2^2)) = log 2 + (1 + 1) / 8 - 1/2 per dimension; two dimensions
+    q = GaussianStep(torch.zeros(1, 2), 1.0)
+    p = GaussianStep(torch.ones(1, 2), 2.0)
+    per_dim = math.log(2.0) + 2.0 / 8.0 - 0.5
+    assert q.kl(p).item() == pytest.approx(2 * per_dim, abs=1e-6)
+
+
+def test_gaussian_kl_matches_torch_distributions_on_random_cases():
+    g = torch.Generator().manual_seed(1)
+    mq, mp = torch.randn(5, 3, 4, generator=g), torch.randn(5, 3, 4, generator=g)
+    sq, sp = torch.rand(5, 1, 1, generator=g) + 0.1, torch.rand(5, 1, 1, generator=g) + 0.1
+    ours = GaussianStep(mq, sq).kl(GaussianStep(mp, sp))
+    ref = kl_divergence(Normal(mq, sq.expand_as(mq)), Normal(mp, sp.expand_as(mp))).sum((1, 2))
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_gaussian_kl_with_itself_is_zero_and_log_prob_matches_normal():
+    m = torch.randn(4, 3)
+    q = GaussianStep(m, 0.3)
+    assert torch.equal(q.kl(GaussianStep(m.clone(), 0.3)), torch.zeros(4))
+    x = torch.randn(4, 3)
+    assert torch.allclose(q.log_prob(x), Normal(m, 0.3).log_prob(x).sum(-1), atol=1e-5)
+
+
+def test_gaussian_tilt_moves_mean_by_variance_times_field():
+    m, s, h = torch.randn(3, 2), 0.4, torch.randn(3, 2)
+    base = GaussianStep(m, s)
+    tilted = base.tilted(h)
+    assert torch.allclose(tilted.mean, m + s**2 * h)
+    # KL of the tilt to its base is s^2 ||h||^2 / 2
+    assert torch.allclose(tilted.kl(base), 0.5 * s**2 * (h**2).sum(-1))
+
+
+def test_gaussian_tilt_is_the_exponential_tilt():
+    # Self-normalized importance weights exp(h x) on samples of the base give the tilted mean.
+    base = GaussianStep(torch.tensor([[0.5]]), 0.7)
+    h = torch.tensor([[1.3]])
+    x = base.mean + 0.7 * torch.randn(400_000, 1)
+    w = torch.softmax((h * x).squeeze(-1), 0)
+    assert (w @ x).item() == pytest.approx(base.tilted(h).mean.item(), abs=5e-3)
+
+
+def test_deterministic_gaussian_step_samples_but_refuses_kl():
+    q = GaussianStep(torch.ones(2, 2), 0.0)
+    assert torch.equal(q.sample(), torch.ones(2, 2))
+    with pytest.raises(DeterministicStepError, match="eta"):
+        q.kl(GaussianStep(torch.zeros(2, 2), 0.0))
+    with pytest.raises(DeterministicStepError):
+        q.log_prob(torch.ones(2, 2))
+
+
+def test_gaussian_rejects_bad_shapes():
+    with pytest.raises(ShapeError):
+        GaussianStep(torch.zeros(3), 1.0)
+    with pytest.raises(ShapeError):
+        GaussianStep(torch.zeros(3, 2), torch.ones(4))
+    with pytest.raises(ShapeError):
+        GaussianStep(torch.zeros(3, 2), -1.0)
+
+
+def test_gaussian_rsample_is_reparameterized():
+    mean = torch.zeros(2, 3, requires_grad=True)
+    x = GaussianStep(mean, 0.5).rsample(torch.Generator().manual_seed(0))
+    x.sum().backward()
+    assert torch.equal(mean.grad, torch.ones(2, 3))
+
+
+# ---------------------------------------------------------------- Categorical
+
+def _onehot(idx, S):
+    return torch.nn.functional.one_hot(torch.tensor(idx), S).float()
+
+
+def test_categorical_kl_hand_computed_with_frozen_positions():
+    # position 0: q = (1/2, 1/2), p = (1/4, 3/4): KL = 1/2 log 2 + 1/2 log(2/3)
+    # position 1: frozen (already unmasked) -> 0
+    q_logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1]]]))
+    p_logits = torch.log(torch.tensor([[[0.25, 0.75], [0.1, 0.9]]]))
+    current = _onehot([[1, 0]], 2)
+    frozen = torch.tensor([[False, True]])
+    q = CategoricalStep(q_logits, current, frozen)
+    p = CategoricalStep(p_logits, current, frozen)
+    expected = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
+    assert q.kl(p).item() == pytest.approx(expected, abs=1e-6)
+    # without the frozen mask both positions count
+    both = CategoricalStep(q_logits, current).kl(CategoricalStep(p_logits, current))
+    second = 0.9 * math.log(9) + 0.1 * math.log(1 / 9)
+    assert both.item() == pytest.approx(expected + second, abs=1e-5)
+
+
+def test_categorical_kl_matches_torch_and_zero_against_itself():
+    logits_q, logits_p = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    cur = _onehot(torch.zeros(3, 5, dtype=torch.long).tolist(), 4)
+    q, p = CategoricalStep(logits_q, cur), CategoricalStep(logits_p, cur)
+    ref = kl_divergence(Categorical(logits=logits_q), Categorical(logits=logits_p)).sum(-1)
+    assert torch.allclose(q.kl(p), ref, atol=1e-5)
+    assert torch.allclose(q.kl(CategoricalStep(logits_q.clone(), cur)), torch.zeros(3), atol=1e-6)
+
+
+def test_categorical_kl_handles_zero_probabilities():
+    q_logits = torch.tensor([[[0.0, -float("inf")]]])
+    p_logits = torch.tensor([[[0.0, 0.0]]])
+    cur = _onehot([[0]], 2)
+    assert CategoricalStep(q_logits, cur).kl(CategoricalStep(p_logits, cur)).item() == pytest.approx(math.log(2))
+
+
+def test_categorical_log_prob_sample_and_frozen_copy():
+    logits = torch.log(torch.tensor([[[0.2, 0.8], [0.5, 0.5]]]))
+    cur = _onehot([[0, 1]], 2)
+    frozen = torch.tensor([[False, True]])
+    step = CategoricalStep(logits, cur, frozen)
+    x = _onehot([[1, 1]], 2)
+    assert step.log_prob(x).item() == pytest.approx(math.log(0.8), abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([step.sample(g) for _ in range(4000)])  # (n, 1, 2, 2)
+    assert torch.all(draws[:, 0, 1, 1] == 1)  # frozen position copied
+    assert draws[:, 0, 0, 1].mean().item() == pytest.approx(0.8, abs=0.03)
+
+
+def test_categorical_rsample_straight_through():
+    logits = torch.zeros(2, 3, 4, requires_grad=True)
+    cur = _onehot(torch.zeros(2, 3, dtype=torch.long).tolist(), 4)
+    x = CategoricalStep(logits, cur, tau=0.5).rsample(torch.Generator().manual_seed(0))
+    hard = x.detach()
+    assert torch.allclose(hard, hard.round(), atol=1e-6) and torch.allclose(hard.sum(-1), torch.ones(2, 3))
+    (x * torch.arange(4.0)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_categorical_tilt_adds_to_logits():
+    logits, h = torch.randn(1, 2, 3), torch.randn(1, 2, 3)
+    cur = _onehot([[0, 0]], 3)
+    t = CategoricalStep(logits, cur).tilted(h)
+    assert torch.allclose(t.log_probs, torch.log_softmax(logits + h, -1))
+
+
+def test_categorical_rejects_bad_shapes():
+    with pytest.raises(ShapeError):
+        CategoricalStep(torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(ShapeError):
+        CategoricalStep(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5))

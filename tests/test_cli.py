@@ -1,0 +1,121 @@
+"""The difftilt command, end to end, in subprocesses (as a user runs it)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+TINY = {
+    "plugin": "toy",
+    "seed": 0,
+    "process": {"name": "mixture", "num_steps": 5},
+    "reward": {"name": "linear", "weights": [1.0, 0.5]},
+    "finetune": {"alpha": 1.0, "iterations": 4, "batch_size": 16, "value_refit_iterations": 2,
+                 "initial_iterations": 3, "initial_steps": 4, "initial_batch_size": 16},
+    "eval_samples": 64,
+}
+
+
+def _run(args, cwd, **env):
+    return subprocess.run([sys.executable, "-m", "difftilt", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=600)
+
+
+def _write(tmp_path, cfg, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _one_line_error(proc):
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("difftilt: error: "), proc.stderr
+    return lines[0]
+
+
+def test_plugins_lists_the_toy_plugin(tmp_path):
+    proc = _run(["plugins"], tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("toy")
+    listed = json.loads(_run(["plugins", "--json"], tmp_path).stdout)
+    assert listed[0]["target"] == "difftilt.plugins.toy:ToyDomain"
+    # with autoload off, plugins are listed without being imported
+    off = json.loads(_run(["plugins", "--json"], tmp_path, DIFFTILT_DISABLE_PLUGIN_AUTOLOAD="1").stdout)
+    assert off[0]["name"] == "toy" and off[0]["description"] == ""
+
+
+@pytest.mark.slow
+def test_finetune_writes_a_complete_run_folder_and_sample_reads_the_model(tmp_path):
+    cfg = _write(tmp_path, TINY)
+    proc = _run(["finetune", str(cfg), "--output-dir", str(tmp_path / "runs"), "--name", "tiny", "--no-progress"],
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "runs" / "tiny"
+    for name in ("config.yaml", "status.json", "metrics.csv", "metrics.json", "metrics.jsonl", "summary.json",
+                 "training.png", "model/model_index.json", "checkpoints/transitions/model_index.json",
+                 "checkpoints/initial/model_index.json"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "status.json").read_text())["state"] == "complete"
+    rows = json.loads((run / "metrics.json").read_text())
+    assert [r["stage"] for r in rows] == ["transitions"] * 4 + ["value"] * 2 + ["initial"] * 3
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"sw2", "mean_error", "weight_error"} <= set(summary["finetuned"])
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["finetune"]["lr"] == 1e-3  # defaults are filled in
+    assert f"run folder: {run}" in proc.stdout and "KL(fine-tuned || pretrained)" in proc.stdout
+
+    out = tmp_path / "s.npy"
+    proc = _run(["sample", str(run / "model"), "-n", "7", "-o", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    import numpy as np
+
+    assert np.load(out).shape == (7, 2)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"plugin": "toyy"}, "unknown plugin 'toyy' (did you mean 'toy'?)"),
+        ({"finetune": {**TINY["finetune"], "alpha": "abc"}}, "finetune.alpha: expected a number, got str 'abc'"),
+        ({"finetune": {**TINY["finetune"], "iteratons": 3}}, "finetune: unknown field 'iteratons' (did you mean 'iterations'?)"),
+        ({"process": {"name": "mixture", "num_steps": 5, "eta": 0.0}}, "deterministic"),
+        ({"reward": {"name": "cubic"}}, "reward.name: plugin 'toy' has no reward 'cubic'"),
+        ({"reward": {"name": "linear", "weights": [1.0, 0.5, 2.0]}}, "shape (b, 3)"),
+    ],
+)
+def test_bad_config_is_one_error_line_and_leaves_no_run_folder(tmp_path, change, message):
+    cfg = _write(tmp_path, {**TINY, **change})
+    proc = _run(["finetune", str(cfg), "--output-dir", str(tmp_path / "runs"), "--no-progress"], tmp_path)
+    line = _one_line_error(proc)
+    assert message in line
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_reward_returning_inf_fails_the_run_cleanly(tmp_path):
+    # weights of 1e38 overflow float32 to inf on the first batch
+    cfg = _write(tmp_path, {**TINY, "reward": {"name": "linear", "weights": [1e38, 1e38]}})
+    proc = _run(["finetune", str(cfg), "--output-dir", str(tmp_path / "runs"), "--name", "bad", "--no-progress"],
+                tmp_path)
+    line = _one_line_error(proc)
+    assert "reward 'linear' returned" in line and "feasible designs" in line
+    run = tmp_path / "runs" / "bad"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "RewardError" in status["error"]
+    assert not (run / "summary.json").exists() and not (run / "model").exists()
+
+
+def test_missing_config_file_and_bad_override(tmp_path):
+    assert "config file not found" in _one_line_error(_run(["finetune", "nope.yaml"], tmp_path))
+    cfg = _write(tmp_path, TINY)
+    line = _one_line_error(_run(["finetune", str(cfg), "--set", "finetune.batch_size=many"], tmp_path))
+    assert "finetune.batch_size: expected an integer" in line
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    cfg = _write(tmp_path, {**TINY, "plugin": "nope"})
+    proc = _run(["--debug", "finetune", str(cfg)], tmp_path)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "PluginNotFoundError" in proc.stderr

@@ -50,7 +50,7 @@ def _policy_part(policy: Process, reference: Process, directory: Path, prefix: s
 
     if isinstance(policy, ResidualControlProcess) and policy.base is reference:
         _save_module(policy.control, directory, f"{prefix}_control")
-        return {"kind": "residual", "control": f"{prefix}_control"}
+        return {"kind": "residual", "control": f"{prefix}_control", "control_input": policy.control_input}
     state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
     tmp = directory / f".{prefix}_policy.safetensors.tmp"
     save_file(state, str(tmp))
@@ -96,7 +96,7 @@ def save_finetuned(result: FinetuneResult, directory: str | os.PathLike, *, plug
 def _load_policy(part: dict, reference: Process, directory: Path) -> Process:
     if part["kind"] == "residual":
         control = ConfigMixin.from_pretrained(directory, part["control"])
-        return ResidualControlProcess(reference, control)
+        return ResidualControlProcess(reference, control, part.get("control_input", "state"))
     if part["kind"] == "full":
         from safetensors.torch import load_file
 

@@ -31,6 +31,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from .distributions import GaussianStep
 from .errors import ConfigError, DeterministicStepError
 from .nets import TimeMLP
 from .process import (
@@ -71,10 +72,20 @@ class ValueReward(Reward):
         return self.value_net(x).reshape(-1)
 
 
-def default_policy(reference: Process, hidden: int = 64, depth: int = 2) -> ResidualControlProcess:
-    """The reference tilted by a :class:`~difftilt.core.nets.TimeMLP` control started at zero."""
+def default_policy(reference: Process, hidden: int = 64, depth: int = 2,
+                   control_input: Literal["auto", "state", "mean"] = "auto") -> ResidualControlProcess:
+    """The reference tilted by a :class:`~difftilt.core.nets.TimeMLP` control started at zero.
+
+    ``control_input="mean"`` (Gaussian chains) feeds the control the reference step's mean,
+    see :class:`~difftilt.core.process.ResidualControlProcess`; ``"auto"`` picks ``"mean"``
+    for Gaussian chains and ``"state"`` otherwise.
+    """
     shape = tuple(reference.event_shape)
-    return ResidualControlProcess(reference, TimeMLP(shape, shape, hidden=hidden, depth=depth))
+    if control_input == "auto":
+        with torch.no_grad():
+            probe = reference.step(reference.initial(1), 0)
+        control_input = "mean" if isinstance(probe, GaussianStep) else "state"
+    return ResidualControlProcess(reference, TimeMLP(shape, shape, hidden=hidden, depth=depth), control_input)
 
 
 def default_value_net(reference: Process, hidden: int = 64, depth: int = 2) -> TimeMLP:
@@ -210,12 +221,16 @@ class Finetuner:
         learn_initial: learn the optimal initial law (full ELEGANT); ``False`` is drift-only.
         iterations: policy updates in step 1.
         batch_size: chains per update in step 1.
-        lr: Adam learning rate of the policy.
+        lr: Adam learning rate of the policy. The default suits the default control networks
+            (small MLP tilts started at zero); use 1e-4 to 1e-3 when ``policy`` is a full
+            copy of a large pretrained network.
         lr_schedule: ``"cosine"`` or ``"constant"``.
         warmup: linear warm-up updates.
         max_grad_norm: gradient clipping of the policy (``None``: off).
         control_hidden: width of the default control network (when ``policy`` is not given).
         control_depth: hidden layers of the default control network.
+        control_input: what the default control sees: the state, the reference step's mean
+            (Gaussian chains), or ``"auto"`` (the mean where possible).
         value_lr: Adam learning rate of the value network.
         value_refit_iterations: value-only updates with the control frozen after step 1.
         value_batch_size: chains per value-refit update.
@@ -243,20 +258,21 @@ class Finetuner:
         strategy: str | dict | Strategy = "backprop",
         learn_initial: bool = True,
         iterations: int = 1000,
-        batch_size: int = 256,
-        lr: float = 1e-3,
+        batch_size: int = 512,
+        lr: float = 1e-2,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         warmup: int = 0,
         max_grad_norm: float | None = 1.0,
         control_hidden: int = 64,
         control_depth: int = 2,
+        control_input: Literal["auto", "state", "mean"] = "auto",
         value_lr: float = 1e-3,
         value_refit_iterations: int = 400,
         value_batch_size: int = 1024,
         initial_steps: int = 50,
         initial_iterations: int = 500,
         initial_batch_size: int = 512,
-        initial_lr: float = 1e-3,
+        initial_lr: float = 1e-2,
         seed: int = 0,
         accelerator: str = "cpu",
         devices: int | str = 1,
@@ -303,7 +319,7 @@ class Finetuner:
         self.loggers = loggers
         self.on_metrics = on_metrics
 
-        self.policy = policy if policy is not None else default_policy(self.reference, control_hidden, control_depth)
+        self.policy = policy if policy is not None else default_policy(self.reference, control_hidden, control_depth, control_input)
         self.transitions = ControlledProcess(self.reference, self.policy)
         self.aux_reference = self.reference.initial_sde(initial_steps) if self.learn_initial else None
         if self.learn_initial and self.aux_reference is None:

@@ -126,20 +126,34 @@ class Process(nn.Module, ABC):
 class ResidualControlProcess(Process):
     """A base chain with each transition exponentially tilted by a control network.
 
-    ``q_k(x' | x) ∝ p_k(x' | x) exp(<h(x, t_k), x'>)``. For Gaussian steps the mean
-    moves by ``std_k^2 h`` (so ``h`` estimates ``grad v_{k+1} / alpha``, free of the step
-    size); for categorical steps the logits move by ``h``.
+    ``q_k(x' | x) ∝ p_k(x' | x) exp(<h, x'>)``. For Gaussian steps the mean moves by
+    ``std_k^2 h`` (so ``h`` estimates ``grad v_{k+1} / alpha``, free of the step size); for
+    categorical steps the logits move by ``h``.
+
+    What the control sees (``control_input``):
+
+    * ``"state"``: ``h = control(x_k, t_k)``.
+    * ``"mean"`` (Gaussian steps): ``h = control(mu_p(x_k), t_k)``, the base step's mean.
+      The optimal tilt of a Gaussian step with small std is, to first order,
+      ``grad v_{k+1}(mu_p(x_k)) / alpha``: it depends on ``x_k`` only through the landing
+      point ``mu_p(x_k)``. Given the mean, the network learns only the smooth soft-value
+      gradient instead of also re-learning the base network's (often sharp) map
+      ``x -> mu_p(x)``.
 
     Args:
         base: the chain being controlled (usually frozen).
-        control: ``nn.Module`` mapping ``(x: (b, *event_shape), t: float) -> (b, *event_shape)``.
+        control: ``nn.Module`` mapping ``(input: (b, *event_shape), t: float) -> (b, *event_shape)``.
             Initialize its last layer at zero so that fine-tuning starts at ``base``.
+        control_input: ``"state"`` or ``"mean"``.
     """
 
-    def __init__(self, base: Process, control: nn.Module):
+    def __init__(self, base: Process, control: nn.Module, control_input: Literal["state", "mean"] = "state"):
         super().__init__()
+        if control_input not in ("state", "mean"):
+            raise ValueError(f"control_input must be 'state' or 'mean', got {control_input!r}")
         self.base = base
         self.control = control
+        self.control_input = control_input
         self.num_steps = base.num_steps
         self.event_shape = tuple(base.event_shape)
         self.initial_kind = base.initial_kind
@@ -150,12 +164,17 @@ class ResidualControlProcess(Process):
     def time(self, k: int) -> float:
         return self.base.time(k)
 
-    def tilt(self, x: Tensor, k: int) -> Tensor:
-        """The control field ``h(x_k, t_k)``, shaped like ``x``."""
+    def tilt(self, x: Tensor, k: int, base_step: StepDistribution) -> Tensor:
+        """The control field ``h``, shaped like ``x``, for the base transition ``base_step`` from ``x``."""
+        if self.control_input == "mean":
+            if not isinstance(base_step, GaussianStep):
+                raise TypeError("control_input='mean' needs Gaussian steps")
+            return self.control(base_step.mean, self.time(k))
         return self.control(x, self.time(k))
 
     def step(self, x: Tensor, k: int) -> StepDistribution:
-        return self.base.step(x, k).tilted(self.tilt(x, k))
+        p = self.base.step(x, k)
+        return p.tilted(self.tilt(x, k, p))
 
     def initial_sde(self, num_steps: int) -> Process | None:
         return self.base.initial_sde(num_steps)
@@ -208,10 +227,10 @@ class ControlledProcess(Process):
         if isinstance(pol, ResidualControlProcess):
             if pol.base is ref:
                 p = ref.step(x, k)
-                return p.tilted(pol.tilt(x, k)), p
+                return p.tilted(pol.tilt(x, k, p)), p
             if isinstance(ref, ResidualControlProcess) and ref.base is pol.base:
                 base = pol.base.step(x, k)
-                return base.tilted(pol.tilt(x, k)), base.tilted(ref.tilt(x, k))
+                return base.tilted(pol.tilt(x, k, base)), base.tilted(ref.tilt(x, k, base))
         return pol.step(x, k), ref.step(x, k)
 
     def initial_sde(self, num_steps: int) -> Process | None:

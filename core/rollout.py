@@ -153,6 +153,7 @@ def differentiable_rollout(
     seed: int,
     grad_steps: int | None = None,
     checkpoint: bool = True,
+    per_step_kl: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Reparameterized rollout of the policy, differentiable in its parameters.
 
@@ -165,14 +166,18 @@ def differentiable_rollout(
             gradient of their KL term at their (constant) states. ``None`` means ``K``.
         checkpoint: recompute each step in the backward pass instead of storing its
             activations, so memory grows with ``K`` only by one state per step.
+        per_step_kl: return the per-step KL ``(b, K)`` (detached) instead of the path KL.
 
     Returns:
-        ``(x_K, kl)``: final states ``(b, *event_shape)`` and per-step KL ``(b, K)``.
+        ``(x_K, kl)``: final states ``(b, *event_shape)`` and the differentiable path KL
+        ``sum_k KL_k`` ``(b,)`` -- or, with ``per_step_kl``, the per-step values ``(b, K)``
+        (a record for inspection, without gradient).
     """
     K = process.num_steps
     T = K if grad_steps is None else max(0, min(int(grad_steps), K))
     x = x0.detach()
-    kls = []
+    path_kl = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+    record = []
     use_ckpt = checkpoint and torch.is_grad_enabled()
     params = process.trainable_parameters() if use_ckpt else []
     for k in range(K):
@@ -181,5 +186,8 @@ def differentiable_rollout(
         else:
             x_next, kl_k = _grad_step(process, x, k, seed)
         x = x_next.detach() if k < K - T else x_next
-        kls.append(kl_k)
-    return x, torch.stack(kls, 1)
+        # A running sum: additions save nothing for backward, so no per-step KL is kept alive.
+        path_kl = path_kl + kl_k
+        if per_step_kl:
+            record.append(kl_k.detach())
+    return x, (torch.stack(record, 1) if per_step_kl else path_kl)

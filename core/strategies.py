@@ -116,12 +116,11 @@ class DirectBackprop(Strategy):
         self.checkpoint = checkpoint
 
     def update(self, ctx: UpdateContext) -> UpdateOutput:
-        x, kl = differentiable_rollout(
+        x, path_kl = differentiable_rollout(
             ctx.process, ctx.x0, seed=ctx.seed, grad_steps=self.grad_steps, checkpoint=self.checkpoint
         )
         out = ctx.reward(x)
         r = out.masked(ctx.reward.infeasible_value)
-        path_kl = kl.sum(1)
         objective = r - ctx.alpha * path_kl
         ctx.backward(-objective.mean())
         grad_norm = ctx.optimizer_step()

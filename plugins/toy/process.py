@@ -70,7 +70,7 @@ class MixtureDiffusionProcess(Process):
 
     initial_kind = "standard_normal"
 
-    def __init__(self, mixture: GaussianMixture, num_steps: int = 50, eta: float = 0.5,
+    def __init__(self, mixture: GaussianMixture, num_steps: int = 100, eta: float = 0.3,
                  schedule: Literal["cosine", "linear"] = "cosine", t_min: float = 1e-3):
         super().__init__()
         if num_steps < 1:

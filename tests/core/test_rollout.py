@@ -21,7 +21,7 @@ def _toy_controlled(K=6):
 def _grads(cp, x0, **kw):
     cp.zero_grad(set_to_none=True)
     x, kl = differentiable_rollout(cp, x0, seed=11, **kw)
-    loss = (x[:, 0] ** 2 - x[:, 1]).mean() + kl.sum(1).mean()
+    loss = (x[:, 0] ** 2 - x[:, 1]).mean() + kl.mean()
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in cp.trainable_parameters()]
 
@@ -57,7 +57,7 @@ def test_truncation_keeps_reward_gradient_only_for_last_T_steps_exactly():
     s2 = 1.0 / K
     c = torch.tensor([1.0, -2.0])
     x, kl = differentiable_rollout(cp, torch.zeros(8, 2), seed=0, grad_steps=T, checkpoint=True)
-    ((x @ c).mean() - kl.sum(1).mean()).backward()
+    ((x @ c).mean() - kl.mean()).backward()
     theta = cp.policy.control.theta
     expected = torch.stack([(s2 * c if k >= K - T else torch.zeros(2)) - s2 * theta[k].detach() for k in range(K)])
     assert torch.allclose(theta.grad, expected, atol=1e-6)
@@ -68,9 +68,11 @@ def test_sampling_and_differentiable_rollout_share_noise_for_the_same_seed():
     x0 = torch.randn(16, 2)
     traj = sample_trajectories(cp, x0=x0, seed=4, kl=True)
     with torch.no_grad():
-        x, kl = differentiable_rollout(cp, x0, seed=4, checkpoint=False)
+        x, kl = differentiable_rollout(cp, x0, seed=4, checkpoint=False, per_step_kl=True)
+        _, path = differentiable_rollout(cp, x0, seed=4, checkpoint=True)
     assert torch.allclose(traj.x, x, atol=1e-6)
     assert torch.allclose(traj.kl, kl, atol=1e-6)
+    assert torch.allclose(path, kl.sum(1), atol=1e-5)
 
 
 def test_sample_trajectories_records_states_and_log_probs():

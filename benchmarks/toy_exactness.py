@@ -33,6 +33,7 @@ of reward specs), ``alphas`` and optionally ``finetune`` (Finetuner fields).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -42,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-from difftilt.core import ControlledProcess, DirectBackprop, Finetuner, estimate_kl, sample_trajectories
+from difftilt.core import (ControlledProcess, DirectBackprop, Finetuner, RewardError, estimate_kl,
+                           sample_trajectories)
 from difftilt.core.config import load_yaml
 from difftilt.core.finetune import default_policy
 from difftilt.core.rollout import step_generator
@@ -66,6 +68,40 @@ QUICK_FINETUNE = {"iterations": 400, "value_refit_iterations": 150, "initial_ite
 # --------------------------------------------------------------------------- exactness
 
 
+def _fit_no_kl(process, reward, seed: int, progress: bool, ft_opts: dict, samples: int):
+    """Reward maximization without KL (``alpha = 0``), same optimizer settings.
+
+    For an unbounded reward its optimum is at infinity: the learned control feeds back on
+    the state and the chain eventually overflows, which the reward check stops. The policy
+    is snapshot every 20 updates; after a divergence the last snapshot whose samples are
+    all finite is reported, and the note says so.
+    """
+    snaps: list[tuple[int, dict]] = []
+    holder: dict = {}
+
+    def keep(row: dict) -> None:
+        if row["stage"] == "transitions" and row["iteration"] % 20 == 0:
+            snaps.append((row["iteration"], copy.deepcopy(holder["ft"].policy.state_dict())))
+            del snaps[:-8]
+
+    ft = Finetuner(process, reward, alpha=0.0, learn_initial=False, seed=seed, progress=progress, on_metrics=keep,
+                   **ft_opts)
+    holder["ft"] = ft
+    try:
+        result = ft.fit()
+        return result, result.sample(samples, seed=seed + 1), ""
+    except RewardError:
+        diverged_at = ft.history[-1]["iteration"] + 1 if ft.history else 0
+    for it, state in reversed(snaps):
+        ft.policy.load_state_dict(state)
+        result = ft.result()
+        x = result.sample(samples, seed=seed + 1)
+        if torch.isfinite(x).all() and torch.isfinite(reward.evaluate(x)).all():
+            return result, x, f"diverged (overflow) at update {diverged_at}; shown at update {it}"
+    raise RuntimeError("the no-KL arm diverged before its first snapshot")
+
+
+
 def _arm_row(name: str, x: torch.Tensor, process, reward, alpha: float, kl: float | None, seconds: float | None) -> dict:
     m = exactness_metrics(x, process, reward, alpha)
     return {
@@ -73,7 +109,7 @@ def _arm_row(name: str, x: torch.Tensor, process, reward, alpha: float, kl: floa
         "sw2": m["sw2"],
         "mean_error": m["mean_error"],
         "weight_error": m["weight_error"],
-        "reward": float(reward(x).value.double().mean()),
+        "reward_mean": float(reward(x).value.double().mean()),
         "target_reward": m["target_reward"],
         "kl": kl,
         "seconds": seconds,
@@ -92,12 +128,11 @@ def run_exactness(case: dict, samples: int, seed: int, progress: bool) -> tuple[
     for reward_spec in case["rewards"]:
         reward = domain.make_reward(reward_spec, process)
         x_pre = process.sample(samples, generator=step_generator(seed, -7))
-        # no KL: plain reward maximization, independent of alpha
         t0 = time.time()
-        nokl = Finetuner(process, reward, alpha=0.0, learn_initial=False, seed=seed, progress=progress, **ft_opts)
-        nokl_res = nokl.fit()
+        nokl_res, x_nokl, nokl_note = _fit_no_kl(process, reward, seed, progress, ft_opts, samples)
         nokl_time = time.time() - t0
-        x_nokl = nokl_res.sample(samples, seed=seed + 1)
+        if nokl_note:
+            print(f"  no KL ({reward_spec['name']}): {nokl_note}")
         nokl_kl = estimate_kl(nokl_res, 4096, seed=seed)["total"]
         for alpha in case["alphas"]:
             t0 = time.time()
@@ -112,28 +147,31 @@ def run_exactness(case: dict, samples: int, seed: int, progress: bool) -> tuple[
             shown[(label, alpha)] = {
                 "reward": reward, "arms": {"pretrained": x_pre, "no KL": x_nokl, "drift-only": drift.x, "ELEGANT": x_full}
             }
+            x_exact = reward.tilt(process.terminal_law(), alpha).sample(samples, torch.Generator().manual_seed(seed))
             for row in (
+                _arm_row("exact p* (floor)", x_exact.float(), process, reward, alpha, None, None),
                 _arm_row("pretrained", x_pre, process, reward, alpha, 0.0, None),
-                _arm_row("no KL", x_nokl, process, reward, alpha, nokl_kl, nokl_time),
+                _arm_row("no KL" + ("*" if nokl_note else ""), x_nokl, process, reward, alpha, nokl_kl, nokl_time),
                 _arm_row("drift-only", drift.x, process, reward, alpha, float(drift.kl.sum(1).mean()), None),
                 _arm_row("ELEGANT", x_full, process, reward, alpha, kl_full["total"], seconds),
             ):
                 rows.append({"reward": label, "alpha": alpha, **row})
-            _print_exactness([r for r in rows if r["reward"] == label and r["alpha"] == alpha], header=not rows[:-4])
+            _print_exactness([r for r in rows if r["reward"] == label and r["alpha"] == alpha], header=not rows[:-5])
     return rows, {"process": process, "cases": shown}
 
 
 def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
+    width = int(spec.split(".")[0])
+    return "-".rjust(width) if v is None else format(v, spec)
 
 
 def _print_exactness(rows: list[dict], header: bool = True) -> None:
     if header:
-        print(f"{'reward':<10}{'alpha':>6}  {'arm':<11}{'SW2 to p*':>10}{'mean err':>10}{'weight err':>11}"
+        print(f"{'reward':<10}{'alpha':>6}  {'arm':<16}{'SW2 to p*':>10}{'mean err':>10}{'weight err':>11}"
               f"{'E[r]':>9}{'E_p*[r]':>9}{'path KL':>9}{'time s':>8}")
     for r in rows:
-        print(f"{r['reward']:<10}{r['alpha']:>6g}  {r['arm']:<11}{r['sw2']:>10.4f}{r['mean_error']:>10.4f}"
-              f"{r['weight_error']:>11.4f}{r['reward']:>9.3f}{r['target_reward']:>9.3f}{_fmt(r['kl'], '9.3f')}"
+        print(f"{r['reward']:<10}{r['alpha']:>6g}  {r['arm']:<16}{r['sw2']:>10.4f}{r['mean_error']:>10.4f}"
+              f"{r['weight_error']:>11.4f}{r['reward_mean']:>9.3f}{r['target_reward']:>9.3f}{_fmt(r['kl'], '9.3f')}"
               f"{_fmt(r['seconds'], '8.0f')}", flush=True)
 
 
@@ -259,7 +297,7 @@ def plot_samples(shown: dict, rows: list[dict], path: Path, per_arm: int = 1500)
     import matplotlib.pyplot as plt
 
     process, cases = shown["process"], shown["cases"]
-    arms = ["pretrained", "no KL", "drift-only", "ELEGANT"]
+    arms = ["pretrained", "no KL", "drift-only", "ELEGANT"]  # (the no-KL row may carry a '*')
     fig, axes = plt.subplots(len(cases), 4, figsize=(13, 3.1 * len(cases)), squeeze=False)
     for i, ((label, alpha), case) in enumerate(cases.items()):
         target = case["reward"].tilt(process.terminal_law(), alpha)
@@ -272,7 +310,7 @@ def plot_samples(shown: dict, rows: list[dict], path: Path, per_arm: int = 1500)
             x = case["arms"][arm][:per_arm].double()
             ax.contour(gx, gy, dens, levels=6, colors="C3", linewidths=0.8)
             ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.35, color="C0")
-            sw2 = next(r["sw2"] for r in rows if (r["reward"], r["alpha"], r["arm"]) == (label, alpha, arm))
+            sw2 = next(r["sw2"] for r in rows if (r["reward"], r["alpha"]) == (label, alpha) and r["arm"].startswith(arm))
             ax.set_title(f"{arm}  (SW2 {sw2:.3f})", fontsize=9)
             ax.set_xlim(float(lo[0]), float(hi[0]))
             ax.set_ylim(float(lo[1]), float(hi[1]))

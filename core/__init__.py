@@ -9,21 +9,27 @@ library only -- never a plugin.
 
 from .distributions import CategoricalStep, GaussianStep, StepDistribution
 from .errors import (
+    BudgetExceededError,
     CheckpointError,
     ConfigError,
     DeterministicStepError,
     DifftiltError,
     InputDataError,
     OptionalDependencyError,
+    OracleError,
     PluginNotFoundError,
     RewardError,
     ShapeError,
 )
-from .finetune import Finetuner, FinetuneResult, ValueReward, estimate_kl
+from .finetune import Finetuner, FinetuneResult, ValueReward, estimate_kl, estimate_path_kl
 from .nets import TimeMLP
 from .plugins import Domain, list_plugins, load_plugin
 from .process import BrownianProcess, ChainedProcess, ControlledProcess, Process, ResidualControlProcess, freeze
+from .oracle import Oracle, OracleAnswer
 from .reward import FunctionReward, Reward, RewardOutput, WeightedSumReward
+from .reward_models import (AcquisitionReward, EnsembleRewardModel, Greedy, LastLayerUCBRewardModel, MaxOverHeads,
+                            Posterior, RewardModel, Thompson, UCB)
+from .store import FeedbackStore, SQLiteFeedbackStore
 from .rollout import Trajectory, differentiable_rollout, sample_trajectories
 from .strategies import DirectBackprop, PolicyGradient, Strategy, UpdateContext, UpdateOutput, make_strategy
 from .system import EntropyRegularizedSystem
@@ -31,8 +37,11 @@ from .system import EntropyRegularizedSystem
 __all__ = [
     "StepDistribution", "GaussianStep", "CategoricalStep",
     "DifftiltError", "ConfigError", "ShapeError", "InputDataError", "RewardError", "DeterministicStepError",
-    "PluginNotFoundError", "OptionalDependencyError", "CheckpointError",
-    "Finetuner", "FinetuneResult", "ValueReward", "estimate_kl",
+    "PluginNotFoundError", "OptionalDependencyError", "CheckpointError", "BudgetExceededError", "OracleError",
+    "Oracle", "OracleAnswer", "FeedbackStore", "SQLiteFeedbackStore",
+    "RewardModel", "EnsembleRewardModel", "LastLayerUCBRewardModel", "Posterior", "AcquisitionReward",
+    "UCB", "MaxOverHeads", "Greedy", "Thompson",
+    "Finetuner", "FinetuneResult", "ValueReward", "estimate_kl", "estimate_path_kl",
     "TimeMLP",
     "Domain", "load_plugin", "list_plugins",
     "Process", "ResidualControlProcess", "ControlledProcess", "BrownianProcess", "ChainedProcess", "freeze",

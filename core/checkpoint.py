@@ -29,9 +29,10 @@ from .config import ConfigMixin, atomic_write_text
 from .errors import CheckpointError
 from .finetune import FinetuneResult
 from .plugins import load_plugin
-from .process import ChainedProcess, ControlledProcess, Process, ResidualControlProcess, freeze
+from .process import (BrownianProcess, ChainedProcess, ControlledProcess, Process, ResidualControlProcess, freeze,
+                      transitions_of)
 
-__all__ = ["save_finetuned", "load_finetuned", "FORMAT"]
+__all__ = ["save_model", "save_finetuned", "load_finetuned", "FORMAT"]
 
 FORMAT = "difftilt.finetuned/1"
 
@@ -45,12 +46,14 @@ def _save_module(module: nn.Module, directory: Path, name: str) -> None:
     module.save_pretrained(directory, name)
 
 
-def _policy_part(policy: Process, reference: Process, directory: Path, prefix: str) -> dict:
+def _policy_part(policy: Process, is_base, directory: Path, prefix: str) -> dict:
     from safetensors.torch import save_file
 
-    if isinstance(policy, ResidualControlProcess) and policy.base is reference:
+    if isinstance(policy, ResidualControlProcess) and is_base(policy.base):
         _save_module(policy.control, directory, f"{prefix}_control")
         return {"kind": "residual", "control": f"{prefix}_control", "control_input": policy.control_input}
+    if isinstance(policy, ResidualControlProcess) or is_base(policy):
+        raise CheckpointError(f"cannot save the {prefix} chain: it is not a tilt of (or a copy of) the pretrained chain")
     state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
     tmp = directory / f".{prefix}_policy.safetensors.tmp"
     save_file(state, str(tmp))
@@ -58,16 +61,15 @@ def _policy_part(policy: Process, reference: Process, directory: Path, prefix: s
     return {"kind": "full", "weights": f"{prefix}_policy.safetensors"}
 
 
-def save_finetuned(result: FinetuneResult, directory: str | os.PathLike, *, plugin: str, process: dict,
-                   extra: dict | None = None) -> Path:
-    """Write ``result`` to ``directory``.
+def save_model(model: Process, pretrained: Process, directory: str | os.PathLike, *, plugin: str, process: dict,
+               alpha: float | None = None, value_net: nn.Module | None = None, extra: dict | None = None) -> Path:
+    """Write a fine-tuned model relative to the pretrained chain it was built on.
 
-    Args:
-        result: what :meth:`~difftilt.core.finetune.Finetuner.fit` returned.
-        directory: target folder (created).
-        plugin: the plugin name that builds the reference chain.
-        process: the plugin's process spec (``{"name": ..., **kwargs}``).
-        extra: JSON-able metadata to record (e.g. the reward spec).
+    ``model`` is what fine-tuning produced: the pretrained chain tilted by a control (or a
+    trained copy of it), possibly preceded by a learned initial chain (a tilted Brownian
+    chain), possibly after several rounds -- as long as its transitions are a tilt of
+    ``pretrained`` itself it is self-contained. The pretrained chain is not stored: it is
+    rebuilt from ``plugin`` and ``process`` on loading.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -75,22 +77,35 @@ def save_finetuned(result: FinetuneResult, directory: str | os.PathLike, *, plug
         "format": FORMAT,
         "plugin": plugin,
         "process": process,
-        "alpha": result.alpha,
-        "transitions": _policy_part(result.transitions.policy, result.transitions.reference, directory, "transitions"),
+        "alpha": alpha,
+        "transitions": _policy_part(transitions_of(model), lambda p: p is pretrained, directory, "transitions"),
         "initial": None,
         "value": None,
     }
-    if result.initial is not None:
-        aux = result.initial
-        index["initial"] = {"steps": aux.num_steps, **_policy_part(aux.policy, aux.reference, directory, "initial")}
-    if result.value_net is not None:
-        _save_module(result.value_net, directory, "value")
+    if isinstance(model, ChainedProcess):
+        aux = model.initial_chain
+        index["initial"] = {"steps": aux.num_steps,
+                            **_policy_part(aux, lambda p: isinstance(p, BrownianProcess), directory, "initial")}
+    if value_net is not None:
+        _save_module(value_net, directory, "value")
         index["value"] = "value"
     if extra:
         index["extra"] = extra
     # The index goes last: a folder without it is not a model.
     atomic_write_text(directory / "model_index.json", json.dumps(index, indent=2) + "\n")
     return directory
+
+
+def save_finetuned(result: FinetuneResult, directory: str | os.PathLike, *, plugin: str, process: dict,
+                   extra: dict | None = None) -> Path:
+    """Write what :meth:`~difftilt.core.finetune.Finetuner.fit` returned (see :func:`save_model`)."""
+    pretrained = result.transitions.reference
+    while isinstance(pretrained, (ChainedProcess, ControlledProcess)):  # a later round's reference
+        pretrained = pretrained.reference if isinstance(pretrained, ControlledProcess) else transitions_of(pretrained)
+    if isinstance(pretrained, ResidualControlProcess):
+        pretrained = pretrained.base
+    return save_model(result.model, pretrained, directory, plugin=plugin, process=process, alpha=result.alpha,
+                      value_net=result.value_net, extra=extra)
 
 
 def _load_policy(part: dict, reference: Process, directory: Path) -> Process:
@@ -108,12 +123,12 @@ def _load_policy(part: dict, reference: Process, directory: Path) -> Process:
     raise CheckpointError(f"unknown policy kind '{part['kind']}' in {directory}")
 
 
-def load_finetuned(directory: str | os.PathLike) -> FinetuneResult:
-    """Rebuild a fine-tuned model saved by :func:`save_finetuned`.
+def load_finetuned(directory: str | os.PathLike, pretrained: Process | None = None) -> FinetuneResult:
+    """Rebuild a model saved by :func:`save_model` / :func:`save_finetuned`.
 
-    The plugin named in the folder must be installed. Returns a
-    :class:`~difftilt.core.finetune.FinetuneResult` (``history`` empty) whose ``model``
-    samples like the saved one.
+    The plugin named in the folder must be installed (unless ``pretrained`` is given).
+    Returns a :class:`~difftilt.core.finetune.FinetuneResult` (``history`` empty) whose
+    ``model`` samples like the saved one and whose references are the pretrained chain.
     """
     directory = Path(directory)
     index_path = directory / "model_index.json"
@@ -122,8 +137,9 @@ def load_finetuned(directory: str | os.PathLike) -> FinetuneResult:
     index = json.loads(index_path.read_text())
     if index.get("format") != FORMAT:
         raise CheckpointError(f"{index_path}: unknown format {index.get('format')!r} (expected {FORMAT})")
-    domain = load_plugin(index["plugin"])
-    reference = freeze(domain.make_process(index["process"]))
+    if pretrained is None:
+        pretrained = load_plugin(index["plugin"]).make_process(index["process"])
+    reference = freeze(pretrained)
     transitions = ControlledProcess(reference, _load_policy(index["transitions"], reference, directory))
     initial = None
     value = None
@@ -134,9 +150,10 @@ def load_finetuned(directory: str | os.PathLike) -> FinetuneResult:
         initial = ControlledProcess(aux_ref, _load_policy(index["initial"], aux_ref, directory))
     if index.get("value"):
         value = ConfigMixin.from_pretrained(directory, index["value"])
-    model: Process = ChainedProcess(transitions.policy, initial.policy) if initial is not None else transitions.policy
+    model: Process = ChainedProcess(transitions.policy, initial.policy) if initial is not None else transitions
     for module in (transitions, initial, value):
         if module is not None:
             freeze(module)
+    alpha = index.get("alpha")
     return FinetuneResult(model=model, transitions=transitions, initial=initial, value_net=value,
-                          alpha=float(index["alpha"]))
+                          alpha=float(alpha) if alpha is not None else float("nan"))

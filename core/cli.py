@@ -57,6 +57,25 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_online(args: argparse.Namespace) -> int:
+    from .online import run_online
+
+    run = run_online(args.config, resume=args.resume, overrides=args.set, output_dir=args.output_dir, name=args.name,
+                     progress=not args.no_progress)
+    results = run.read_json("results.json")
+    cols = [("queries_used", "queries", "d"), ("best_true", "best", ".4f"), ("top10_true", "top-10", ".4f"),
+            ("eval_mean_true", "model mean", ".4f"), ("eval_feasible", "feasible", ".3f"),
+            ("eval_diversity", "diversity", ".3f"), ("kl_to_pretrained", "KL to pre", ".3f")]
+    print(f"run folder: {run.path}")
+    print(f"{'method':<12}{'round':>6}" + "".join(f"{label:>12}" for _, label, _ in cols))
+    for method, rows in results["methods"].items():
+        for r in rows:
+            cells = "".join(f"{format(r[k], f) if k in r else '-':>12}" for k, _, f in cols)
+            print(f"{method:<12}{r['round']:>6}{cells}")
+    print(f"plot: {run.path / 'reward_vs_queries.png'}")
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -99,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set finetune.alpha=0.5 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("online", help="feedback-efficient online fine-tuning with an oracle (SEIKO) and baselines")
+    p.add_argument("config", nargs="?", help="YAML online config (optional with --resume)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run folder (re-asks nothing already answered)")
+    p.add_argument("--output-dir", help="parent folder of the run folder (overrides output_dir)")
+    p.add_argument("--name", help="run folder name (overrides name)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_online)
 
     p = sub.add_parser("sample", help="draw samples from a fine-tuned model folder")
     p.add_argument("model", help="a model folder (e.g. RUN/model)")

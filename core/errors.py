@@ -46,3 +46,11 @@ class OptionalDependencyError(DifftiltError, ImportError):
 
 class CheckpointError(DifftiltError, OSError):
     """A checkpoint folder is missing, incomplete or of an unknown format."""
+
+
+class BudgetExceededError(DifftiltError, RuntimeError):
+    """An oracle query would exceed the query budget (no query is made)."""
+
+
+class OracleError(DifftiltError, RuntimeError):
+    """The ground-truth oracle failed on a batch after its retries (the failure is recorded)."""

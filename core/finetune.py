@@ -40,13 +40,15 @@ from .process import (
     Process,
     ResidualControlProcess,
     freeze,
+    transitions_of,
 )
 from .reward import Reward, RewardOutput
 from .rollout import sample_trajectories, step_generator
 from .strategies import Strategy, make_strategy
 from .system import EntropyRegularizedSystem
 
-__all__ = ["Finetuner", "FinetuneResult", "ValueReward", "default_policy", "make_trainer", "estimate_kl"]
+__all__ = ["Finetuner", "FinetuneResult", "ValueReward", "default_policy", "make_trainer", "estimate_kl",
+           "estimate_path_kl"]
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +189,31 @@ class FinetuneResult:
 
 
 @torch.no_grad()
+def estimate_path_kl(model: Process, reference: Process, n: int = 4096, seed: int = 0) -> dict[str, float]:
+    """Monte-Carlo ``KL(model || reference)`` of two chains with the same transitions layout.
+
+    The transitions part compares the two chains' steps along the model's own
+    trajectories. If the model's initial law is itself a chain (a learned initial law),
+    the initial part is the path KL of that chain against the reference's auxiliary chain
+    of the same length -- an upper bound on the initial laws' KL, tight at the optimum.
+    Works across rounds: e.g. round 3's model against the pretrained one.
+    Returns ``{"initial", "transitions", "total"}``.
+    """
+    init_kl, x0 = 0.0, None
+    if isinstance(model, ChainedProcess):
+        aux_ref = reference.initial_sde(model.initial_chain.num_steps)
+        if aux_ref is None:
+            raise ValueError("the model has a learned initial law but the reference's initial law is a point")
+        aux = sample_trajectories(ControlledProcess(aux_ref, model.initial_chain), n, seed=seed, kl=True)
+        init_kl, x0 = float(aux.kl.sum(1).mean()), aux.x
+    elif model.initial_kind == "custom" or reference.initial_kind == "custom":
+        x0 = model.initial(n, generator=step_generator(seed, -1, model.device))
+    traj = sample_trajectories(ControlledProcess(reference, transitions_of(model)), n, x0=x0, seed=seed + 1, kl=True)
+    trans_kl = float(traj.kl.sum(1).mean())
+    return {"initial": init_kl, "transitions": trans_kl, "total": init_kl + trans_kl}
+
+
+@torch.no_grad()
 def estimate_kl(result: FinetuneResult, n: int = 4096, seed: int = 0) -> dict[str, float]:
     """Monte-Carlo path KL of the fine-tuned model to its reference.
 
@@ -244,8 +271,11 @@ class Finetuner:
         precision: Lightning precision (``"32-true"``, ``"bf16-mixed"``, ...).
         progress: show progress bars.
         policy: the trainable chain (default: ``reference`` tilted by a fresh control network).
+            Across rounds, pass the previous policy's base tilted by a copy of its control:
+            the KL to the previous model then costs one base evaluation per step.
         value_net: ``v(x_0)`` network (default: an MLP on the flattened state).
-        initial_control: control network of the auxiliary chain (default: an MLP).
+        initial_policy: the trainable auxiliary chain for the initial law (default: the
+            reference's auxiliary chain tilted by a fresh MLP control).
         loggers: Lightning loggers to receive metrics.
         on_metrics: called with each update's metrics dict (with ``stage``).
     """
@@ -280,7 +310,7 @@ class Finetuner:
         progress: bool = True,
         policy: Process | None = None,
         value_net: nn.Module | None = None,
-        initial_control: nn.Module | None = None,
+        initial_policy: Process | None = None,
         loggers: list | None = None,
         on_metrics: Callable[[dict], None] | None = None,
     ):
@@ -319,19 +349,24 @@ class Finetuner:
         self.loggers = loggers
         self.on_metrics = on_metrics
 
-        self.policy = policy if policy is not None else default_policy(self.reference, control_hidden, control_depth, control_input)
-        self.transitions = ControlledProcess(self.reference, self.policy)
-        self.aux_reference = self.reference.initial_sde(initial_steps) if self.learn_initial else None
-        if self.learn_initial and self.aux_reference is None:
-            log.info("the initial law of %s is a point: ELEGANT's initial-law step is skipped", type(reference).__name__)
-        if self.aux_reference is not None:
-            self.value_net = value_net if value_net is not None else default_value_net(self.reference, control_hidden, control_depth)
-            shape = tuple(self.reference.event_shape)
-            ctrl = initial_control if initial_control is not None else TimeMLP(shape, shape, control_hidden, control_depth)
-            self.initial = ControlledProcess(self.aux_reference, ResidualControlProcess(self.aux_reference, ctrl))
-        else:
-            self.value_net = None
-            self.initial = None
+        # Default networks are initialized from the seed (not from whatever state the global
+        # RNG is in), so the same seed gives the same run; the caller's RNG is left untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.policy = policy if policy is not None else default_policy(self.reference, control_hidden, control_depth, control_input)
+            self.transitions = ControlledProcess(self.reference, self.policy)
+            self.aux_reference = self.reference.initial_sde(initial_steps) if self.learn_initial else None
+            if self.learn_initial and self.aux_reference is None:
+                log.info("the initial law of %s is a point: ELEGANT's initial-law step is skipped", type(reference).__name__)
+            if self.aux_reference is not None:
+                self.value_net = value_net if value_net is not None else default_value_net(self.reference, control_hidden, control_depth)
+                if initial_policy is None:
+                    shape = tuple(self.reference.event_shape)
+                    initial_policy = ResidualControlProcess(self.aux_reference, TimeMLP(shape, shape, control_hidden, control_depth))
+                self.initial = ControlledProcess(self.aux_reference, initial_policy)
+            else:
+                self.value_net = None
+                self.initial = None
         self._preflight()
 
     def _preflight(self) -> None:
@@ -416,11 +451,12 @@ class Finetuner:
         return self.result()
 
     def result(self) -> FinetuneResult:
-        """The model as trained so far (step 3: chain the learned initial law, if any)."""
+        """The model as trained so far (step 3: chain the learned initial law, if any;
+        drift-only, the learned transitions from the reference's initial law)."""
         if self.initial is not None:
             model: Process = ChainedProcess(self.transitions.policy, self.initial.policy)
         else:
-            model = self.transitions.policy
+            model = self.transitions
         return FinetuneResult(
             model=model, transitions=self.transitions, initial=self.initial, value_net=self.value_net,
             alpha=self.alpha, history=list(getattr(self, "history", [])),

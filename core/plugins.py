@@ -24,6 +24,7 @@ import logging
 import os
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from .config import validate_kwargs
@@ -101,10 +102,25 @@ class Domain:
         """The network ``v(x_0)``; ``None`` uses the core default."""
         return None
 
+    def featurizer(self, reference: Process) -> nn.Module | None:
+        """Differentiable features ``phi(x)``: ``(b, *event_shape) -> (b, d)`` for reward models
+        (online fine-tuning). ``None`` uses the flattened state."""
+        return None
+
     # ------------------------------------------------------------------ reading samples
     def decode(self, x: Tensor) -> list:
         """Domain objects for a batch of final states (images, strings, molecules)."""
         return [row for row in x.detach().cpu()]
+
+    def diversity(self, x: Tensor) -> float:
+        """Diversity of a batch of samples; the default is the mean pairwise Euclidean
+        distance of (up to 512) flattened samples. Domains override it (e.g. Hamming
+        distance for sequences, Tanimoto for molecules)."""
+        flat = x.detach().reshape(x.shape[0], -1).float()[:512]
+        n = flat.shape[0]
+        if n < 2:
+            return 0.0
+        return float(torch.cdist(flat, flat).sum() / (n * (n - 1)))
 
     def evaluate(self, x: Tensor, *, process: Process, reward: Reward, alpha: float) -> dict[str, float]:
         """Domain metrics of samples ``x`` of a model fine-tuned on ``reward`` with ``alpha``

@@ -37,6 +37,7 @@ __all__ = [
     "BrownianProcess",
     "ChainedProcess",
     "freeze",
+    "transitions_of",
 ]
 
 InitialKind = Literal["standard_normal", "point", "custom"]
@@ -180,6 +181,13 @@ class ResidualControlProcess(Process):
         return self.base.initial_sde(num_steps)
 
 
+def transitions_of(process: Process) -> Process:
+    """The chain whose ``step`` a (chained or controlled) process delegates to."""
+    while isinstance(process, (ChainedProcess, ControlledProcess)):
+        process = process.transitions if isinstance(process, ChainedProcess) else process.policy
+    return process
+
+
 class ControlledProcess(Process):
     """A trainable policy chain ``Q`` beside a frozen reference chain ``P``.
 
@@ -188,10 +196,13 @@ class ControlledProcess(Process):
     two are residual controls of the same base (the common case, including SEIKO's
     "KL against last round's model").
 
+    As a process it runs the policy's transitions from the **reference's** initial law:
+    ELEGANT learns the transitions with ``x_0 ~ nu_ref`` (step 1) and the initial law
+    separately (step 2).
+
     Args:
         reference: the chain to stay close to. It is frozen here (no gradients, eval mode).
-        policy: the trainable chain (same ``num_steps`` and ``event_shape``). Its
-            initial law is the one sampled by :meth:`initial`.
+        policy: the trainable chain (same ``num_steps`` and ``event_shape``).
     """
 
     def __init__(self, reference: Process, policy: Process):
@@ -205,7 +216,7 @@ class ControlledProcess(Process):
         self.policy = policy
         self.num_steps = policy.num_steps
         self.event_shape = tuple(policy.event_shape)
-        self.initial_kind = policy.initial_kind
+        self.initial_kind = reference.initial_kind
 
     def train(self, mode: bool = True) -> "ControlledProcess":
         super().train(mode)
@@ -213,7 +224,7 @@ class ControlledProcess(Process):
         return self
 
     def initial(self, batch_size: int, *, generator: torch.Generator | None = None) -> Tensor:
-        return self.policy.initial(batch_size, generator=generator)
+        return self.reference.initial(batch_size, generator=generator)
 
     def time(self, k: int) -> float:
         return self.policy.time(k)
@@ -223,7 +234,7 @@ class ControlledProcess(Process):
 
     def step_pair(self, x: Tensor, k: int) -> tuple[StepDistribution, StepDistribution]:
         """``(q_k(. | x), p_k(. | x))``: the policy's and the reference's transitions."""
-        pol, ref = self.policy, self.reference
+        pol, ref = self.policy, transitions_of(self.reference)
         if isinstance(pol, ResidualControlProcess):
             if pol.base is ref:
                 p = ref.step(x, k)
@@ -234,7 +245,7 @@ class ControlledProcess(Process):
         return pol.step(x, k), ref.step(x, k)
 
     def initial_sde(self, num_steps: int) -> Process | None:
-        return self.policy.initial_sde(num_steps)
+        return self.reference.initial_sde(num_steps)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters of the policy that require gradients."""

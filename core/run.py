@@ -18,6 +18,7 @@ a run that fails later is marked ``failed`` with the error and has no ``model/``
 
 from __future__ import annotations
 
+import copy
 import csv
 import datetime as _dt
 import inspect
@@ -153,12 +154,12 @@ class FinetuneRunConfig:
     loggers: list[str] = field(default_factory=list)
 
 
-_FINETUNER_SKIP = ("reference", "reward", "policy", "value_net", "initial_control", "loggers", "on_metrics", "seed")
+_FINETUNER_SKIP = ("reference", "reward", "policy", "value_net", "initial_policy", "loggers", "on_metrics", "seed")
 
 
-def load_config(config: dict | str | os.PathLike, overrides: list[str] | None = None) -> FinetuneRunConfig:
-    """Read and validate a run config (a mapping or a YAML path) with ``key.sub=value`` overrides."""
-    raw = dict(config) if isinstance(config, dict) else load_yaml(config)
+def _apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a config mapping."""
+    raw = copy.deepcopy(raw)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got '{item}'")
@@ -170,6 +171,12 @@ def load_config(config: dict | str | os.PathLike, overrides: list[str] | None = 
             if not isinstance(target, dict):
                 raise ConfigError(f"--set {key}: '{part}' is not a section")
         target[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(config: dict | str | os.PathLike, overrides: list[str] | None = None) -> FinetuneRunConfig:
+    """Read and validate a run config (a mapping or a YAML path) with ``key.sub=value`` overrides."""
+    raw = _apply_overrides(dict(config) if isinstance(config, dict) else load_yaml(config), overrides)
     cfg = FinetuneRunConfig(**validate_kwargs(FinetuneRunConfig, raw, "config"))
     if cfg.eval_samples < 2:
         raise ConfigError("config.eval_samples must be >= 2")
@@ -247,6 +254,7 @@ def run_finetune(
         cfg.output_dir = str(output_dir)
     if name is not None:
         cfg.name = name
+    torch.manual_seed(cfg.seed)
     domain = load_plugin(cfg.plugin)
     process = domain.make_process(cfg.process)
     reward = domain.make_reward(cfg.reward, process)

@@ -7,7 +7,7 @@ closed-form ``p* ∝ p_pre exp(r / alpha)``) and the worked example of a plugin.
 from .domain import DEFAULT_MIXTURE, ToyDomain, exactness_metrics, make_mixture_process
 from .mixture import GaussianMixture, sliced_w2_to_mixture
 from .process import MixtureDiffusionProcess, vp_schedule
-from .rewards import LinearReward, QuadraticReward
+from .rewards import BumpsReward, LinearReward, QuadraticReward
 
 __all__ = [
     "ToyDomain",
@@ -15,6 +15,7 @@ __all__ = [
     "MixtureDiffusionProcess",
     "LinearReward",
     "QuadraticReward",
+    "BumpsReward",
     "make_mixture_process",
     "exactness_metrics",
     "sliced_w2_to_mixture",

@@ -19,7 +19,7 @@ from difftilt.core.reward import Reward
 
 from .mixture import GaussianMixture, sliced_w2_to_mixture
 from .process import MixtureDiffusionProcess
-from .rewards import LinearReward, QuadraticReward
+from .rewards import BumpsReward, LinearReward, QuadraticReward
 
 __all__ = ["ToyDomain", "make_mixture_process", "exactness_metrics", "DEFAULT_MIXTURE"]
 
@@ -100,7 +100,7 @@ class ToyDomain(Domain):
     name = "toy"
     description = "analytic Gaussian-mixture diffusion (exact score, exact tilted target p*)"
     processes = {"mixture": make_mixture_process}
-    rewards = {"linear": LinearReward, "quadratic": QuadraticReward}
+    rewards = {"linear": LinearReward, "quadratic": QuadraticReward, "bumps": BumpsReward}
 
     def evaluate(self, x: Tensor, *, process: Process, reward: Reward, alpha: float) -> dict:
         if not isinstance(process, MixtureDiffusionProcess):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 
 from difftilt.core.errors import ConfigError, ShapeError
-from difftilt.core.reward import Reward
+from difftilt.core.reward import Reward, RewardOutput
 
 from .mixture import GaussianMixture
 
-__all__ = ["LinearReward", "QuadraticReward"]
+__all__ = ["LinearReward", "QuadraticReward", "BumpsReward"]
 
 
 class _AnalyticReward(Reward):
@@ -99,3 +101,57 @@ class QuadraticReward(_AnalyticReward):
         if mixture.dim != self.dim:
             raise ConfigError(f"reward dimension {self.dim} does not match the mixture's {mixture.dim}")
         return mixture.tilt_quadratic(self.A64, self.x064, alpha)
+
+
+class BumpsReward(Reward):
+    """A sum of Gaussian bumps, feasible only where the pretrained model has mass.
+
+    ``r(x) = sum_j h_j exp(-||x - c_j||^2 / (2 w_j^2))``. A design is infeasible when the
+    pretrained law's log-density there is below ``feasible_logpdf`` -- the toy stand-in
+    for "a sequence that does not fold" or "a molecule that is not valid": optimizing the
+    learned reward off the pretrained manifold is punished by infeasibility, which is what
+    the KL term guards against. Not differentiable on purpose: it plays a black-box oracle.
+
+    Args:
+        centers: bump centres ``c_j``.
+        heights: bump heights ``h_j``.
+        widths: bump widths ``w_j`` (one number or one per bump).
+        feasible_logpdf: log-density threshold of feasibility (``null``: always feasible).
+        delay: seconds slept per call (a simulated assay's latency).
+        process: the pretrained chain (supplied by the plugin).
+    """
+
+    differentiable = False
+
+    def __init__(self, centers: list[list[float]], heights: list[float], widths: float | list[float] = 0.5,
+                 feasible_logpdf: float | None = -7.0, delay: float = 0.0, process=None):
+        super().__init__()
+        c = torch.tensor(centers, dtype=torch.float32)
+        if c.dim() != 2 or len(heights) != c.shape[0]:
+            raise ConfigError("reward.centers must be a list of points and reward.heights one number per centre")
+        w = torch.as_tensor(widths, dtype=torch.float32).expand(c.shape[0]).clone()
+        if torch.any(w <= 0):
+            raise ConfigError("reward.widths must be positive")
+        self.register_buffer("centers", c)
+        self.register_buffer("heights", torch.tensor(heights, dtype=torch.float32))
+        self.register_buffer("widths", w)
+        self.dim = c.shape[1]
+        self.delay = float(delay)
+        self.feasible_logpdf = feasible_logpdf
+        self.law = process.terminal_law() if (process is not None and feasible_logpdf is not None) else None
+
+    @property
+    def name(self) -> str:
+        return "bumps"
+
+    def evaluate(self, x: Tensor) -> RewardOutput:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ShapeError(f"bumps expects points of shape (b, {self.dim}), got {tuple(x.shape)}")
+        if self.delay:
+            time.sleep(self.delay)
+        d2 = ((x[:, None, :] - self.centers[None]) ** 2).sum(-1)  # (b, J)
+        value = (self.heights * torch.exp(-d2 / (2 * self.widths**2))).sum(-1)
+        if self.law is None:
+            return RewardOutput(value, torch.ones_like(value, dtype=torch.bool))
+        feasible = self.law.log_prob(x.detach().double()) >= self.feasible_logpdf
+        return RewardOutput(value, feasible.to(value.device))

@@ -70,3 +70,19 @@ def test_make_strategy_from_names_and_mappings():
         make_strategy("adjoint")
     with pytest.raises(ConfigError, match="clip_rnage"):
         make_strategy({"name": "policy_gradient", "clip_rnage": 0.1})
+
+
+def test_same_seed_same_finetuning_whatever_the_global_rng():
+    from difftilt.core import Finetuner
+    from difftilt.plugins.toy import LinearReward, make_mixture_process
+
+    def run(global_seed):
+        torch.manual_seed(global_seed)  # the caller's RNG state must not matter
+        ft = Finetuner(make_mixture_process(num_steps=4), LinearReward([1.0, 0.5]), alpha=1.0, iterations=2,
+                       batch_size=16, value_refit_iterations=1, initial_iterations=1, initial_steps=3,
+                       progress=False, seed=7)
+        ft.fit()
+        return [p.detach().clone() for p in list(ft.policy.parameters()) + list(ft.initial.parameters())]
+
+    for a, b in zip(run(1), run(2)):
+        assert torch.equal(a, b)

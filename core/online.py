@@ -1,0 +1,563 @@
+"""SEIKO: feedback-efficient online fine-tuning, and its baselines, in one harness.
+
+Uehara et al., ICML 2024 (arXiv 2402.16359). For rounds ``i = 1..R`` with budgets ``B_i``:
+
+1. sample ``B_i`` designs from the current model ``Q_{i-1}`` and ask the oracle (every
+   design is stored before it is asked, every answer as soon as it arrives);
+2. fit a reward model with uncertainty on all feasible answers;
+3. fine-tune ``Q_i`` from ``Q_{i-1}`` on the optimistic reward with
+   ``KL(Q_i || Q_{i-1})`` -- the KL to the *previous* model -- using the ELEGANT solver.
+
+Methods (each runs in its own sub-folder with its own store and full budget):
+
+==============  =============================================================================
+``ucb``         SEIKO with a last-layer UCB reward model, ``mean + beta * width``
+``bootstrap``   SEIKO with a bootstrap ensemble, max over heads (or ``mean + beta * std``)
+``thompson``    SEIKO with one posterior draw per round (ensemble head)
+``greedy``      SEIKO's loop with the ensemble mean (no optimism)
+``nonadaptive`` the whole budget from the pretrained model at once, one fit, one fine-tune
+``ppo``         online PPO with KL to the pretrained model, the oracle as the reward
+``guidance``    no fine-tuning: the learned reward's gradient tilts sampling each round
+``best_of_n``   the whole budget from the pretrained model, keep the best
+==============  =============================================================================
+
+Resuming: a round's designs are a deterministic function of the previous round's
+checkpoint and the seed, so a resumed run regenerates them, checks them against the
+stored ones, reuses every stored answer, asks only what was still ``pending``, and
+ends with the same number of oracle calls and the same results as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import fcntl
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import load_finetuned, save_model
+from .config import atomic_write_text, load_yaml, validate_kwargs
+from .errors import CheckpointError, ConfigError, InputDataError
+from .finetune import Finetuner, estimate_path_kl, quiet_lightning
+from .oracle import Oracle, OracleAnswer
+from .plugins import Domain, load_plugin
+from .process import ControlledProcess, Process, ResidualControlProcess, freeze, transitions_of
+from .reward import Reward, RewardOutput
+from .reward_models import (AcquisitionReward, Flatten, Greedy, MaxOverHeads, Thompson, UCB, make_reward_model)
+from .rollout import step_generator
+from .run import RunFolder
+from .store import COUNTED, SQLiteFeedbackStore
+from .strategies import PolicyGradient, UpdateContext
+
+__all__ = ["METHODS", "OnlineRunConfig", "run_online", "OracleSpec", "PPOSpec", "RewardGradientControl"]
+
+METHODS = ("ucb", "bootstrap", "thompson", "greedy", "nonadaptive", "ppo", "guidance", "best_of_n")
+SEIKO_FAMILY = ("ucb", "bootstrap", "thompson", "greedy", "nonadaptive")
+
+
+def OracleSpec(reward: dict | str, noise_std: float = 0.0, batch_size: int = 64, retries: int = 2,
+               timeout: float | None = None, on_error: Literal["raise", "skip"] = "raise"):
+    """The ``oracle:`` section of an online config.
+
+    Args:
+        reward: the plugin reward used as ground truth, ``{name: ..., **kwargs}``.
+        noise_std: std of observation noise added to each answer.
+        batch_size: designs per call of the ground truth.
+        retries: extra attempts of a failing batch.
+        timeout: seconds allowed per call.
+        on_error: ``raise`` (record and stop) or ``skip`` (record and go on).
+    """
+    return dict(reward=reward, noise_std=noise_std, batch_size=batch_size, retries=retries, timeout=timeout,
+                on_error=on_error)
+
+
+def PPOSpec(batch_size: int = 32, epochs: int = 1, minibatches: int = 1, clip_range: float = 0.2, lr: float = 3e-3,
+            infeasible_value: float = 0.0):
+    """The ``ppo:`` section: online PPO + KL (the oracle is queried for every sample).
+
+    Args:
+        batch_size: oracle queries per PPO update.
+        epochs: PPO epochs per update.
+        minibatches: minibatches per epoch.
+        clip_range: PPO clip.
+        lr: Adam learning rate (reset each round).
+        infeasible_value: reward given to infeasible designs.
+    """
+    return dict(batch_size=batch_size, epochs=epochs, minibatches=minibatches, clip_range=clip_range, lr=lr,
+                infeasible_value=infeasible_value)
+
+
+@dataclass
+class OnlineRunConfig:
+    """The YAML config of ``difftilt online``.
+
+    Attributes:
+        plugin: the domain plugin.
+        oracle: the ground truth and how it is asked (see :func:`OracleSpec`).
+        process: the plugin's pretrained chain (default: its first).
+        methods: one method or a list, from :data:`METHODS`; each gets the full budget.
+        schedule: oracle queries per round, e.g. ``[64, 128, 256, 512]``.
+        alpha: KL weight, one for all rounds or one per round.
+        beta: optimism of UCB (and of the bootstrap with ``optimism: mean_std``).
+        optimism: bootstrap acquisition: ``max`` over heads, or ``mean_std``.
+        reward_model: options of the reward models (ensemble: ``num_heads``, ``hidden``,
+            ``depth``, ``epochs``, ...; UCB: ``lambda_``, ...).
+        finetune: Finetuner fields used in every round.
+        guidance_scale: strength of reward-gradient guidance (``guidance`` method).
+        ppo: options of the ``ppo`` method (see :func:`PPOSpec`).
+        eval_samples: samples of each round's model scored with the ground truth outside
+            the budget (a simulation-only diagnostic; ``0`` to skip).
+        seed: seeds everything.
+        output_dir: parent folder of run folders.
+        name: run folder name.
+    """
+
+    plugin: str
+    oracle: dict
+    process: dict | str | None = None
+    methods: str | list[str] = "ucb"
+    schedule: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    alpha: float | list[float] = 1.0
+    beta: float = 1.0
+    optimism: Literal["max", "mean_std"] = "max"
+    reward_model: dict = field(default_factory=dict)
+    finetune: dict = field(default_factory=dict)
+    guidance_scale: float = 1.0
+    ppo: dict = field(default_factory=dict)
+    eval_samples: int = 256
+    seed: int = 0
+    output_dir: str = "runs"
+    name: str | None = None
+
+
+_FT_SKIP = ("reference", "reward", "policy", "value_net", "initial_policy", "loggers", "on_metrics", "seed", "alpha")
+
+
+def _validate(raw: dict) -> OnlineRunConfig:
+    cfg = OnlineRunConfig(**validate_kwargs(OnlineRunConfig, raw, "config"))
+    cfg.methods = [cfg.methods] if isinstance(cfg.methods, str) else list(cfg.methods)
+    for m in cfg.methods:
+        if m not in METHODS:
+            raise ConfigError(f"config.methods: unknown method '{m}' (known: {', '.join(METHODS)})")
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise ConfigError("config.methods: each method may appear once")
+    if not cfg.schedule or any(b < 1 for b in cfg.schedule):
+        raise ConfigError("config.schedule: a non-empty list of positive query counts")
+    alphas = cfg.alpha if isinstance(cfg.alpha, list) else [cfg.alpha] * len(cfg.schedule)
+    if len(alphas) != len(cfg.schedule) or any(a < 0 for a in alphas):
+        raise ConfigError("config.alpha: one number >= 0, or one per round of the schedule")
+    cfg.oracle = OracleSpec(**validate_kwargs(OracleSpec, cfg.oracle, "oracle"))
+    cfg.ppo = PPOSpec(**validate_kwargs(PPOSpec, cfg.ppo, "ppo"))
+    validate_kwargs(Finetuner, cfg.finetune, "finetune", skip=_FT_SKIP)
+    return cfg
+
+
+# --------------------------------------------------------------------------- guidance
+
+
+class RewardGradientControl(nn.Module):
+    """Reward guidance as a tilt: ``h(mu, t) = scale * grad r_hat(mu)``.
+
+    Used with ``ResidualControlProcess(..., control_input="mean")`` it adds
+    ``std_k^2 * scale * grad r_hat(mu_p(x_k))`` to each Gaussian step's mean: the first-order
+    optimal control if the soft value were the learned reward itself (``scale = 1 / alpha``).
+
+    Args:
+        reward: a differentiable reward (e.g. an :class:`AcquisitionReward`).
+        scale: guidance strength.
+    """
+
+    def __init__(self, reward: Reward, scale: float = 1.0):
+        super().__init__()
+        self.reward = reward
+        self.scale = float(scale)
+
+    def forward(self, mean: Tensor, t: float) -> Tensor:
+        with torch.enable_grad():
+            m = mean.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.reward(m).value.sum(), m)
+        return self.scale * g
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _top_mean(values: list[float], k: int = 10) -> float:
+    if not values:
+        return float("nan")
+    top = sorted(values, reverse=True)[:k]
+    return sum(top) / len(top)
+
+
+# --------------------------------------------------------------------------- one method
+
+
+class _MethodRun:
+    """One method's run in ``<run>/<method>/``: store, oracle, rounds, checkpoints."""
+
+    def __init__(self, cfg: OnlineRunConfig, method: str, domain: Domain, pretrained: Process, truth: Reward,
+                 folder: Path, progress: bool):
+        self.cfg, self.method, self.domain = cfg, method, domain
+        self.pretrained, self.truth, self.progress = pretrained, truth, progress
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.store = SQLiteFeedbackStore(folder / "feedback.sqlite")
+        o = cfg.oracle
+        self.oracle = Oracle(truth, budget=sum(cfg.schedule), store=self.store, batch_size=o["batch_size"],
+                             noise_std=o["noise_std"], retries=o["retries"], timeout=o["timeout"],
+                             on_error=o["on_error"], event_shape=tuple(pretrained.event_shape), seed=cfg.seed)
+        self.featurizer = domain.featurizer(pretrained) or Flatten(tuple(pretrained.event_shape))
+        with torch.no_grad():
+            self.phi_dim = int(self.featurizer(pretrained.initial(1)).shape[-1])
+        self.alphas = cfg.alpha if isinstance(cfg.alpha, list) else [cfg.alpha] * len(cfg.schedule)
+        self.schedule = [sum(cfg.schedule)] if method in ("nonadaptive", "best_of_n") else list(cfg.schedule)
+
+    # ------------------------------------------------------------------ persistence
+    @property
+    def state_path(self) -> Path:
+        return self.folder / "state.json"
+
+    def state(self) -> dict:
+        return json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"rounds_done": 0}
+
+    def _save_state(self, **kw) -> None:
+        atomic_write_text(self.state_path, json.dumps({**self.state(), **kw}) + "\n")
+
+    def rows(self) -> list[dict]:
+        path = self.folder / "rounds.jsonl"
+        return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
+
+    def _append_row(self, row: dict) -> None:
+        with open(self.folder / "rounds.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _checkpoint(self, i: int) -> Path:
+        return self.folder / "checkpoints" / f"round_{i}"
+
+    def _round_seed(self, i: int, salt: int = 0) -> int:
+        return (self.cfg.seed * 1_000_003 + (i + 1) * 7_919 + salt * 104_729 + METHODS.index(self.method)) & (2**62 - 1)
+
+    # ------------------------------------------------------------------ asking
+    def _ask(self, x: Tensor, round: int, tag: str) -> OracleAnswer:
+        """Ask about ``x``, or -- when resuming -- reuse what the store already holds for ``tag``."""
+        stored = [r for r in self.store.records(round=round) if r.tag == tag]
+        if not stored:
+            return self.oracle.query(x, round, tag)
+        if len(stored) != x.shape[0] or not torch.allclose(torch.stack([r.design for r in stored]).float(),
+                                                           x.detach().cpu().float(), atol=1e-5, rtol=1e-4):
+            raise InputDataError(
+                f"cannot resume {self.method} round {round}: the regenerated designs differ from the stored ones "
+                "(was the config or the code changed?)"
+            )
+        if any(r.status == "pending" for r in stored):
+            self.oracle.answer_pending(round=round)
+        return self.oracle.answers([r.id for r in stored])
+
+    # ------------------------------------------------------------------ models
+    def _acquisition(self, method: str):
+        if method == "ucb":
+            return UCB(self.cfg.beta)
+        if method == "bootstrap":
+            return MaxOverHeads() if self.cfg.optimism == "max" else UCB(self.cfg.beta)
+        if method == "thompson":
+            return Thompson()
+        return Greedy()
+
+    def _fit_reward(self, i: int) -> AcquisitionReward:
+        x, y = self.store.training_data()
+        if x.shape[0] < 2:
+            raise InputDataError(f"{self.method} round {i}: fewer than 2 feasible answers to fit a reward model on")
+        kind = "ucb" if self.method == "ucb" else "ensemble"
+        opts = {k: v for k, v in self.cfg.reward_model.items()}
+        model = make_reward_model(kind, self.featurizer, self.phi_dim, **_model_options(kind, opts))
+        model.fit(x.to(torch.float32), y, seed=self._round_seed(i, 1))
+        acq = self._acquisition(self.method)
+        acq.prepare(model, torch.Generator().manual_seed(self._round_seed(i, 2)))
+        return AcquisitionReward(model, acq, name=f"{self.method} reward model")
+
+    def _finetune(self, i: int, prev: Process, reward: Reward) -> Process:
+        """Fine-tune from ``prev`` (frozen) with KL to it; the new policy starts as a copy."""
+        policy = initial_policy = None
+        prev_trans = transitions_of(prev)
+        if prev_trans is not self.pretrained and isinstance(prev_trans, ResidualControlProcess):
+            control = copy.deepcopy(prev_trans.control).requires_grad_(True)
+            policy = ResidualControlProcess(self.pretrained, control, prev_trans.control_input)
+        if hasattr(prev, "initial_chain") and isinstance(prev.initial_chain, ResidualControlProcess):
+            aux = prev.initial_chain
+            initial_policy = ResidualControlProcess(aux.base, copy.deepcopy(aux.control).requires_grad_(True),
+                                                    aux.control_input)
+        ft = Finetuner(freeze(prev), reward, alpha=self.alphas[min(i, len(self.alphas) - 1)], policy=policy,
+                       initial_policy=initial_policy, value_net=self.domain.make_value_net(self.pretrained),
+                       seed=self._round_seed(i, 3), **{"progress": self.progress, **self.cfg.finetune})
+        return ft.fit().model
+
+    def _load(self, i: int) -> Process:
+        return load_finetuned(self._checkpoint(i), pretrained=self.pretrained).model
+
+    def _save(self, i: int, model: Process) -> None:
+        save_model(model, self.pretrained, self._checkpoint(i), plugin=self.cfg.plugin,
+                   process=self.process_spec, extra={"method": self.method, "round": i})
+
+    # ------------------------------------------------------------------ rounds
+    def run(self, process_spec: dict) -> list[dict]:
+        self.process_spec = process_spec
+        done = self.state()["rounds_done"]
+        model = self._restore(done)
+        ppo = _PPO(self) if self.method == "ppo" else None
+        for i in range(done, len(self.schedule)):
+            t0 = time.time()
+            if ppo is not None:
+                model = ppo.round(i, model)
+            else:
+                seed = self._round_seed(i)
+                x = model.sample(self.schedule[i], generator=step_generator(seed, -9, model.device))
+                self._ask(x, i, tag=f"round{i}")
+                model = self._update(i, model)
+            if self.method not in ("guidance", "best_of_n"):
+                self._save(i, model)
+            self._append_row(self._metrics(i, model, time.time() - t0))
+            self._save_state(rounds_done=i + 1)
+        self._save_state(complete=True)
+        return self.rows()
+
+    def _update(self, i: int, model: Process) -> Process:
+        if self.method == "best_of_n":
+            return model
+        reward = self._fit_reward(i)
+        if self.method == "guidance":
+            return ResidualControlProcess(self.pretrained, RewardGradientControl(reward, self.cfg.guidance_scale), "mean")
+        return self._finetune(i, model, reward)
+
+    def _restore(self, done: int) -> Process:
+        """The model after ``done`` rounds (rebuilt from checkpoints or, for guidance, from data)."""
+        if done == 0 or self.method == "best_of_n":
+            return self.pretrained
+        if self.method == "guidance":
+            return self._update(done - 1, self.pretrained)
+        if self.method == "ppo":
+            return _PPO.load(self, done - 1)
+        return self._load(done - 1)
+
+    # ------------------------------------------------------------------ metrics
+    @torch.no_grad()
+    def _metrics(self, i: int, model: Process, seconds: float) -> dict:
+        answered = self.store.records(status=("answered",))
+        true_vals = [r.true_value for r in answered if r.true_value is not None]
+        this = self.store.records(round=i, status=COUNTED)
+        row: dict[str, Any] = {
+            "method": self.method,
+            "round": i,
+            "queries_used": self.oracle.used,
+            "best_true": max(true_vals) if true_vals else float("nan"),
+            "top10_true": _top_mean(true_vals),
+            "round_feasible": sum(1 for r in this if r.status == "answered") / max(1, len(this)),
+            "round_mean_true": _mean([r.true_value for r in this if r.true_value is not None]),
+            "failed": self.store.count(("failed",)),
+            "seconds": round(seconds, 2),
+        }
+        n = self.cfg.eval_samples
+        if n > 0:
+            x = model.sample(n, generator=step_generator(self._round_seed(i, 4), -8, model.device))
+            out = self.truth(x)
+            v = out.masked(self.truth.infeasible_value)
+            row.update({
+                "eval_mean_true": float(v.mean()),
+                "eval_top10_true": _top_mean(v.tolist()),
+                "eval_feasible": float(out.feasible.float().mean()),
+                "eval_diversity": float(self.domain.diversity(x)),
+            })
+        if self.method not in ("best_of_n",):
+            row["kl_to_pretrained"] = estimate_path_kl(model, self.pretrained, n=1024, seed=self._round_seed(i, 5))["total"]
+        else:
+            row["kl_to_pretrained"] = 0.0
+        return row
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _model_options(kind: str, opts: dict) -> dict:
+    """Drop the options that belong to the other reward-model kind."""
+    ensemble_only = {"num_heads", "bootstrap"}
+    ucb_only = {"lambda_"}
+    drop = ucb_only if kind == "ensemble" else ensemble_only
+    return {k: v for k, v in opts.items() if k not in drop}
+
+
+class _OracleReward(Reward):
+    """The oracle as a (non-differentiable) reward for online PPO; every call is a query."""
+
+    def __init__(self, run: _MethodRun, infeasible_value: float):
+        super().__init__()
+        self.run, self.infeasible_value = run, infeasible_value
+        self.round, self.tag = 0, ""
+
+    @property
+    def name(self) -> str:
+        return "oracle"
+
+    def evaluate(self, x: Tensor) -> RewardOutput:
+        ans = self.run._ask(x, self.round, self.tag)
+        ok = torch.tensor([s == "answered" for s in ans.status])
+        value = torch.where(ok, ans.value, torch.full_like(ans.value, self.infeasible_value))
+        return RewardOutput(value.to(x.device), ok.to(x.device))
+
+
+class _PPO:
+    """Online PPO with KL to the pretrained model; the oracle is queried for every sample."""
+
+    def __init__(self, run: _MethodRun):
+        self.run = run
+        spec = run.cfg.ppo
+        self.spec = spec
+        self.strategy = PolicyGradient(epochs=spec["epochs"], minibatches=spec["minibatches"],
+                                       clip_range=spec["clip_range"])
+        self.reward = _OracleReward(run, spec["infeasible_value"])
+
+    @staticmethod
+    def load(run: _MethodRun, i: int) -> Process:
+        return load_finetuned(run._checkpoint(i), pretrained=run.pretrained).model
+
+    def round(self, i: int, model: Process) -> Process:
+        run = self.run
+        if model is run.pretrained:
+            from .finetune import default_policy
+
+            policy = default_policy(run.pretrained)
+        else:
+            prev = transitions_of(model)
+            policy = ResidualControlProcess(run.pretrained, copy.deepcopy(prev.control).requires_grad_(True),
+                                            prev.control_input)
+        cp = ControlledProcess(run.pretrained, policy)
+        params = cp.trainable_parameters()
+        opt = torch.optim.Adam(params, lr=self.spec["lr"])  # reset each round (exact replay on resume)
+
+        def step() -> float:
+            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(norm)
+
+        alpha = run.alphas[min(i, len(run.alphas) - 1)]
+        budget, bs = run.schedule[i], self.spec["batch_size"]
+        for j, start in enumerate(range(0, budget, bs)):
+            n = min(bs, budget - start)
+            seed = run._round_seed(i, 100 + j)
+            x0 = cp.initial(n, generator=step_generator(seed, -1, cp.device))
+            self.reward.round, self.reward.tag = i, f"round{i}-update{j}"
+            ctx = UpdateContext(cp, self.reward, alpha, x0, seed, lambda loss: loss.backward(), step)
+            self.strategy.update(ctx)
+        return cp
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    keys = [("top10_true", "top-10 true reward of queried designs"), ("eval_mean_true", "mean true reward of model samples"),
+            ("eval_feasible", "feasible fraction of model samples")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
+    for ax, (key, title) in zip(axes, keys):
+        for method, rows in results["methods"].items():
+            xs = [r["queries_used"] for r in rows if key in r]
+            ys = [r[key] for r in rows if key in r]
+            if xs:
+                ax.plot(xs, ys, marker="o", label=method)
+        ax.set_xlabel("oracle queries used")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | os.PathLike | None = None,
+               overrides: list[str] | None = None, output_dir: str | None = None, name: str | None = None,
+               progress: bool = True) -> RunFolder:
+    """Run (or resume) ``difftilt online``; returns the run folder.
+
+    Args:
+        config: YAML path or mapping (with ``resume``: optional, must match the run's).
+        resume: an existing run folder to continue.
+        overrides: ``key.sub=value`` strings.
+        output_dir: overrides ``config.output_dir``.
+        name: overrides ``config.name``.
+        progress: show fine-tuning progress bars.
+    """
+    from .run import _apply_overrides
+
+    if resume is not None:
+        run = RunFolder(resume)
+        saved = run.path / "config.yaml"
+        if not saved.is_file():
+            raise CheckpointError(f"{run.path} is not an online run folder (no config.yaml)")
+        cfg = _validate(load_yaml(saved))
+        if config is not None:
+            given = _validate(_apply_overrides(dict(config) if isinstance(config, dict) else load_yaml(config), overrides))
+            ignore = {"output_dir": None, "name": None}
+            if {**asdict(given), **ignore} != {**asdict(cfg), **ignore}:
+                raise ConfigError(f"the config differs from the one {run.path} was started with; resume it unchanged")
+    else:
+        if config is None:
+            raise ConfigError("give a config file (or --resume RUN_DIR)")
+        raw = _apply_overrides(dict(config) if isinstance(config, dict) else load_yaml(config), overrides)
+        cfg = _validate(raw)
+        if output_dir is not None:
+            cfg.output_dir = str(output_dir)
+        if name is not None:
+            cfg.name = name
+
+    torch.manual_seed(cfg.seed)
+    domain = load_plugin(cfg.plugin)
+    pretrained = freeze(domain.make_process(cfg.process))
+    truth = domain.make_reward(cfg.oracle["reward"], pretrained)
+    process_spec = cfg.process if isinstance(cfg.process, dict) else {"name": cfg.process or next(iter(domain.processes))}
+
+    if resume is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run = RunFolder.create(cfg.output_dir, cfg.name or f"online-{cfg.plugin}-{stamp}")
+        run.write_config({**asdict(cfg), "methods": cfg.methods})
+    lock = open(run.path / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise ConfigError(f"{run.path} is in use by another difftilt process") from None
+    run.set_status("running", pid=os.getpid())
+    results: dict = {"methods": {}, "schedule": cfg.schedule}
+    try:
+        for method in cfg.methods:
+            mrun = _MethodRun(cfg, method, domain, pretrained, truth, run.path / method, progress)
+            try:
+                results["methods"][method] = mrun.run(process_spec)
+            finally:
+                mrun.store.close()
+            run.write_json("results.json", results)
+        _plot(results, run.path / "reward_vs_queries.png")
+        run.write_json("results.json", results)
+        run.set_status("complete")
+    except KeyboardInterrupt:
+        run.set_status("interrupted", error="interrupted by the user; continue with --resume")
+        raise
+    except BaseException as err:
+        run.set_status("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        lock.close()
+    return run

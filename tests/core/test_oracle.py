@@ -1,0 +1,133 @@
+import sqlite3
+import time
+
+import pytest
+import torch
+
+from difftilt.core import BudgetExceededError, ShapeError
+from difftilt.core.errors import OracleError
+from difftilt.core.oracle import Oracle
+from difftilt.core.reward import FunctionReward, RewardOutput
+from difftilt.core.store import SQLiteFeedbackStore
+
+
+class Counting:
+    """A ground truth that counts its calls and can misbehave."""
+
+    def __init__(self, fail_times=0, sleep=0.0, nan_at=None):
+        self.calls, self.fail_times, self.sleep, self.nan_at = 0, fail_times, sleep, nan_at
+
+    def __call__(self, x):
+        self.calls += 1
+        if self.calls <= self.fail_times:
+            raise RuntimeError("assay robot jammed")
+        if self.sleep:
+            time.sleep(self.sleep)
+        v = x.sum(-1)
+        if self.nan_at is not None:
+            v = v.clone()
+            v[self.nan_at] = float("nan")
+        return RewardOutput(v, x[:, 0] > -5)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SQLiteFeedbackStore(tmp_path / "feedback.sqlite")
+    yield s
+    s.close()
+
+
+def test_answers_are_recorded_with_feasibility_and_budget(store):
+    truth = Counting()
+    oracle = Oracle(truth, budget=5, store=store, batch_size=2, event_shape=(2,))
+    x = torch.tensor([[1.0, 1.0], [-9.0, 0.0], [0.5, 0.0]])
+    ans = oracle.query(x, round=0, tag="a")
+    assert ans.status == ["answered", "infeasible", "answered"]
+    assert ans.value[0].item() == 2.0 and torch.isnan(ans.value[1])
+    assert oracle.used == 3 and oracle.remaining == 2 and truth.calls == 2  # batches of 2
+    with pytest.raises(BudgetExceededError, match="3 queries requested but only 2"):
+        oracle.query(torch.zeros(3, 2))
+    assert store.count(("pending",)) == 0 and len(store.records()) == 3  # nothing recorded for the refused query
+    xs, ys = store.training_data()
+    assert xs.shape == (2, 2) and ys.tolist() == [2.0, 0.5]
+
+
+def test_nan_design_is_invalid_and_never_sent(store):
+    truth = Counting()
+    oracle = Oracle(truth, budget=10, store=store, event_shape=(2,))
+    ans = oracle.query(torch.tensor([[1.0, float("nan")], [1.0, 2.0]]))
+    assert ans.status == ["invalid", "answered"] and oracle.used == 1
+    assert "NaN" in store.records(status=("invalid",))[0].error
+
+
+def test_wrong_shape_is_recorded_and_stops(store):
+    oracle = Oracle(Counting(), budget=10, store=store, event_shape=(2,))
+    with pytest.raises(ShapeError, match=r"designs of shape \(3,\), expected \(2,\)"):
+        oracle.query(torch.zeros(4, 3))
+    assert store.count(("invalid",)) == 4 and oracle.used == 0
+
+
+def test_exception_inside_the_oracle_is_retried_then_recorded(store):
+    truth = Counting(fail_times=2)
+    oracle = Oracle(truth, budget=10, store=store, retries=2)
+    ans = oracle.query(torch.ones(2, 2))  # fails twice, third attempt succeeds
+    assert ans.status == ["answered", "answered"] and truth.calls == 3
+
+    truth = Counting(fail_times=100)
+    oracle = Oracle(truth, budget=10, store=store, retries=1)
+    with pytest.raises(OracleError, match="assay robot jammed"):
+        oracle.query(torch.ones(3, 2))
+    failed = store.records(status=("failed",))
+    assert len(failed) == 3 and "after 2 attempts" in failed[0].error and truth.calls == 2
+
+    skip = Oracle(Counting(fail_times=100), budget=10, store=store, retries=0, on_error="skip")
+    assert skip.query(torch.ones(1, 2)).status == ["failed"]
+
+
+def test_timeout_is_a_recorded_failure(store):
+    oracle = Oracle(Counting(sleep=1.0), budget=10, store=store, retries=0, timeout=0.05)
+    with pytest.raises(OracleError, match="TimeoutError"):
+        oracle.query(torch.ones(2, 2))
+    assert store.count(("failed",)) == 2
+
+
+def test_nan_answer_fails_only_that_design(store):
+    oracle = Oracle(Counting(nan_at=1), budget=10, store=store)
+    ans = oracle.query(torch.ones(3, 2))
+    assert ans.status == ["answered", "failed", "answered"]
+    assert "returned nan" in store.records(status=("failed",))[0].error
+
+
+def test_noise_is_seeded_by_query_id(tmp_path):
+    def run(path):
+        with SQLiteFeedbackStore(path) as s:
+            o = Oracle(Counting(), budget=10, store=s, noise_std=0.5, seed=3)
+            return o.query(torch.zeros(4, 2)).value
+    a, b = run(tmp_path / "a.sqlite"), run(tmp_path / "b.sqlite")
+    assert torch.equal(a, b) and a.std() > 0
+
+
+def test_answer_pending_asks_only_what_was_never_answered(store):
+    truth = Counting()
+    oracle = Oracle(truth, budget=10, store=store)
+    oracle.query(torch.ones(2, 2), round=0)
+    store.add_pending(torch.zeros(3, 2), round=1)  # as if the process died right after recording them
+    truth.calls = 0
+    ans = oracle.answer_pending()
+    assert len(ans.ids) == 3 and truth.calls == 1 and oracle.used == 5
+    assert oracle.answer_pending().ids == []
+
+
+def test_a_reader_does_not_block_the_writer(store, tmp_path):
+    oracle = Oracle(Counting(), budget=100, store=store)
+    oracle.query(torch.ones(2, 2))
+    reader = SQLiteFeedbackStore(tmp_path / "feedback.sqlite", readonly=True)
+    cur = reader._db.execute("BEGIN")  # hold a read transaction open, as a slow notebook would
+    reader._db.execute("SELECT COUNT(*) FROM queries").fetchone()
+    oracle.query(torch.ones(3, 2))  # the writer commits while the read snapshot is open
+    assert reader.count(("answered",)) == 2  # the reader still sees its snapshot
+    reader._db.execute("COMMIT")
+    assert reader.count(("answered",)) == 5
+    with pytest.raises(sqlite3.OperationalError):
+        reader._db.execute("DELETE FROM queries")
+    reader.close()

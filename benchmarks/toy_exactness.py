@@ -161,8 +161,14 @@ def run_exactness(case: dict, samples: int, seed: int, progress: bool) -> tuple[
 
 
 def _fmt(v, spec):
+    """Right-aligned ``spec`` format; "-" for missing values, scientific for huge ones (a
+    diverged arm), so columns stay aligned."""
     width = int(spec.split(".")[0])
-    return "-".rjust(width) if v is None else format(v, spec)
+    if v is None:
+        return "-".rjust(width)
+    if abs(v) >= 1e4:
+        return format(v, f"{width}.2e")
+    return format(v, spec)
 
 
 def _print_exactness(rows: list[dict], header: bool = True) -> None:
@@ -170,9 +176,9 @@ def _print_exactness(rows: list[dict], header: bool = True) -> None:
         print(f"{'reward':<10}{'alpha':>6}  {'arm':<16}{'SW2 to p*':>10}{'mean err':>10}{'weight err':>11}"
               f"{'E[r]':>9}{'E_p*[r]':>9}{'path KL':>9}{'time s':>8}")
     for r in rows:
-        print(f"{r['reward']:<10}{r['alpha']:>6g}  {r['arm']:<16}{r['sw2']:>10.4f}{r['mean_error']:>10.4f}"
-              f"{r['weight_error']:>11.4f}{r['reward_mean']:>9.3f}{r['target_reward']:>9.3f}{_fmt(r['kl'], '9.3f')}"
-              f"{_fmt(r['seconds'], '8.0f')}", flush=True)
+        print(f"{r['reward']:<10}{r['alpha']:>6g}  {r['arm']:<16}{_fmt(r['sw2'], '10.4f')}{_fmt(r['mean_error'], '10.4f')}"
+              f"{_fmt(r['weight_error'], '11.4f')}{_fmt(r['reward_mean'], '9.3f')}{_fmt(r['target_reward'], '9.3f')}"
+              f"{_fmt(r['kl'], '9.3f')}{_fmt(r['seconds'], '8.0f')}", flush=True)
 
 
 def summarize_ratios(rows: list[dict]) -> list[dict]:
@@ -339,7 +345,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress", action="store_true", help="show training progress bars")
     parser.add_argument("--out", default=None, help="write all results as JSON here")
     parser.add_argument("--plot", default="benchmarks/results/toy_exactness.png", help="where to save the sample plot")
+    parser.add_argument("--print", dest="reprint", metavar="JSON", help="print the tables of a saved --out file and exit")
     args = parser.parse_args(argv)
+    if args.reprint:
+        saved = json.loads(Path(args.reprint).read_text())
+        rows = saved.get("exactness", [])
+        for i, key in enumerate(dict.fromkeys((r["reward"], r["alpha"]) for r in rows)):
+            _print_exactness([r for r in rows if (r["reward"], r["alpha"]) == key], header=i == 0)
+        for r in saved.get("ratios", []):
+            print(f"  {r['reward']:<10} alpha {r['alpha']:<4g} drift-only / ELEGANT = {r['drift_over_elegant_sw2']:.2f}"
+                  f"   mean err {r['elegant_mean_error']:.4f}   weight err {r['elegant_weight_error']:.4f}")
+        return 0
     parts = set(args.only or ["exactness", "memory", "speed"])
 
     case = dict(DEFAULT_CASE)

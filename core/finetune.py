@@ -353,16 +353,22 @@ class Finetuner:
         # RNG is in), so the same seed gives the same run; the caller's RNG is left untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.policy = policy if policy is not None else default_policy(self.reference, control_hidden, control_depth, control_input)
+            if policy is None:
+                policy = default_policy(self.reference, control_hidden, control_depth, control_input)
+            self.policy = policy
             self.transitions = ControlledProcess(self.reference, self.policy)
             self.aux_reference = self.reference.initial_sde(initial_steps) if self.learn_initial else None
             if self.learn_initial and self.aux_reference is None:
-                log.info("the initial law of %s is a point: ELEGANT's initial-law step is skipped", type(reference).__name__)
+                log.info("the initial law of %s is a point: ELEGANT's initial-law step is skipped",
+                         type(reference).__name__)
             if self.aux_reference is not None:
-                self.value_net = value_net if value_net is not None else default_value_net(self.reference, control_hidden, control_depth)
+                if value_net is None:
+                    value_net = default_value_net(self.reference, control_hidden, control_depth)
+                self.value_net = value_net
                 if initial_policy is None:
                     shape = tuple(self.reference.event_shape)
-                    initial_policy = ResidualControlProcess(self.aux_reference, TimeMLP(shape, shape, control_hidden, control_depth))
+                    control = TimeMLP(shape, shape, control_hidden, control_depth)
+                    initial_policy = ResidualControlProcess(self.aux_reference, control)
                 self.initial = ControlledProcess(self.aux_reference, initial_policy)
             else:
                 self.value_net = None

@@ -273,10 +273,9 @@ def run_finetune(
         "eval_samples": cfg.eval_samples,
         "loggers": cfg.loggers,
     }
-    if isinstance(resolved["finetune"].get("strategy"), object) and not isinstance(
-        resolved["finetune"].get("strategy"), (str, dict)
-    ):
-        resolved["finetune"]["strategy"] = type(resolved["finetune"]["strategy"]).__name__
+    strategy = resolved["finetune"].get("strategy")
+    if not isinstance(strategy, (str, dict)):  # a Strategy object given through the Python API
+        resolved["finetune"]["strategy"] = type(strategy).__name__
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run = RunFolder.create(cfg.output_dir, cfg.name or f"{cfg.plugin}-{stamp}")
     run.write_config(resolved)

@@ -99,3 +99,49 @@ def test_online_config_errors_are_one_line(tmp_path):
         "difftilt: error: config.methods: unknown method 'sieko' (known: ucb, bootstrap, thompson, greedy, "
         "nonadaptive, ppo, guidance, best_of_n)")
     assert not (tmp_path / "r").exists()
+
+
+def _tiny(tmp_path, **change):
+    cfg = {**CFG, "schedule": [8, 8], **change}
+    cfg["oracle"] = {**CFG["oracle"], "reward": {**CFG["oracle"]["reward"], "delay": 0.0}, "batch_size": 8}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_every_method_runs_in_the_same_harness(tmp_path):
+    from difftilt.core.online import METHODS
+
+    proc = subprocess.run([sys.executable, "-m", "difftilt", "online", str(_tiny(tmp_path, methods=list(METHODS))),
+                           "--output-dir", str(tmp_path / "r"), "--name", "all", "--no-progress"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "r" / "all" / "results.json").read_text())
+    assert list(results["methods"]) == list(METHODS)
+    for method, rows in results["methods"].items():
+        assert rows[-1]["queries_used"] == 16, method  # every method spends exactly the budget
+        with SQLiteFeedbackStore(tmp_path / "r" / "all" / method / "feedback.sqlite", readonly=True) as s:
+            assert s.count(COUNTED) == 16 and s.count(("pending",)) == 0
+    assert len(results["methods"]["nonadaptive"]) == 1 and len(results["methods"]["ucb"]) == 2
+    for line in proc.stdout.splitlines()[2:2 + 4]:
+        assert line.split()[0] in METHODS
+
+
+def test_a_failing_oracle_stops_the_run_with_one_line_and_keeps_the_record(tmp_path):
+    flaky = {**CFG["oracle"]["reward"], "delay": 0.0, "flaky": 1.0}
+    cfg = _tiny(tmp_path)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["oracle"] = {**raw["oracle"], "reward": flaky, "retries": 1}
+    cfg.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "difftilt", "online", str(cfg), "--output-dir", str(tmp_path / "r"),
+                           "--name", "bad", "--no-progress"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert "\n" not in line and line.startswith("difftilt: error: the oracle failed on a batch of 8 designs after 2 attempts")
+    assert "simulated assay failure" in line
+    run = tmp_path / "r" / "bad"
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+    with SQLiteFeedbackStore(run / "ucb" / "feedback.sqlite", readonly=True) as s:
+        failed = s.records(status=("failed",))
+        assert len(failed) == 8 and "simulated assay failure" in failed[0].error

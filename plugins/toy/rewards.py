@@ -118,13 +118,14 @@ class BumpsReward(Reward):
         widths: bump widths ``w_j`` (one number or one per bump).
         feasible_logpdf: log-density threshold of feasibility (``null``: always feasible).
         delay: seconds slept per call (a simulated assay's latency).
+        flaky: probability that a call raises (a simulated flaky assay; seeded, so reproducible).
         process: the pretrained chain (supplied by the plugin).
     """
 
     differentiable = False
 
     def __init__(self, centers: list[list[float]], heights: list[float], widths: float | list[float] = 0.5,
-                 feasible_logpdf: float | None = -7.0, delay: float = 0.0, process=None):
+                 feasible_logpdf: float | None = -7.0, delay: float = 0.0, flaky: float = 0.0, process=None):
         super().__init__()
         c = torch.tensor(centers, dtype=torch.float32)
         if c.dim() != 2 or len(heights) != c.shape[0]:
@@ -137,6 +138,10 @@ class BumpsReward(Reward):
         self.register_buffer("widths", w)
         self.dim = c.shape[1]
         self.delay = float(delay)
+        if not 0.0 <= flaky <= 1.0:
+            raise ConfigError("reward.flaky must be a probability")
+        self.flaky = float(flaky)
+        self._calls = torch.Generator().manual_seed(12345)
         self.feasible_logpdf = feasible_logpdf
         self.law = process.terminal_law() if (process is not None and feasible_logpdf is not None) else None
 
@@ -149,6 +154,8 @@ class BumpsReward(Reward):
             raise ShapeError(f"bumps expects points of shape (b, {self.dim}), got {tuple(x.shape)}")
         if self.delay:
             time.sleep(self.delay)
+        if self.flaky and float(torch.rand((), generator=self._calls)) < self.flaky:
+            raise RuntimeError("simulated assay failure")
         d2 = ((x[:, None, :] - self.centers[None]) ** 2).sum(-1)  # (b, J)
         value = (self.heights * torch.exp(-d2 / (2 * self.widths**2))).sum(-1)
         if self.law is None:

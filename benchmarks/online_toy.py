@@ -2,16 +2,19 @@
 
 Runs ``plugins/toy/configs/online.yaml`` (a rare high-reward mode, a noisy budgeted oracle,
 infeasible designs off the pretrained manifold) for every method and seed, plus SEIKO-UCB
-without the KL term (``alpha = 0``), and prints mean ± std over seeds of
+with a ten times weaker KL term and without one (``alpha = 0``), and prints mean ± std over
+seeds of
 
 * top-10 and best true reward among the queried designs (what the campaign found),
 * mean true reward and feasible fraction of the final model's samples (scored with the
-  ground truth outside the budget -- possible only in simulation),
+  ground truth outside the budget -- possible only in simulation), and the lowest feasible
+  fraction over the rounds,
 * diversity of those samples and the path KL of the final model to the pretrained one.
 
 Usage::
 
-    python -m difftilt.benchmarks.online_toy                      # 5 seeds, all methods (about 1.5 h on 2 cores)
+    python -m difftilt.benchmarks.online_toy --methods ucb bootstrap greedy nonadaptive best_of_n \\
+        --runs runs/online_toy         # 5 seeds, the table in the README (about 45 min on 2 cores)
     python -m difftilt.benchmarks.online_toy --seeds 2 --methods ucb greedy
 """
 
@@ -26,10 +29,13 @@ from importlib import resources
 from pathlib import Path
 
 from difftilt.core.config import load_yaml
+from difftilt.core.errors import DifftiltError
 from difftilt.core.online import METHODS, run_online
+from difftilt.core.run import RunFolder
 
 COLUMNS = [("top10_true", "top-10 true"), ("best_true", "best true"), ("eval_mean_true", "model mean"),
-           ("eval_feasible", "feasible"), ("eval_diversity", "diversity"), ("kl_to_pretrained", "KL to pre")]
+           ("eval_feasible", "feasible"), ("min_feasible", "min feasible"), ("eval_diversity", "diversity"),
+           ("kl_to_pretrained", "KL to pre")]
 
 
 def _fmt(values: list[float]) -> str:
@@ -40,14 +46,43 @@ def _fmt(values: list[float]) -> str:
     return f"{m:.3f} ± {s:.3f}"
 
 
+def _run_or_reuse(cfg: dict, path: Path) -> list[dict]:
+    """Run one arm (one method, one seed) and return its per-round rows, or reuse it from
+    ``--runs``: a complete run folder is read back and an interrupted one resumed, so a
+    benchmark stopped half-way loses no finished arm.
+
+    An arm that fails (without a KL term the fine-tuned sampler can run off to infinity,
+    and the reward model then sees non-finite designs) returns the rounds it finished and
+    a last row ``{"failed_round": i, "error": ...}``.
+    """
+    method = cfg["methods"][0]
+    status = path / "status.json"
+    state = json.loads(status.read_text()).get("state") if status.is_file() else None
+    try:
+        if state == "complete":
+            return RunFolder(path).read_json("results.json")["methods"][method]
+        if state == "failed":
+            raise DifftiltError(json.loads(status.read_text()).get("error", "failed"))
+        if state is not None:
+            run = run_online(cfg, resume=str(path), progress=False)
+        else:
+            run = run_online(cfg, output_dir=str(path.parent), name=path.name, progress=False)
+        return run.read_json("results.json")["methods"][method]
+    except DifftiltError as err:
+        rounds = path / method / "rounds.jsonl"
+        rows = [json.loads(line) for line in rounds.read_text().splitlines() if line.strip()] if rounds.is_file() else []
+        return rows + [{"failed_round": len(rows), "error": str(err)}]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m difftilt.benchmarks.online_toy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--no-kl-arm", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run SEIKO-UCB with alpha = 0")
+                        help="also run SEIKO-UCB with a ten times weaker KL term and with none (alpha = 0)")
     parser.add_argument("--config", default=None, help="online config (default: the toy online.yaml)")
-    parser.add_argument("--runs", default=None, help="keep run folders here (default: a temporary folder)")
+    parser.add_argument("--runs", default=None,
+                        help="keep run folders here; finished arms found there are reused (default: a temporary folder)")
     parser.add_argument("--out", default="benchmarks/results/online_toy.json")
     parser.add_argument("--plot", default="benchmarks/results/online_toy.png")
     args = parser.parse_args(argv)
@@ -57,31 +92,48 @@ def main(argv: list[str] | None = None) -> int:
     runs = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="difftilt-online-"))
     arms = [(m, {"methods": [m]}) for m in args.methods]
     if args.no_kl_arm:
-        arms.append(("ucb, no KL", {"methods": ["ucb"], "alpha": 0.0}))
+        # A ten times weaker KL term, and none: alpha = 0 has no optimal initial law to
+        # learn (it would be a point mass), so that arm is drift only.
+        alpha = float(base.get("alpha", 1.0))
+        arms.append((f"ucb, alpha {alpha / 10:g}", {"methods": ["ucb"], "alpha": alpha / 10}))
+        arms.append(("ucb, no KL", {"methods": ["ucb"], "alpha": 0.0,
+                                    "finetune": {**base.get("finetune", {}), "learn_initial": False}}))
     final: dict[str, list[dict]] = {name: [] for name, _ in arms}
     curves: dict[str, list[list[dict]]] = {name: [] for name, _ in arms}
+    failures: dict[str, list[dict]] = {name: [] for name, _ in arms}
     t0 = time.time()
     for seed in range(args.seeds):
         for name, change in arms:
             cfg = {**base, **change, "seed": seed}
             folder = f"{name.replace(', ', '-').replace(' ', '')}-seed{seed}"
-            run = run_online(cfg, output_dir=str(runs), name=folder, progress=False)
-            rows = run.read_json("results.json")["methods"][change["methods"][0]]
+            rows = _run_or_reuse(cfg, runs / folder)
+            if "failed_round" in rows[-1]:
+                failures[name].append({"seed": seed, **rows.pop()})
+                print(f"  seed {seed} {name:<16} FAILED in round {failures[name][-1]['failed_round']}: "
+                      f"{failures[name][-1]['error']}", flush=True)
+                if not rows:
+                    continue
+            rows[-1]["min_feasible"] = min(r.get("eval_feasible", 1.0) for r in rows)
             final[name].append(rows[-1])
             curves[name].append(rows)
-            print(f"  seed {seed} {name:<12} top-10 {rows[-1]['top10_true']:.3f}  feasible "
+            print(f"  seed {seed} {name:<16} top-10 {rows[-1]['top10_true']:.3f}  feasible "
                   f"{rows[-1].get('eval_feasible', float('nan')):.3f}  ({time.time() - t0:.0f} s)", flush=True)
 
     print(f"\nonline toy benchmark: {args.seeds} seeds, budget {sum(base['schedule'])} queries in rounds "
           f"{base['schedule']}, mean ± std over seeds")
-    print(f"{'method':<14}" + "".join(f"{label:>17}" for _, label in COLUMNS))
+    print(f"{'method':<18}" + "".join(f"{label:>17}" for _, label in COLUMNS))
     for name in final:
-        print(f"{name:<14}" + "".join(f"{_fmt([r[k] for r in final[name] if k in r]):>17}" for k, _ in COLUMNS))
+        cells = "".join(f"{_fmt([r[k] for r in final[name] if k in r]):>17}" for k, _ in COLUMNS)
+        failed = f"   failed on {len(failures[name])}/{args.seeds} seeds" if failures[name] else ""
+        print(f"{name:<18}{cells}{failed}")
+    for name, fails in failures.items():
+        for f in fails:
+            print(f"  {name}, seed {f['seed']}: failed in round {f['failed_round']}: {f['error']}")
     pre = final.get("best_of_n")
     if pre:
         print(f"(pretrained model's feasible fraction: {_fmt([r['eval_feasible'] for r in pre])})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"config": base, "final": final, "curves": curves}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"config": base, "final": final, "curves": curves, "failures": failures}, indent=2) + "\n")
     _plot(curves, Path(args.plot))
     print(f"results: {args.out}\nplot: {args.plot}\nrun folders: {runs}")
     return 0
@@ -98,7 +150,10 @@ def _plot(curves: dict[str, list[list[dict]]], path: Path) -> None:
                                        ("eval_mean_true", "mean true reward of model samples"),
                                        ("eval_feasible", "feasible fraction of model samples")]):
         for name, seeds in curves.items():
-            xs = [r["queries_used"] for r in seeds[0]]
+            if not seeds:
+                continue
+            n = min(len(s) for s in seeds)
+            xs = [r["queries_used"] for r in seeds[0][:n]]
             ys = [statistics.fmean(s[i][key] for s in seeds) for i in range(len(xs))]
             ax.plot(xs, ys, marker="o", label=name, ls="--" if "no KL" in name else "-")
         ax.set_xlabel("oracle queries used")

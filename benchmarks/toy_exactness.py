@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-batch", type=int, default=4096)
     parser.add_argument("--speed-repeats", type=int, default=15)
+    parser.add_argument("--speed-batch", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--progress", action="store_true", help="show training progress bars")
     parser.add_argument("--out", default=None, help="write all results as JSON here")
     parser.add_argument("--plot", default="benchmarks/results/toy_exactness.png", help="where to save the sample plot")
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" in parts:
         results["memory"] = run_memory([25, 50, 100, 200], args.memory_batch)
     if "speed" in parts:
-        results["speed"] = run_speed(100, 512, args.speed_repeats)
+        results["speed"] = [run_speed(100, b, args.speed_repeats) for b in args.speed_batch]
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.out}")

@@ -76,6 +76,19 @@ def _cmd_online(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .config import load_yaml
+    from .errors import ConfigError
+    from .plugins import load_plugin
+
+    config = load_yaml(args.config)
+    if "plugin" not in config:
+        raise ConfigError(f"{args.config}: a pretraining config needs 'plugin'")
+    folder = load_plugin(str(config["plugin"])).pretrain(config, progress=not args.no_progress, output=args.out)
+    print(f"pretrained model: {folder}")
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -127,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_online)
+
+    p = sub.add_parser("pretrain", help="train a domain's default model on data that ships with the package")
+    p.add_argument("config", help="YAML pretraining config (see the domain's configs/pretrain_*.yaml)")
+    p.add_argument("--out", help="model folder to write (overrides output)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("sample", help="draw samples from a fine-tuned model folder")
     p.add_argument("model", help="a model folder (e.g. RUN/model)")

@@ -59,7 +59,9 @@ from .strategies import PolicyGradient, UpdateContext
 
 __all__ = ["METHODS", "OnlineRunConfig", "run_online", "OracleSpec", "PPOSpec", "RewardGradientControl"]
 
-METHODS = ("ucb", "bootstrap", "thompson", "greedy", "nonadaptive", "ppo", "guidance", "best_of_n")
+METHODS = ("ucb", "bootstrap", "thompson", "greedy", "nonadaptive", "ppo", "guidance", "best_of_n", "ga", "hill_climb")
+#: Model-free baselines: they edit queried designs with the domain's mutation/crossover.
+EVOLUTION = ("ga", "hill_climb")
 SEIKO_FAMILY = ("ucb", "bootstrap", "thompson", "greedy", "nonadaptive")
 
 
@@ -95,6 +97,33 @@ def PPOSpec(batch_size: int = 32, epochs: int = 1, minibatches: int = 1, clip_ra
                 infeasible_value=infeasible_value)
 
 
+def EvolutionSpec(survival: float = 0.2, mutation_rate: float | None = None, crossover_rate: float = 0.5,
+                  mutations: int = 1):
+    """The ``evolution:`` section: the model-free baselines ``ga`` and ``hill_climb``.
+
+    Both start from pretrained samples (round 0, like every method) and then only edit
+    designs already answered by the oracle.
+
+    * ``ga`` (as holo-bench's): the best ``survival`` fraction of the feasible designs
+      asked so far are the parents (elitism: they compete again every round); each child
+      is a uniform crossover of two random parents (with probability ``crossover_rate``)
+      then a mutation of each position with probability ``mutation_rate``.
+    * ``hill_climb``: every proposal is the best design so far with ``mutations`` random
+      positions changed; the best moves as soon as a proposal beats it.
+
+    Args:
+        survival: parent fraction of the feasible answered designs (``ga``).
+        mutation_rate: per-position mutation probability (``ga``); default ``1 / L``.
+        crossover_rate: probability that a child is a crossover (``ga``).
+        mutations: positions changed per proposal (``hill_climb``).
+    """
+    if not 0 < survival <= 1 or not 0 <= crossover_rate <= 1 or mutations < 1:
+        raise ConfigError("evolution: survival in (0, 1], crossover_rate in [0, 1], mutations >= 1")
+    if mutation_rate is not None and not 0 <= mutation_rate <= 1:
+        raise ConfigError(f"evolution.mutation_rate must be in [0, 1], got {mutation_rate}")
+    return dict(survival=survival, mutation_rate=mutation_rate, crossover_rate=crossover_rate, mutations=mutations)
+
+
 @dataclass
 class OnlineRunConfig:
     """The YAML config of ``difftilt online``.
@@ -113,6 +142,7 @@ class OnlineRunConfig:
         finetune: Finetuner fields used in every round.
         guidance_scale: strength of reward-gradient guidance (``guidance`` method).
         ppo: options of the ``ppo`` method (see :func:`PPOSpec`).
+        evolution: options of ``ga`` and ``hill_climb`` (see :func:`EvolutionSpec`).
         eval_samples: samples of each round's model scored with the ground truth outside
             the budget (a simulation-only diagnostic; ``0`` to skip).
         seed: seeds everything.
@@ -132,6 +162,7 @@ class OnlineRunConfig:
     finetune: dict = field(default_factory=dict)
     guidance_scale: float = 1.0
     ppo: dict = field(default_factory=dict)
+    evolution: dict = field(default_factory=dict)
     eval_samples: int = 256
     seed: int = 0
     output_dir: str = "runs"
@@ -156,6 +187,7 @@ def _validate(raw: dict) -> OnlineRunConfig:
         raise ConfigError("config.alpha: one number >= 0, or one per round of the schedule")
     cfg.oracle = OracleSpec(**validate_kwargs(OracleSpec, cfg.oracle, "oracle"))
     cfg.ppo = PPOSpec(**validate_kwargs(PPOSpec, cfg.ppo, "ppo"))
+    cfg.evolution = EvolutionSpec(**validate_kwargs(EvolutionSpec, cfg.evolution, "evolution"))
     validate_kwargs(Finetuner, cfg.finetune, "finetune", skip=_FT_SKIP)
     return cfg
 
@@ -290,6 +322,10 @@ class _MethodRun:
         if prev_trans is not self.pretrained and isinstance(prev_trans, ResidualControlProcess):
             control = copy.deepcopy(prev_trans.control).requires_grad_(True)
             policy = ResidualControlProcess(self.pretrained, control, prev_trans.control_input)
+        elif prev_trans is not self.pretrained:  # a trained full copy (e.g. a fine-tuned denoiser)
+            policy = copy.deepcopy(prev_trans).requires_grad_(True)
+        else:
+            policy = self.domain.make_policy(self.pretrained)
         if hasattr(prev, "initial_chain") and isinstance(prev.initial_chain, ResidualControlProcess):
             aux = prev.initial_chain
             initial_policy = ResidualControlProcess(aux.base, copy.deepcopy(aux.control).requires_grad_(True),
@@ -316,19 +352,41 @@ class _MethodRun:
             t0 = time.time()
             if ppo is not None:
                 model = ppo.round(i, model)
+            elif self.method in EVOLUTION and i > 0:
+                self._ask(self._evolve(i), i, tag=f"round{i}")
             else:
                 seed = self._round_seed(i)
                 x = model.sample(self.schedule[i], generator=step_generator(seed, -9, model.device))
                 self._ask(x, i, tag=f"round{i}")
                 model = self._update(i, model)
-            if self.method not in ("guidance", "best_of_n"):
+            if self.method not in ("guidance", "best_of_n", *EVOLUTION):
                 self._save(i, model)
             self._append_row(self._metrics(i, model, time.time() - t0))
             self._save_state(rounds_done=i + 1)
         self._save_state(complete=True)
         return self.rows()
 
+    def _evolve(self, i: int) -> Tensor:
+        """This round's proposals of ``ga`` / ``hill_climb``, from the answered designs so far."""
+        x, y = self.store.training_data()
+        n, opts = self.schedule[i], self.cfg.evolution
+        g = torch.Generator().manual_seed(self._round_seed(i, 6))
+        if x.shape[0] == 0:
+            raise InputDataError(f"{self.method}: no feasible design answered before round {i}; nothing to evolve")
+        order = torch.argsort(y, descending=True, stable=True)
+        if self.method == "hill_climb":
+            best = x[order[:1]].expand(n, *x.shape[1:])
+            return self.domain.mutate(best, generator=g, count=opts["mutations"])
+        parents = x[order[: max(2, math.ceil(opts["survival"] * x.shape[0]))]]
+        a = parents[torch.randint(parents.shape[0], (n,), generator=g)]
+        b = parents[torch.randint(parents.shape[0], (n,), generator=g)]
+        cross = torch.rand(n, generator=g) < opts["crossover_rate"]
+        children = torch.where(cross.view(-1, *[1] * (x.dim() - 1)), self.domain.crossover(a, b, generator=g), a)
+        return self.domain.mutate(children, generator=g, rate=opts["mutation_rate"])
+
     def _update(self, i: int, model: Process) -> Process:
+        if self.method in EVOLUTION:
+            return model
         if self.method == "best_of_n":
             return model
         reward = self._fit_reward(i)
@@ -338,7 +396,7 @@ class _MethodRun:
 
     def _restore(self, done: int) -> Process:
         """The model after ``done`` rounds (rebuilt from checkpoints or, for guidance, from data)."""
-        if done == 0 or self.method == "best_of_n":
+        if done == 0 or self.method in ("best_of_n", *EVOLUTION):
             return self.pretrained
         if self.method == "guidance":
             return self._update(done - 1, self.pretrained)
@@ -364,6 +422,15 @@ class _MethodRun:
             "seconds": round(seconds, 2),
         }
         n = self.cfg.eval_samples
+        if self.method in EVOLUTION:
+            # No model to sample: the round's proposals are this method's "samples".
+            x = torch.stack([r.design for r in this]).to(torch.float32) if this else None
+            if x is not None:
+                off = self.truth.infeasible_value
+                vals = [r.true_value if r.feasible and r.true_value is not None else off for r in this]
+                row.update({"eval_mean_true": _mean(vals), "eval_feasible": row["round_feasible"],
+                            "eval_diversity": float(self.domain.diversity(x))})
+            return row
         if n > 0:
             x = model.sample(n, generator=step_generator(self._round_seed(i, 4), -8, model.device))
             out = self.truth(x)
@@ -526,6 +593,10 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
 
     torch.manual_seed(cfg.seed)
     domain = load_plugin(cfg.plugin)
+    needs_mutation = [m for m in cfg.methods if m in EVOLUTION]
+    if needs_mutation and type(domain).mutate is Domain.mutate:
+        raise ConfigError(f"config.methods: {', '.join(needs_mutation)} need a mutation operator, "
+                          f"which plugin '{cfg.plugin}' does not provide")
     pretrained = freeze(domain.make_process(cfg.process))
     truth = domain.make_reward(cfg.oracle["reward"], pretrained)
     process_spec = cfg.process if isinstance(cfg.process, dict) else {"name": cfg.process or next(iter(domain.processes))}

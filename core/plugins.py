@@ -107,6 +107,25 @@ class Domain:
         (online fine-tuning). ``None`` uses the flattened state."""
         return None
 
+    # ------------------------------------------------------------------ model-free baselines
+    def mutate(self, x: Tensor, *, generator: torch.Generator, rate: float | None = None, count: int | None = None) -> Tensor:
+        """Random edits of designs ``x`` ``(b, *event_shape)`` for the ``ga`` and ``hill_climb``
+        baselines: each position changed with probability ``rate``, or exactly ``count``
+        positions per design. Domains with discrete designs implement it."""
+        raise ConfigError(f"plugin '{self.name}' has no mutation operator, which the ga and hill_climb methods need")
+
+    def crossover(self, a: Tensor, b: Tensor, *, generator: torch.Generator) -> Tensor:
+        """Uniform crossover: each position (index along dimension 1) from ``a`` or ``b`` with
+        equal probability; ``(b, *event_shape)``."""
+        take_a = torch.rand(a.shape[:2], generator=generator) < 0.5
+        return torch.where(take_a.view(*a.shape[:2], *[1] * (a.dim() - 2)).to(a.device), a, b)
+
+    # ------------------------------------------------------------------ pretraining
+    def pretrain(self, config: dict, progress: bool = True, output: str | None = None) -> "os.PathLike":
+        """Train this domain's default model from a pretraining config (``difftilt pretrain``)
+        and return the folder written. Domains without a trainable default raise."""
+        raise ConfigError(f"plugin '{self.name}' has no pretrain command")
+
     # ------------------------------------------------------------------ reading samples
     def decode(self, x: Tensor) -> list:
         """Domain objects for a batch of final states (images, strings, molecules)."""

@@ -121,7 +121,7 @@ class _CheckpointedStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, process, k, seed, x, *params):
-        ctx.process, ctx.k, ctx.seed = process, k, seed
+        ctx.process, ctx.k, ctx.seed, ctx.params = process, k, seed, params
         ctx.save_for_backward(x)
         with torch.no_grad():
             return _grad_step(process, x, k, seed)
@@ -130,7 +130,7 @@ class _CheckpointedStep(torch.autograd.Function):
     def backward(ctx, grad_x_next, grad_kl):
         (x,) = ctx.saved_tensors
         x = x.detach().requires_grad_(ctx.needs_input_grad[3])
-        params = [p for p, need in zip(ctx.process.trainable_parameters(), ctx.needs_input_grad[4:]) if need]
+        params = [p for p, need in zip(ctx.params, ctx.needs_input_grad[4:]) if need]
         with torch.enable_grad():
             x_next, kl = _grad_step(ctx.process, x, ctx.k, ctx.seed)
         outs, grads = [], []

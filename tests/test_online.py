@@ -97,7 +97,13 @@ def test_online_config_errors_are_one_line(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "difftilt: error: config.methods: unknown method 'sieko' (known: ucb, bootstrap, thompson, greedy, "
-        "nonadaptive, ppo, guidance, best_of_n)")
+        "nonadaptive, ppo, guidance, best_of_n, ga, hill_climb)")
+    assert not (tmp_path / "r").exists()
+    cfg.write_text(yaml.safe_dump(dict(CFG, methods=["ga"])))
+    proc = subprocess.run([sys.executable, "-m", "difftilt", "online", str(cfg), "--output-dir", str(tmp_path / "r")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "difftilt: error: config.methods: ga need a mutation operator, which plugin 'toy' does not provide")
     assert not (tmp_path / "r").exists()
 
 
@@ -111,8 +117,9 @@ def _tiny(tmp_path, **change):
 
 @pytest.mark.slow
 def test_every_method_runs_in_the_same_harness(tmp_path):
-    from difftilt.core.online import METHODS
+    from difftilt.core.online import EVOLUTION, METHODS
 
+    METHODS = [m for m in METHODS if m not in EVOLUTION]  # the toy domain has no mutation operator
     proc = subprocess.run([sys.executable, "-m", "difftilt", "online", str(_tiny(tmp_path, methods=list(METHODS))),
                            "--output-dir", str(tmp_path / "r"), "--name", "all", "--no-progress"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=900)

@@ -1,0 +1,186 @@
+"""The sequences domain: masked discrete diffusion over proteins and DNA, as a difftilt plugin.
+
+Processes (``process: {name: ...}``):
+
+* ``ehrlich`` -- the committed default model, pretrained on the feasible-sequence model
+  of Ehrlich(num_states=20, length=32, num_motifs=2, motif_length=4, seed=0);
+* ``tfbind8`` -- the committed default model, pretrained on the lower half of TFBind8;
+* ``pretrained`` -- any folder written by ``difftilt pretrain``.
+
+Rewards (``reward: {name: ...}``): ``ehrlich`` (an Ehrlich function instance, feasibility
+included) and ``tfbind8`` (exact table lookup). Both read the final one-hot states; a
+position still masked makes a design infeasible.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from difftilt.core.errors import ConfigError
+from difftilt.core.plugins import Domain
+from difftilt.core.process import Process
+from difftilt.core.reward import Reward, RewardOutput
+
+from .ehrlich import EhrlichFunction
+from .mdlm import MaskedDiffusionProcess
+from .pretrain import load_pretrained
+from .tfbind8 import TFBind8
+
+__all__ = ["SequencesDomain", "EhrlichReward", "TFBind8Reward", "OneHotFeatures", "PROTEIN", "DNA",
+           "checkpoint_path", "load_ehrlich", "load_tfbind8", "load_from_path", "hamming_diversity"]
+
+PROTEIN = "ACDEFGHIKLMNPQRSTVWY"
+DNA = "ACGT"
+
+
+def checkpoint_path(name: str) -> Path:
+    """Folder of a committed pretrained model, e.g. ``"ehrlich-20-32-2-4"``."""
+    path = Path(str(resources.files("difftilt.plugins.sequences") / "checkpoints" / name))
+    if not (path / "process.json").is_file():
+        raise ConfigError(f"no committed pretrained model '{name}' (looked in {path}); "
+                          "make it with: difftilt pretrain plugins/sequences/configs/pretrain_<name>.yaml")
+    return path
+
+
+def load_ehrlich(num_steps: int | None = None) -> MaskedDiffusionProcess:
+    """The default Ehrlich(20, 32, 2, 4, seed 0) model (committed checkpoint)."""
+    return load_pretrained(checkpoint_path("ehrlich-20-32-2-4"), num_steps)
+
+
+def load_tfbind8(num_steps: int | None = None) -> MaskedDiffusionProcess:
+    """The default TFBind8 model, pretrained on the table's lower half (committed checkpoint)."""
+    return load_pretrained(checkpoint_path("tfbind8"), num_steps)
+
+
+def load_from_path(path: str, num_steps: int | None = None) -> MaskedDiffusionProcess:
+    """A model folder written by ``difftilt pretrain``."""
+    return load_pretrained(path, num_steps)
+
+
+def _tokens(x: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """Token ids ``(b, L)`` of one-hot states ``(b, L, V + 1)`` and whether any position is still masked."""
+    ids = x.argmax(-1)
+    return ids.clamp(max=vocab - 1), (ids >= vocab).any(-1)
+
+
+def _check_process(process: Process | None, length: int, vocab: int, what: str) -> None:
+    if isinstance(process, MaskedDiffusionProcess) and (process.length, process.vocab_size) != (length, vocab):
+        raise ConfigError(f"{what} scores sequences of length {length} over {vocab} letters, but the process makes "
+                          f"length {process.length} over {process.vocab_size}")
+
+
+class EhrlichReward(Reward):
+    """An Ehrlich function (Stanton et al. 2024) on the chain's one-hot final states.
+
+    Infeasible designs (a banned transition, or a position left masked) have no reward.
+    """
+
+    def __init__(self, num_states: int = 20, length: int = 32, num_motifs: int = 2, motif_length: int = 4,
+                 quantization: int | None = None, seed: int = 0, process: Process | None = None):
+        super().__init__()
+        self.function = EhrlichFunction(num_states, length, num_motifs, motif_length, quantization, seed)
+        _check_process(process, length, num_states, f"Ehrlich{(num_states, length, num_motifs, motif_length)}")
+
+    def evaluate(self, x: Tensor) -> RewardOutput:
+        ids, masked = _tokens(x, self.function.num_states)
+        value, feasible = self.function(ids)
+        return RewardOutput(value.to(x.dtype), feasible & ~masked)
+
+
+class TFBind8Reward(Reward):
+    """Normalized TFBind8 binding score (exact lookup; 1.0 is the table's optimum)."""
+
+    def __init__(self, table: str = "SIX6_REF_R1", process: Process | None = None):
+        super().__init__()
+        self.table = TFBind8(table)
+        _check_process(process, 8, 4, "TFBind8")
+
+    def evaluate(self, x: Tensor) -> RewardOutput:
+        ids, masked = _tokens(x, 4)
+        return RewardOutput(self.table(ids).to(x.dtype), ~masked)
+
+
+class OneHotFeatures(nn.Module):
+    """``phi(x)``: the flattened letters of the one-hot state (the mask channel dropped).
+
+    Linear in ``x``, so differentiable in a relaxed (straight-through) state: reward
+    models on it pass gradients back to the chain.
+    """
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[..., : self.vocab_size].reshape(x.shape[0], -1)
+
+
+def hamming_diversity(x: Tensor, max_samples: int = 512) -> float:
+    """Mean pairwise Hamming distance between (up to 512) sequences, as a fraction of the length."""
+    ids = x.detach().argmax(-1)[:max_samples]
+    n = ids.shape[0]
+    if n < 2:
+        return 0.0
+    same = (ids[:, None, :] == ids[None, :, :]).float().mean(-1)
+    return float((1.0 - same).sum() / (n * (n - 1)))
+
+
+class SequencesDomain(Domain):
+    """Masked discrete diffusion over biological sequences (proteins, DNA)."""
+
+    name = "sequences"
+    description = "masked discrete diffusion over proteins/DNA (Ehrlich, TFBind8 rewards)"
+    processes = {"ehrlich": load_ehrlich, "tfbind8": load_tfbind8, "pretrained": load_from_path}
+    rewards = {"ehrlich": EhrlichReward, "tfbind8": TFBind8Reward}
+
+    def make_policy(self, reference: Process, hidden: int = 64, depth: int = 2) -> Process | None:
+        """Fine-tune a full copy of the denoiser (as DRAKES does)."""
+        if isinstance(reference, MaskedDiffusionProcess):
+            return copy.deepcopy(reference).requires_grad_(True).train(False)
+        return None
+
+    def mutate(self, x: Tensor, *, generator: torch.Generator, rate: float | None = None,
+               count: int | None = None) -> Tensor:
+        """Point mutations of one-hot sequences ``(b, L, V + 1)``: each position redrawn with
+        probability ``rate`` (default ``1 / L``), or exactly ``count`` distinct positions per
+        sequence, always to a different letter (never the mask)."""
+        b, L, S = x.shape
+        V = S - 1
+        if count is not None:
+            scores = torch.rand(b, L, generator=generator)
+            chosen = torch.zeros(b, L, dtype=torch.bool)
+            chosen.scatter_(1, scores.argsort(1)[:, : min(count, L)], True)
+        else:
+            chosen = torch.rand(b, L, generator=generator) < (1.0 / L if rate is None else rate)
+        ids = x.argmax(-1)
+        shift = torch.randint(1, V, (b, L), generator=generator)  # a different letter: (id + shift) mod V
+        new = torch.where(chosen, (ids.clamp(max=V - 1) + shift) % V, ids)
+        return nn.functional.one_hot(new, S).to(x.dtype)
+
+    def featurizer(self, reference: Process) -> nn.Module | None:
+        if isinstance(reference, MaskedDiffusionProcess):
+            return OneHotFeatures(reference.vocab_size)
+        return None
+
+    def decode(self, x: Tensor) -> list[str]:
+        vocab = x.shape[-1] - 1
+        letters = {20: PROTEIN, 4: DNA}.get(vocab) or "".join(chr(65 + i) for i in range(vocab))
+        return ["".join((letters + "?")[i] for i in row) for row in x.argmax(-1).tolist()]
+
+    def diversity(self, x: Tensor) -> float:
+        return hamming_diversity(x)
+
+    def evaluate(self, x: Tensor, *, process: Process, reward: Reward, alpha: float) -> dict[str, float]:
+        out = reward(x)
+        return {"feasible": float(out.feasible.float().mean()), "hamming_diversity": hamming_diversity(x)}
+
+    # ------------------------------------------------------------------ pretraining
+    def pretrain(self, config: dict, progress: bool = True, output: str | None = None) -> Path:
+        from .pretrain_cli import pretrain_from_config
+
+        return pretrain_from_config(config, progress=progress, output=output)

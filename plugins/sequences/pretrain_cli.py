@@ -1,0 +1,114 @@
+"""``difftilt pretrain`` for the sequences domain: data sources and the config schema.
+
+A pretraining config (YAML)::
+
+    plugin: sequences
+    output: plugins/sequences/checkpoints/ehrlich-20-32-2-4   # model folder to write
+    data:                      # where the corpus comes from (all ship with the package)
+      name: ehrlich            # ehrlich | tfbind8 | file
+      ...                      # the source's options (below)
+    model: {dim: 128, depth: 3, heads: 4}          # SequenceDenoiser options
+    process: {num_steps: 64, schedule: linear}     # the reverse chain's settings
+    train: {steps: 3000, batch_size: 256, lr: 1e-3, seed: 0}
+
+Data sources:
+
+* ``ehrlich``: ``num_sequences`` draws of the Ehrlich instance's feasible-sequence model
+  (its Markov chain), with ``num_states, length, num_motifs, motif_length, quantization,
+  seed``; data seed ``data_seed``.
+* ``tfbind8``: the lower half of the TFBind8 table (design-bench's offline set), ``table``.
+* ``file``: one sequence per line (FASTA headers ``>`` skipped) over ``alphabet``, all of
+  the same length.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from difftilt.core.config import validate_kwargs
+from difftilt.core.errors import ConfigError, InputDataError
+
+from .ehrlich import EhrlichFunction
+from .mdlm import MaskedDiffusionProcess
+from .pretrain import save_pretrained, train_masked_diffusion
+from .tfbind8 import TFBind8
+
+__all__ = ["pretrain_from_config", "ehrlich_corpus", "tfbind8_corpus", "file_corpus", "encode_strings"]
+
+PROTEIN = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def encode_strings(lines: list[str], alphabet: str) -> torch.Tensor:
+    """Strings of one length over ``alphabet`` -> ``(n, L)`` token ids, with a clear error
+    naming the first bad letter or length."""
+    lookup = {c: i for i, c in enumerate(alphabet)}
+    if not lines:
+        raise InputDataError("no sequences given")
+    L = len(lines[0])
+    out = torch.empty(len(lines), L, dtype=torch.long)
+    for n, s in enumerate(lines):
+        if len(s) != L:
+            raise InputDataError(f"sequence {n} has length {len(s)}, expected {L} (all sequences must have one length)")
+        for j, c in enumerate(s):
+            if c not in lookup:
+                raise InputDataError(f"sequence {n} has letter {c!r} at position {j}, outside the alphabet {alphabet!r}")
+            out[n, j] = lookup[c]
+    return out
+
+
+def ehrlich_corpus(num_states: int = 20, length: int = 32, num_motifs: int = 2, motif_length: int = 4,
+                   quantization: int | None = None, seed: int = 0, num_sequences: int = 50_000,
+                   data_seed: int = 0) -> tuple[torch.Tensor, str | None]:
+    f = EhrlichFunction(num_states, length, num_motifs, motif_length, quantization, seed)
+    tokens = f.sample_feasible(num_sequences, generator=torch.Generator().manual_seed(data_seed))
+    return tokens, PROTEIN if num_states == 20 else None
+
+
+def tfbind8_corpus(table: str = "SIX6_REF_R1") -> tuple[torch.Tensor, str | None]:
+    return TFBind8(table).offline_dataset(), "ACGT"
+
+
+def file_corpus(path: str, alphabet: str = PROTEIN) -> tuple[torch.Tensor, str | None]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"data.path: no file {p}")
+    lines = [ln.strip().upper() for ln in p.read_text().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(">")]
+    return encode_strings(lines, alphabet), alphabet
+
+
+SOURCES = {"ehrlich": ehrlich_corpus, "tfbind8": tfbind8_corpus, "file": file_corpus}
+
+
+def pretrain_from_config(config: dict, progress: bool = True, output: str | None = None) -> Path:
+    """Train a masked-diffusion model as ``config`` says and write its folder; returns the folder."""
+    known = {"plugin", "output", "data", "model", "process", "train"}
+    unknown = set(config) - known
+    if unknown:
+        raise ConfigError(f"unknown pretraining config field(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    out = output or config.get("output")
+    if not out:
+        raise ConfigError("pretraining config needs 'output' (the model folder to write), or pass --out")
+    data = dict(config.get("data") or {})
+    name = data.pop("name", None)
+    if name not in SOURCES:
+        raise ConfigError(f"data.name must be one of {', '.join(SOURCES)}, got {name!r}")
+    tokens, alphabet = SOURCES[name](**validate_kwargs(SOURCES[name], data, "data"))
+    vocab = int(tokens.max()) + 1 if alphabet is None else len(alphabet)
+    if name == "ehrlich":
+        vocab = int(config["data"].get("num_states", 20))
+    model = dict(config.get("model") or {})
+    train = dict(config.get("train") or {})
+    proc = dict(config.get("process") or {})
+    options = validate_kwargs(train_masked_diffusion, {**model, **train}, "model/train",
+                              skip=("tokens", "vocab_size", "progress"))
+    net, losses = train_masked_diffusion(tokens, vocab, progress=progress, **options)
+    proc_opts = validate_kwargs(MaskedDiffusionProcess, proc, "process", skip=("denoiser", "alphabet"))
+    process = MaskedDiffusionProcess(net, alphabet=alphabet, **proc_opts)
+    command = "difftilt pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
+    return save_pretrained(process, out, data={"name": name, **data, "num_sequences_used": int(tokens.shape[0])},
+                           train={**model, **train}, losses=losses, command=command)

@@ -1,0 +1,153 @@
+"""The sequences plugin end to end at tiny size: pretrain CLI, rewards, online loop."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from difftilt.core.errors import ConfigError
+from difftilt.core.plugins import load_plugin
+from difftilt.core.testing import DomainContract
+from difftilt.plugins.sequences import (EhrlichFunction, EhrlichReward, OneHotFeatures, TFBind8, TFBind8Reward,
+                                        hamming_diversity)
+
+
+def _one_hot(tokens, vocab):
+    return torch.nn.functional.one_hot(tokens, vocab + 1).float()
+
+
+@pytest.fixture(scope="module")
+def tiny_tfbind_model(tmp_path_factory):
+    """A tiny masked-diffusion model of TFBind8's lower half, made by the pretrain CLI."""
+    root = tmp_path_factory.mktemp("pre")
+    cfg = {"plugin": "sequences", "output": str(root / "model"), "data": {"name": "tfbind8"},
+           "model": {"dim": 16, "depth": 1, "heads": 2}, "process": {"num_steps": 4},
+           "train": {"steps": 60, "batch_size": 64, "lr": 3e-3, "warmup": 5, "seed": 0}}
+    path = root / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "difftilt", "pretrain", str(path), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((root / "model" / "process.json").read_text())
+    assert info["data"]["num_sequences_used"] == 32768 and "difftilt pretrain" in info["command"]
+    return root / "model"
+
+
+def test_ehrlich_reward_reads_one_hot_states_and_masks_are_infeasible():
+    f = EhrlichFunction(20, 32, 2, 4, seed=0)
+    reward = EhrlichReward(20, 32, 2, 4, seed=0)
+    best = f.optimal_solution()[None]
+    out = reward(_one_hot(best, 20))
+    assert out.value.item() == 1.0 and out.feasible.item()
+    masked = best.clone()
+    masked[0, 5] = 20
+    assert not reward(_one_hot(masked, 20)).feasible.item()
+
+
+def test_tfbind8_reward_is_the_table_lookup():
+    table = TFBind8()
+    seq, score = table.global_optimum()
+    out = TFBind8Reward()(_one_hot(table.encode([seq, "AAAAAAAA"]), 4))
+    assert out.value[0].item() == score == 1.0
+    assert out.value[1].item() == pytest.approx(float(table(table.encode(["AAAAAAAA"]))[0]))
+
+
+def test_features_are_differentiable_and_diversity_is_hamming():
+    x = _one_hot(torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0]]), 4).requires_grad_()
+    phi = OneHotFeatures(4)(x)
+    assert phi.shape == (2, 16)
+    phi.sum().backward()
+    assert x.grad[..., :4].eq(1).all() and x.grad[..., 4].eq(0).all()
+    assert hamming_diversity(x) == pytest.approx(0.25)
+
+
+def test_reward_and_process_of_different_sizes_are_refused(tiny_tfbind_model):
+    domain = load_plugin("sequences")
+    process = domain.make_process({"name": "pretrained", "path": str(tiny_tfbind_model)})
+    with pytest.raises(ConfigError, match="length 32 over 20 letters.*length 8 over 4"):
+        domain.make_reward({"name": "ehrlich"}, process)
+
+
+def test_pretrain_reports_a_bad_letter_in_one_line(tmp_path):
+    fasta = tmp_path / "seqs.fa"
+    fasta.write_text(">a\nACGT\n>b\nACXT\n")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"plugin": "sequences", "output": str(tmp_path / "m"),
+                                   "data": {"name": "file", "path": str(fasta), "alphabet": "ACGT"}}))
+    proc = subprocess.run([sys.executable, "-m", "difftilt", "pretrain", str(cfg)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "difftilt: error: sequence 1 has letter 'X' at position 2, outside the alphabet 'ACGT'"]
+    assert not (tmp_path / "m").exists()
+
+
+def test_ehrlich_motifs_that_cannot_fit_are_a_config_error():
+    with pytest.raises(ConfigError):
+        load_plugin("sequences").make_reward({"name": "ehrlich", "length": 6, "num_motifs": 2, "motif_length": 4})
+
+
+@pytest.mark.slow
+def test_online_loop_fine_tunes_a_full_denoiser_copy_and_saves_it_each_round(tiny_tfbind_model, tmp_path):
+    from difftilt.core.checkpoint import load_finetuned
+    from difftilt.core.online import run_online
+
+    cfg = {"plugin": "sequences", "seed": 0, "process": {"name": "pretrained", "path": str(tiny_tfbind_model)},
+           "oracle": {"reward": {"name": "tfbind8"}, "batch_size": 16}, "methods": ["ucb"], "schedule": [16, 16],
+           "alpha": 0.1,
+           "finetune": {"iterations": 3, "batch_size": 16, "lr": 1e-3, "value_refit_iterations": 0},
+           "reward_model": {"epochs": 5}, "eval_samples": 32}
+    run = run_online(cfg, output_dir=str(tmp_path), name="seq", progress=False)
+    rows = run.read_json("results.json")["methods"]["ucb"]
+    assert [r["queries_used"] for r in rows] == [16, 32]
+    assert 0.0 < rows[-1]["eval_diversity"] <= 1.0 and rows[-1]["kl_to_pretrained"] > 0
+    model = load_finetuned(run.path / "ucb" / "checkpoints" / "round_1")
+    x = model.sample(8, seed=0)
+    assert x.shape == (8, 8, 5) and (x.argmax(-1) < 4).all()
+
+
+class TestSequencesContract(DomainContract):
+    plugin = "sequences"
+    reward_spec = {"name": "tfbind8"}
+
+    @pytest.fixture(autouse=True)
+    def _spec(self, tiny_tfbind_model):
+        self.process_spec = {"name": "pretrained", "path": str(tiny_tfbind_model)}
+
+
+def test_mutations_change_exactly_the_asked_positions_to_other_letters():
+    domain = load_plugin("sequences")
+    x = _one_hot(torch.randint(4, (64, 8)), 4)
+    g = torch.Generator().manual_seed(0)
+    y = domain.mutate(x, generator=g, count=2)
+    assert ((x.argmax(-1) != y.argmax(-1)).sum(1) == 2).all() and (y.argmax(-1) < 4).all()
+    assert torch.equal(domain.mutate(x, generator=g, rate=0.0), x)
+    z = domain.mutate(x, generator=g, rate=1.0)
+    assert (x.argmax(-1) != z.argmax(-1)).all()
+    kids = domain.crossover(x[:32], x[32:], generator=g)
+    from_a = (kids.argmax(-1) == x[:32].argmax(-1)) | (kids.argmax(-1) == x[32:].argmax(-1))
+    assert from_a.all()
+
+
+@pytest.mark.slow
+def test_ga_and_hill_climber_spend_the_budget_in_the_same_harness(tiny_tfbind_model, tmp_path):
+    from difftilt.core.online import run_online
+    from difftilt.core.store import COUNTED, SQLiteFeedbackStore
+
+    cfg = {"plugin": "sequences", "seed": 1, "process": {"name": "pretrained", "path": str(tiny_tfbind_model)},
+           "oracle": {"reward": {"name": "tfbind8"}, "batch_size": 16}, "methods": ["ga", "hill_climb"],
+           "schedule": [16, 8, 8], "evolution": {"mutations": 1}}
+    run = run_online(cfg, output_dir=str(tmp_path), name="evo", progress=False)
+    results = run.read_json("results.json")["methods"]
+    for method in ("ga", "hill_climb"):
+        assert [r["queries_used"] for r in results[method]] == [16, 24, 32]
+        best = [r["best_true"] for r in results[method]]
+        assert best == sorted(best)  # the best found never gets worse
+    with SQLiteFeedbackStore(run.path / "hill_climb" / "feedback.sqlite", readonly=True) as store:
+        assert store.count(COUNTED) == 32
+        first = store.records(round=0)
+        best = max((r for r in first if r.feasible), key=lambda r: r.value).design.argmax(-1)
+        for r in store.records(round=1):
+            assert int((r.design.argmax(-1) != best).sum()) == 1  # one point mutation of the best so far

@@ -43,7 +43,8 @@ def _fmt(values: list[float]) -> str:
         return "-"
     m = statistics.fmean(values)
     s = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:.3f} ± {s:.3f}"
+    spec = ".3f" if max(abs(m), s) < 1000 else ".2g"
+    return f"{m:{spec}} ± {s:{spec}}"
 
 
 def _run_or_reuse(cfg: dict, path: Path) -> list[dict]:
@@ -121,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nonline toy benchmark: {args.seeds} seeds, budget {sum(base['schedule'])} queries in rounds "
           f"{base['schedule']}, mean ± std over seeds")
-    print(f"{'method':<18}" + "".join(f"{label:>17}" for _, label in COLUMNS))
+    print(f"{'method':<18}" + "".join(f"{label:>18}" for _, label in COLUMNS))
     for name in final:
-        cells = "".join(f"{_fmt([r[k] for r in final[name] if k in r]):>17}" for k, _ in COLUMNS)
+        cells = "".join(f"{_fmt([r[k] for r in final[name] if k in r]):>18}" for k, _ in COLUMNS)
         failed = f"   failed on {len(failures[name])}/{args.seeds} seeds" if failures[name] else ""
         print(f"{name:<18}{cells}{failed}")
     for name, fails in failures.items():
@@ -156,6 +157,9 @@ def _plot(curves: dict[str, list[list[dict]]], path: Path) -> None:
             xs = [r["queries_used"] for r in seeds[0][:n]]
             ys = [statistics.fmean(s[i][key] for s in seeds) for i in range(len(xs))]
             ax.plot(xs, ys, marker="o", label=name, ls="--" if "no KL" in name else "-")
+        if key == "eval_feasible" and curves.get("best_of_n"):
+            pre = statistics.fmean(s[0]["eval_feasible"] for s in curves["best_of_n"])
+            ax.axhline(pre, color="gray", ls=":", label="pretrained model")
         ax.set_xlabel("oracle queries used")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)

@@ -2,14 +2,19 @@
 
 Processes (``process: {name: ...}``):
 
-* ``ehrlich`` -- the committed default model, pretrained on the feasible-sequence model
-  of Ehrlich(num_states=20, length=32, num_motifs=2, motif_length=4, seed=0);
-* ``tfbind8`` -- the committed default model, pretrained on the lower half of TFBind8;
+* ``ehrlich`` -- the default model, pretrained on the feasible-sequence model of
+  Ehrlich(num_states=20, length=32, num_motifs=2, motif_length=4, seed=0);
+* ``tfbind8`` -- the default model, pretrained on the lower half of TFBind8;
+
+(both read from ``checkpoints/<name>/``, written by ``difftilt pretrain
+configs/pretrain_<name>.yaml``; a missing one is a clear error naming that command);
 * ``pretrained`` -- any folder written by ``difftilt pretrain``.
 
 Rewards (``reward: {name: ...}``): ``ehrlich`` (an Ehrlich function instance, feasibility
-included) and ``tfbind8`` (exact table lookup). Both read the final one-hot states; a
-position still masked makes a design infeasible.
+included), ``tfbind8`` (exact table lookup), ``esm`` (ESM-2 mean log-probability or
+pseudo-log-likelihood, weights from a local file), ``protein_descriptor`` and
+``descriptor_constraint`` (biopython hydrophobicity, charge, instability). All read the
+final one-hot states; a position still masked makes a design infeasible.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from difftilt.core.plugins import Domain
 from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
+from .descriptors import DescriptorConstraint, ProteinDescriptor
 from .ehrlich import EhrlichFunction
 from .mdlm import MaskedDiffusionProcess
+from .plm import ESMReward
 from .pretrain import load_pretrained
 from .tfbind8 import TFBind8
 
@@ -136,7 +143,8 @@ class SequencesDomain(Domain):
     name = "sequences"
     description = "masked discrete diffusion over proteins/DNA (Ehrlich, TFBind8 rewards)"
     processes = {"ehrlich": load_ehrlich, "tfbind8": load_tfbind8, "pretrained": load_from_path}
-    rewards = {"ehrlich": EhrlichReward, "tfbind8": TFBind8Reward}
+    rewards = {"ehrlich": EhrlichReward, "tfbind8": TFBind8Reward, "esm": ESMReward,
+               "protein_descriptor": ProteinDescriptor, "descriptor_constraint": DescriptorConstraint}
 
     def make_policy(self, reference: Process, hidden: int = 64, depth: int = 2) -> Process | None:
         """Fine-tune a full copy of the denoiser (as DRAKES does)."""

@@ -1,0 +1,123 @@
+"""ESMReward on a tiny random-initialized ESM-2 (no weights are downloaded)."""
+
+from argparse import Namespace
+
+import pytest
+import torch
+
+esm = pytest.importorskip("esm")
+
+from difftilt.core.errors import ConfigError, InputDataError  # noqa: E402
+from difftilt.plugins.sequences import PROTEIN  # noqa: E402
+from difftilt.plugins.sequences.plm import ESMReward  # noqa: E402
+
+
+def _one_hot(ids, vocab=20):
+    return torch.nn.functional.one_hot(ids, vocab + 1).float()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = esm.ESM2(num_layers=1, embed_dim=32, attention_heads=2, alphabet="ESM-1b")
+    return model.eval(), model.alphabet
+
+
+def _hand_tokens(alphabet, seq):
+    return torch.tensor([[alphabet.cls_idx] + [alphabet.get_idx(c) for c in seq] + [alphabet.eos_idx]])
+
+
+def test_shape_and_mean_logprob_is_the_hand_computation(tiny):
+    model, alphabet = tiny
+    reward = ESMReward(model=model, alphabet=alphabet)
+    assert reward.differentiable
+    ids = torch.randint(0, 20, (3, 9), generator=torch.Generator().manual_seed(1))
+    out = reward(_one_hot(ids))
+    assert out.value.shape == (3,) and torch.isfinite(out.value).all() and out.feasible.all()
+
+    seq = "".join(PROTEIN[i] for i in ids[0].tolist())
+    tokens = _hand_tokens(alphabet, seq)
+    with torch.no_grad():
+        logp = model(tokens)["logits"].log_softmax(-1)[0]
+    hand = sum(float(logp[1 + l, tokens[0, 1 + l]]) for l in range(len(seq))) / len(seq)
+    assert out.value[0].item() == pytest.approx(hand, abs=1e-5)
+
+
+def test_pseudo_log_likelihood_is_the_hand_loop(tiny):
+    model, alphabet = tiny
+    reward = ESMReward(model=model, alphabet=alphabet, score="pseudo_log_likelihood", batch_size=4)
+    assert not reward.differentiable
+    seqs = ["MKVLA", "WYCHP"]
+    ids = torch.tensor([[PROTEIN.index(c) for c in s] for s in seqs])
+    out = reward(_one_hot(ids))
+    for row, seq in enumerate(seqs):
+        tokens = _hand_tokens(alphabet, seq)
+        total = 0.0
+        for l in range(len(seq)):
+            masked = tokens.clone()
+            masked[0, 1 + l] = alphabet.mask_idx
+            with torch.no_grad():
+                logp = model(masked)["logits"].log_softmax(-1)[0, 1 + l]
+            total += float(logp[tokens[0, 1 + l]])
+        assert out.value[row].item() == pytest.approx(total / len(seq), abs=1e-5)
+
+
+def test_differentiable_path_matches_token_path_and_passes_gradients(tiny):
+    model, alphabet = tiny
+    reward = ESMReward(model=model, alphabet=alphabet, batch_size=3)
+    ids = torch.randint(0, 20, (5, 16), generator=torch.Generator().manual_seed(2))
+    x = _one_hot(ids).requires_grad_()
+    value = reward(x).value
+    with torch.no_grad():
+        by_tokens = reward._mean_logprob_tokens(ids)
+    torch.testing.assert_close(value.detach(), by_tokens, atol=1e-4, rtol=0)
+    value.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad[..., :20].abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())  # the language model stays frozen
+
+
+def test_masked_designs_are_infeasible_and_bad_shapes_rejected(tiny):
+    model, alphabet = tiny
+    for score in ("mean_logprob", "pseudo_log_likelihood"):
+        ids = torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(3))
+        ids[1, 2] = 20  # still masked
+        out = ESMReward(model=model, alphabet=alphabet, score=score)(_one_hot(ids))
+        assert out.feasible.tolist() == [True, False]
+    with pytest.raises(InputDataError):
+        ESMReward(model=model, alphabet=alphabet)(torch.zeros(2, 6, 5))
+    with pytest.raises(ConfigError):
+        ESMReward(model=model, alphabet=alphabet, score="perplexity")
+    with pytest.raises(ConfigError):
+        ESMReward(model=model, alphabet=alphabet, letters="AB#")
+
+
+def test_missing_weights_file_is_a_config_error(tmp_path):
+    path = tmp_path / "esm2_t6_8M_UR50D.pt"
+    with pytest.raises(ConfigError, match="never downloaded") as info:
+        ESMReward(weights=str(path))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_loads_a_local_fair_esm_checkpoint(tiny, tmp_path):
+    """The checkpoint layout fair-esm's ESM-2 loader reads: ``cfg.model`` a Namespace and
+    fairseq-prefixed ``model`` weights, no contact regression file."""
+    model, alphabet = tiny
+    state = {"encoder.sentence_encoder." + k: v for k, v in model.state_dict().items()
+             if not k.startswith("contact_head.regression")}
+    cfg = Namespace(encoder_layers=1, encoder_embed_dim=32, encoder_attention_heads=2, token_dropout=True)
+    path = tmp_path / "esm2_tiny.pt"
+    torch.save({"cfg": {"model": cfg}, "model": state}, path)
+
+    ids = torch.randint(0, 20, (3, 10), generator=torch.Generator().manual_seed(4))
+    loaded = ESMReward(weights=str(path))
+    assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
+    torch.testing.assert_close(loaded(_one_hot(ids)).value, ESMReward(model=model)(_one_hot(ids)).value.detach())
+
+    renamed = tmp_path / "my_model.pt"  # an ESM-2 file under another name still loads as ESM-2
+    renamed.write_bytes(path.read_bytes())
+    assert isinstance(ESMReward(weights=str(renamed)).model, esm.ESM2)
+
+    junk = tmp_path / "esm2_junk.pt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match="esm2_junk"):
+        ESMReward(weights=str(junk))

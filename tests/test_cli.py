@@ -38,14 +38,17 @@ def _one_line_error(proc):
     return lines[0]
 
 
-def test_plugins_lists_the_toy_plugin(tmp_path):
+def test_plugins_lists_the_installed_plugins(tmp_path):
     proc = _run(["plugins"], tmp_path)
-    assert proc.returncode == 0 and proc.stdout.startswith("toy")
-    listed = json.loads(_run(["plugins", "--json"], tmp_path).stdout)
-    assert listed[0]["target"] == "difftilt.plugins.toy:ToyDomain"
+    names = [line.split()[0] for line in proc.stdout.splitlines()]
+    assert proc.returncode == 0 and {"toy", "sequences"} <= set(names) and names == sorted(names)
+    listed = {row["name"]: row for row in json.loads(_run(["plugins", "--json"], tmp_path).stdout)}
+    assert listed["toy"]["target"] == "difftilt.plugins.toy:ToyDomain"
+    assert listed["sequences"]["target"] == "difftilt.plugins.sequences:SequencesDomain"
+    assert listed["toy"]["description"].startswith("analytic")
     # with autoload off, plugins are listed without being imported
     off = json.loads(_run(["plugins", "--json"], tmp_path, DIFFTILT_DISABLE_PLUGIN_AUTOLOAD="1").stdout)
-    assert off[0]["name"] == "toy" and off[0]["description"] == ""
+    assert {row["name"] for row in off} >= {"toy", "sequences"} and all(row["description"] == "" for row in off)
 
 
 @pytest.mark.slow

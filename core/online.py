@@ -53,7 +53,7 @@ from .process import ControlledProcess, Process, ResidualControlProcess, freeze,
 from .reward import Reward, RewardOutput
 from .reward_models import (AcquisitionReward, Flatten, Greedy, MaxOverHeads, Thompson, UCB, make_reward_model)
 from .rollout import step_generator
-from .run import RunFolder
+from .run import RunFolder, read_config
 from .store import COUNTED, SQLiteFeedbackStore
 from .strategies import PolicyGradient, UpdateContext
 
@@ -568,8 +568,6 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
         name: overrides ``config.name``.
         progress: show fine-tuning progress bars.
     """
-    from .run import _apply_overrides
-
     if resume is not None:
         run = RunFolder(resume)
         saved = run.path / "config.yaml"
@@ -577,15 +575,14 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
             raise CheckpointError(f"{run.path} is not an online run folder (no config.yaml)")
         cfg = _validate(load_yaml(saved))
         if config is not None:
-            given = _validate(_apply_overrides(dict(config) if isinstance(config, dict) else load_yaml(config), overrides))
+            given = _validate(read_config(config, overrides))
             ignore = {"output_dir": None, "name": None}
             if {**asdict(given), **ignore} != {**asdict(cfg), **ignore}:
                 raise ConfigError(f"the config differs from the one {run.path} was started with; resume it unchanged")
     else:
         if config is None:
             raise ConfigError("give a config file (or --resume RUN_DIR)")
-        raw = _apply_overrides(dict(config) if isinstance(config, dict) else load_yaml(config), overrides)
-        cfg = _validate(raw)
+        cfg = _validate(read_config(config, overrides))
         if output_dir is not None:
             cfg.output_dir = str(output_dir)
         if name is not None:

@@ -174,9 +174,14 @@ def _apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     return raw
 
 
+def read_config(config: dict | str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    """A config mapping or YAML path with ``key.sub=value`` overrides applied (not yet validated)."""
+    return _apply_overrides(dict(config) if isinstance(config, dict) else load_yaml(config), overrides)
+
+
 def load_config(config: dict | str | os.PathLike, overrides: list[str] | None = None) -> FinetuneRunConfig:
     """Read and validate a run config (a mapping or a YAML path) with ``key.sub=value`` overrides."""
-    raw = _apply_overrides(dict(config) if isinstance(config, dict) else load_yaml(config), overrides)
+    raw = read_config(config, overrides)
     cfg = FinetuneRunConfig(**validate_kwargs(FinetuneRunConfig, raw, "config"))
     if cfg.eval_samples < 2:
         raise ConfigError("config.eval_samples must be >= 2")

@@ -34,12 +34,11 @@ from difftilt.core.errors import ConfigError, InputDataError, OptionalDependency
 from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
+from .alphabets import PROTEIN
 from .mdlm import MaskedDiffusionProcess
 
 __all__ = ["ProteinDescriptor", "DescriptorConstraint", "protein_descriptor", "DESCRIPTORS"]
 
-# The same alphabet as ``domain.PROTEIN`` (repeated here so that domain.py can import this module).
-PROTEIN = "ACDEFGHIKLMNPQRSTVWY"
 DESCRIPTORS = ("hydrophobicity", "charge", "instability")
 
 

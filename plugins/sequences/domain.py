@@ -31,6 +31,7 @@ from difftilt.core.plugins import Domain
 from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
+from .alphabets import DNA, PROTEIN, default_alphabet, to_strings
 from .descriptors import DescriptorConstraint, ProteinDescriptor
 from .ehrlich import EhrlichFunction
 from .mdlm import MaskedDiffusionProcess
@@ -41,8 +42,6 @@ from .tfbind8 import TFBind8
 __all__ = ["SequencesDomain", "EhrlichReward", "TFBind8Reward", "OneHotFeatures", "PROTEIN", "DNA",
            "checkpoint_path", "load_ehrlich", "load_tfbind8", "load_from_path", "hamming_diversity"]
 
-PROTEIN = "ACDEFGHIKLMNPQRSTVWY"
-DNA = "ACGT"
 
 
 def checkpoint_path(name: str) -> Path:
@@ -176,9 +175,7 @@ class SequencesDomain(Domain):
         return None
 
     def decode(self, x: Tensor) -> list[str]:
-        vocab = x.shape[-1] - 1
-        letters = {20: PROTEIN, 4: DNA}.get(vocab) or "".join(chr(65 + i) for i in range(vocab))
-        return ["".join((letters + "?")[i] for i in row) for row in x.argmax(-1).tolist()]
+        return to_strings(x.argmax(-1).tolist(), default_alphabet(x.shape[-1] - 1))
 
     def diversity(self, x: Tensor) -> float:
         return hamming_diversity(x)

@@ -37,6 +37,8 @@ from difftilt.core.distributions import CategoricalStep
 from difftilt.core.errors import ConfigError, ShapeError, InputDataError
 from difftilt.core.process import Process
 
+from .alphabets import default_alphabet, to_strings
+
 __all__ = ["SequenceDenoiser", "MaskedDiffusionProcess", "masked_diffusion_loss", "alpha_schedule"]
 
 # Log-probability used for "impossible" (stay masked at the last step): finite, so that
@@ -172,8 +174,7 @@ class MaskedDiffusionProcess(Process):
 
     def decode(self, x: Tensor) -> list[str]:
         """Final states as strings (``?`` for a position still masked)."""
-        letters = (self.alphabet or "".join(chr(65 + i) for i in range(self.vocab_size))) + "?"
-        return ["".join(letters[i] for i in row) for row in self.tokens(x).tolist()]
+        return to_strings(self.tokens(x).tolist(), self.alphabet or default_alphabet(self.vocab_size))
 
     # ------------------------------------------------------------------ chain
     def step(self, x: Tensor, k: int) -> CategoricalStep:

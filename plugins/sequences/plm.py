@@ -49,12 +49,11 @@ from difftilt.core.errors import ConfigError, InputDataError, OptionalDependency
 from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
+from .alphabets import PROTEIN
 from .mdlm import MaskedDiffusionProcess
 
 __all__ = ["ESMReward", "load_esm_checkpoint"]
 
-# The same alphabet as ``domain.PROTEIN`` (repeated here so that domain.py can import this module).
-PROTEIN = "ACDEFGHIKLMNPQRSTVWY"
 
 # ESM-2's token-dropout training mask ratio (15% of positions chosen, 80% of those masked).
 _MASK_RATIO_TRAIN = 0.15 * 0.8

@@ -32,14 +32,13 @@ import torch
 from difftilt.core.config import validate_kwargs
 from difftilt.core.errors import ConfigError, InputDataError
 
+from .alphabets import DNA, PROTEIN, default_alphabet
 from .ehrlich import EhrlichFunction
 from .mdlm import MaskedDiffusionProcess
 from .pretrain import save_pretrained, train_masked_diffusion
 from .tfbind8 import TFBind8
 
 __all__ = ["pretrain_from_config", "ehrlich_corpus", "tfbind8_corpus", "file_corpus", "encode_strings"]
-
-PROTEIN = "ACDEFGHIKLMNPQRSTVWY"
 
 
 def encode_strings(lines: list[str], alphabet: str) -> torch.Tensor:
@@ -62,17 +61,17 @@ def encode_strings(lines: list[str], alphabet: str) -> torch.Tensor:
 
 def ehrlich_corpus(num_states: int = 20, length: int = 32, num_motifs: int = 2, motif_length: int = 4,
                    quantization: int | None = None, seed: int = 0, num_sequences: int = 50_000,
-                   data_seed: int = 0) -> tuple[torch.Tensor, str | None]:
+                   data_seed: int = 0) -> tuple[torch.Tensor, str]:
     f = EhrlichFunction(num_states, length, num_motifs, motif_length, quantization, seed)
     tokens = f.sample_feasible(num_sequences, generator=torch.Generator().manual_seed(data_seed))
-    return tokens, PROTEIN if num_states == 20 else None
+    return tokens, default_alphabet(num_states)
 
 
-def tfbind8_corpus(table: str = "SIX6_REF_R1") -> tuple[torch.Tensor, str | None]:
-    return TFBind8(table).offline_dataset(), "ACGT"
+def tfbind8_corpus(table: str = "SIX6_REF_R1") -> tuple[torch.Tensor, str]:
+    return TFBind8(table).offline_dataset(), DNA
 
 
-def file_corpus(path: str, alphabet: str = PROTEIN) -> tuple[torch.Tensor, str | None]:
+def file_corpus(path: str, alphabet: str = PROTEIN) -> tuple[torch.Tensor, str]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"data.path: no file {p}")
@@ -97,16 +96,14 @@ def pretrain_from_config(config: dict, progress: bool = True, output: str | None
     name = data.pop("name", None)
     if name not in SOURCES:
         raise ConfigError(f"data.name must be one of {', '.join(SOURCES)}, got {name!r}")
+    # Every source returns its corpus and the alphabet it is written in (all letters, used or not).
     tokens, alphabet = SOURCES[name](**validate_kwargs(SOURCES[name], data, "data"))
-    vocab = int(tokens.max()) + 1 if alphabet is None else len(alphabet)
-    if name == "ehrlich":
-        vocab = int(config["data"].get("num_states", 20))
     model = dict(config.get("model") or {})
     train = dict(config.get("train") or {})
     proc = dict(config.get("process") or {})
     options = validate_kwargs(train_masked_diffusion, {**model, **train}, "model/train",
                               skip=("tokens", "vocab_size", "progress"))
-    net, losses = train_masked_diffusion(tokens, vocab, progress=progress, **options)
+    net, losses = train_masked_diffusion(tokens, len(alphabet), progress=progress, **options)
     proc_opts = validate_kwargs(MaskedDiffusionProcess, proc, "process", skip=("denoiser", "alphabet"))
     process = MaskedDiffusionProcess(net, alphabet=alphabet, **proc_opts)
     command = "difftilt pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None

@@ -39,7 +39,9 @@ import torch
 
 from difftilt.core.errors import ConfigError, InputDataError, ShapeError
 
-ALPHABET = "ACGT"
+from .alphabets import DNA
+
+ALPHABET = DNA  # design-bench's letter order
 LENGTH = 8
 NUM_SEQUENCES = len(ALPHABET) ** LENGTH
 DEFAULT_TABLE = "SIX6_REF_R1"

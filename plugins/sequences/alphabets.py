@@ -1,0 +1,22 @@
+"""The sequence alphabets and how token ids become strings."""
+
+from __future__ import annotations
+
+__all__ = ["PROTEIN", "DNA", "default_alphabet", "to_strings"]
+
+#: The 20 standard amino acids (token ``i`` is ``PROTEIN[i]``).
+PROTEIN = "ACDEFGHIKLMNPQRSTVWY"
+#: Nucleotides, in design-bench's order.
+DNA = "ACGT"
+
+
+def default_alphabet(vocab_size: int) -> str:
+    """The letters of a ``vocab_size``-token model without its own alphabet: proteins for 20,
+    DNA for 4, otherwise ``A, B, C, ...``."""
+    return {20: PROTEIN, 4: DNA}.get(vocab_size) or "".join(chr(65 + i) for i in range(vocab_size))
+
+
+def to_strings(ids: list[list[int]], letters: str) -> list[str]:
+    """Token ids (``len(letters)`` is the mask) as strings, ``?`` for a masked position."""
+    table = letters + "?"
+    return ["".join(table[i] for i in row) for row in ids]

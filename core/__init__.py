@@ -7,7 +7,7 @@ Processes and their transitions (:mod:`.process`, :mod:`.distributions`), reward
 library only -- never a plugin.
 """
 
-from .distributions import CategoricalStep, GaussianStep, StepDistribution
+from .distributions import CategoricalStep, GaussianStep, SinglePositionStep, StepDistribution
 from .errors import (
     BudgetExceededError,
     CheckpointError,
@@ -35,7 +35,7 @@ from .strategies import DirectBackprop, PolicyGradient, Strategy, UpdateContext,
 from .system import EntropyRegularizedSystem
 
 __all__ = [
-    "StepDistribution", "GaussianStep", "CategoricalStep",
+    "StepDistribution", "GaussianStep", "CategoricalStep", "SinglePositionStep",
     "DifftiltError", "ConfigError", "ShapeError", "InputDataError", "RewardError", "DeterministicStepError",
     "PluginNotFoundError", "OptionalDependencyError", "CheckpointError", "BudgetExceededError", "OracleError",
     "Oracle", "OracleAnswer", "FeedbackStore", "SQLiteFeedbackStore",

@@ -12,7 +12,11 @@ Two kinds cover the domains difftilt supports:
   (DDPM, DDIM with ``eta > 0``, Euler--Maruyama steps of a reverse SDE);
 * :class:`CategoricalStep` -- independent categoricals per position, with positions
   that are already decided ("frozen", e.g. unmasked tokens of a masked diffusion)
-  copied over unchanged.
+  copied over unchanged;
+* :class:`SinglePositionStep` -- one open position is picked (uniformly, or by given
+  weights) and only it moves, to a categorical draw: the exact continuous-time reverse
+  step of a masked diffusion (unmask one position at a time, the "first-hitting"
+  sampler), which never decides two neighbours independently in the same step.
 
 Both expose :meth:`StepDistribution.tilted`, the exponential tilt
 ``p(x') exp(<h, x'>) / Z``. It is the form the optimal entropy-regularized control
@@ -30,7 +34,7 @@ from torch import Tensor
 
 from .errors import DeterministicStepError, ShapeError
 
-__all__ = ["StepDistribution", "GaussianStep", "CategoricalStep"]
+__all__ = ["StepDistribution", "GaussianStep", "CategoricalStep", "SinglePositionStep"]
 
 
 def _sum_event(t: Tensor) -> Tensor:
@@ -251,3 +255,118 @@ class CategoricalStep(StepDistribution):
         if h.shape != self.logits.shape:
             raise ShapeError(f"tilt field must have shape {tuple(self.logits.shape)}, got {tuple(h.shape)}")
         return CategoricalStep(self.logits + h, self.current, self.frozen, self.tau)
+
+
+class SinglePositionStep(StepDistribution):
+    """Move exactly one open position: pick it with probabilities ``w``, then draw its new state.
+
+    The law of ``x_{k+1}`` is the mixture ``sum_l w_l q_l``, where ``q_l`` replaces
+    position ``l`` of the current state by a draw from ``softmax(logits[l])`` and keeps
+    every other position. Different ``l`` give different next states, so the mixture's
+    KL is exact in closed form: ``KL(w || w') + sum_l w_l KL(q_l || q'_l)``, and its
+    log-probability is ``log w_l + log q_l(v)`` for the position ``l`` that changed.
+
+    Args:
+        logits: ``(b, L, S)`` log-probabilities (unnormalized) of the new state of each
+            position if it is the one picked. Give ``-inf``-like logits to states a
+            position may not move to (e.g. staying masked).
+        current: ``(b, L, S)`` one-hot (or straight-through relaxed) current state.
+        open: ``(b, L)`` bool, the positions that may be picked (at least one per sample).
+        log_weights: ``(b, L)`` unnormalized log-probabilities of picking each open
+            position; uniform over the open positions if ``None``.
+        tau: temperature of the straight-through Gumbel-softmax in :meth:`rsample`.
+    """
+
+    def __init__(self, logits: Tensor, current: Tensor, open: Tensor, log_weights: Tensor | None = None,
+                 tau: float = 1.0):
+        if logits.dim() != 3:
+            raise ShapeError(f"SinglePositionStep logits must be (batch, length, states), got {tuple(logits.shape)}")
+        if current.shape != logits.shape:
+            raise ShapeError(f"current state {tuple(current.shape)} must match logits {tuple(logits.shape)}")
+        if open.shape != logits.shape[:2] or open.dtype != torch.bool:
+            raise ShapeError(f"open must be a bool tensor of shape {tuple(logits.shape[:2])}")
+        if not bool(open.any(-1).all()):
+            raise ValueError("SinglePositionStep needs at least one open position in every sample")
+        if log_weights is None:
+            log_weights = torch.zeros(open.shape, dtype=logits.dtype, device=logits.device)
+        if log_weights.shape != open.shape:
+            raise ShapeError(f"log_weights must have shape {tuple(open.shape)}, got {tuple(log_weights.shape)}")
+        if tau <= 0:
+            raise ValueError("tau must be positive")
+        self.logits, self.current, self.open, self.tau = logits, current, open, tau
+        # Closed positions get a finite "log 0" (exp() is exactly 0 in float32), so KL and
+        # its gradient stay free of inf - inf.
+        self.log_weights = torch.log_softmax(log_weights.masked_fill(~open, -1.0e4), dim=-1)
+
+    @property
+    def batch_size(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def is_deterministic(self) -> bool:
+        return False
+
+    @property
+    def log_probs(self) -> Tensor:
+        """Normalized log-probabilities of each position's new state, ``(b, L, S)``."""
+        return torch.log_softmax(self.logits, dim=-1)
+
+    def _pick(self, generator: torch.Generator | None) -> Tensor:
+        """``(b,)`` index of the picked position (Gumbel-max over the log-weights)."""
+        u = torch.rand(self.open.shape, generator=generator, device=self.logits.device, dtype=self.logits.dtype)
+        eps = torch.finfo(u.dtype).eps
+        g = -torch.log(-torch.log(u.clamp(eps, 1.0 - eps)))
+        return (self.log_weights + g).argmax(-1)
+
+    def _draw(self, generator: torch.Generator | None, relaxed: bool) -> Tensor:
+        idx = self._pick(generator)
+        logits = self.logits[torch.arange(idx.shape[0], device=idx.device), idx]  # (b, S): the picked position's
+        pick = torch.nn.functional.one_hot(idx, self.open.shape[1]).to(self.logits.dtype)  # (b, L)
+        u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+        eps = torch.finfo(u.dtype).eps
+        z = logits - torch.log(-torch.log(u.clamp(eps, 1.0 - eps)))
+        hard = torch.nn.functional.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
+        if relaxed:  # straight-through Gumbel-softmax
+            soft = torch.softmax(z / self.tau, dim=-1)
+            hard = hard - soft.detach() + soft
+        return self.current + pick[..., None] * (hard[:, None, :] - self.current)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        with torch.no_grad():
+            return self._draw(generator, relaxed=False)
+
+    def rsample(self, generator: torch.Generator | None = None) -> Tensor:
+        """Straight-through Gumbel-softmax at the picked position (the pick itself is not differentiated)."""
+        return self._draw(generator, relaxed=True)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        if x.shape != self.logits.shape:
+            raise ShapeError(f"log_prob expects one-hot states of shape {tuple(self.logits.shape)}, got {tuple(x.shape)}")
+        changed = (x.argmax(-1) != self.current.argmax(-1)) & self.open  # (b, L)
+        if not bool((changed.sum(-1) == 1).all()):
+            raise ValueError("log_prob of a state that does not differ from the current one at exactly one open position")
+        per_pos = (x * self.log_probs).sum(-1) + self.log_weights
+        return per_pos.masked_fill(~changed, 0.0).sum(-1)
+
+    def kl(self, other: StepDistribution) -> Tensor:
+        if not isinstance(other, SinglePositionStep):
+            raise TypeError(f"KL between SinglePositionStep and {type(other).__name__} is not defined")
+        if other.logits.shape != self.logits.shape:
+            raise ShapeError(f"KL between steps of shapes {tuple(self.logits.shape)} and {tuple(other.logits.shape)}")
+        if not torch.equal(self.open, other.open):
+            raise ValueError("KL between single-position steps from different states (their open positions differ)")
+        log_q, log_p = self.log_probs, other.log_probs
+        per_pos = torch.where(log_q.isneginf(), torch.zeros_like(log_q), log_q.exp() * (log_q - log_p)).sum(-1)
+        w_q, w_p = self.log_weights, other.log_weights
+        w_term = w_q.exp() * (w_q - w_p) + w_q.exp() * per_pos  # KL of the pick + weighted KL of the draws
+        return w_term.masked_fill(~self.open, 0.0).sum(-1)
+
+    def tilted(self, h: Tensor) -> "SinglePositionStep":
+        # sum_l w_l q_l(x') exp(<h, x'>): with x' = current except v at l, <h, x'> = <h, current>
+        # - h[l, cur_l] + h[l, v]; so q_l's logits move by h[l] and w_l is multiplied by
+        # sum_v q_l(v) exp(h[l, v] - h[l, cur_l]).
+        if h.shape != self.logits.shape:
+            raise ShapeError(f"tilt field must have shape {tuple(self.logits.shape)}, got {tuple(h.shape)}")
+        h_cur = (h * self.current).sum(-1)  # (b, L)
+        log_z = torch.logsumexp(self.log_probs + h, dim=-1) - h_cur
+        return SinglePositionStep(self.logits + h, self.current, self.open, self.log_weights + log_z, self.tau)

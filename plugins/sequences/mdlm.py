@@ -19,6 +19,20 @@ and straight-through Gumbel-softmax samples for reward backpropagation (DRAKES).
 denoiser reads the one-hot state through a matrix product, so it is differentiable in
 a relaxed state.
 
+Two samplers run this reverse process (``sampler=``):
+
+* ``"ancestral"`` -- ``K`` steps on a time grid; each step unmasks every masked position
+  independently with the probability above, so neighbours can be decided in the same
+  step without seeing each other. Each step is a :class:`CategoricalStep`.
+* ``"first_hit"`` -- the exact continuous-time chain (Zheng et al. 2024, "Masked
+  diffusion models are secretly time-agnostic masked models"): all masked positions
+  share one hazard rate, so the next position to unmask is uniform over the masked
+  ones, and it takes its token from ``p_theta(. | x_t)``. ``K = L`` steps of one
+  position each, a :class:`SinglePositionStep` (exact KL: the mean over masked
+  positions of the two denoisers' KL). No two positions are ever decided blindly of
+  each other, which is what keeps hard constraints between neighbours (e.g. Ehrlich
+  feasibility) intact, and it costs ``L`` denoiser calls however fine ``K`` would be.
+
 Pretraining minimizes MDLM's continuous-time bound: for ``t ~ U(0, 1)`` and ``x_t`` the
 masked sequence, ``-a'(t) / (1 - a(t)) * sum_{masked l} log p_theta(x_l | x_t)``
 (``1 / t`` times the masked cross-entropy for the linear schedule ``a = 1 - t``).
@@ -33,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from difftilt.core.config import ConfigMixin
-from difftilt.core.distributions import CategoricalStep
+from difftilt.core.distributions import CategoricalStep, SinglePositionStep
 from difftilt.core.errors import ConfigError, ShapeError, InputDataError
 from difftilt.core.process import Process
 
@@ -59,25 +73,57 @@ def alpha_schedule(t: Tensor, schedule: str) -> tuple[Tensor, Tensor]:
     raise ConfigError(f"schedule must be 'linear' or 'cosine', got '{schedule}'")
 
 
+class _Block(nn.Module):
+    """Pre-norm transformer layer whose attention adds a learned bias per head and offset."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, h: Tensor, bias: Tensor) -> Tensor:
+        b, L, d = h.shape
+        q, k, v = self.qkv(self.norm1(h)).view(b, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                       dropout_p=self.dropout if self.training else 0.0)
+        h = h + self.proj(a.transpose(1, 2).reshape(b, L, d))
+        return h + self.mlp(self.norm2(h))
+
+
 class SequenceDenoiser(ConfigMixin, nn.Module):
     """A small bidirectional transformer: ``(x_t one-hot, t) -> logits over the V tokens``.
 
+    Positions enter twice: a learned embedding per position, and a learned attention
+    bias per head and relative offset (as in T5). The relative bias lets what is
+    learned about neighbours at one place apply everywhere (a local constraint such as
+    a banned transition is one rule, not ``L`` of them), which makes pretraining much
+    more sample-efficient.
+
+    With ``neighbor_bias``, the logits at each position also get a learned term per letter
+    of its left and right neighbours (``W_left[x_{l-1}] + W_right[x_{l+1}]``, the mask
+    being a letter of its own): a pairwise potential, so that a neighbour pair never
+    seen in the data (a banned transition) can be driven to a very low probability by
+    one table entry instead of through the whole network.
+
     Args:
         vocab_size: ``V``, the number of tokens (the mask is an extra input channel).
-        length: ``L``, the sequence length (learned position embeddings).
+        length: ``L``, the sequence length.
         dim: model width.
         depth: number of transformer layers.
         heads: attention heads.
         time_conditioning: add an embedding of ``t`` (MDLM finds it unnecessary for
             masked diffusion: the number of masks already tells the time).
         dropout: dropout in the transformer layers (pretraining only).
+        neighbor_bias: add the neighbour-letter tables to the logits.
     """
 
     def __init__(self, vocab_size: int, length: int, dim: int = 128, depth: int = 3, heads: int = 4,
-                 time_conditioning: bool = False, dropout: float = 0.0):
+                 time_conditioning: bool = False, dropout: float = 0.0, neighbor_bias: bool = False):
         super().__init__()
         self.register_to_config(vocab_size=vocab_size, length=length, dim=dim, depth=depth, heads=heads,
-                                time_conditioning=time_conditioning, dropout=dropout)
+                                time_conditioning=time_conditioning, dropout=dropout, neighbor_bias=neighbor_bias)
         if vocab_size < 2 or length < 1:
             raise ConfigError(f"denoiser needs vocab_size >= 2 and length >= 1, got {vocab_size} and {length}")
         if dim % heads:
@@ -85,12 +131,17 @@ class SequenceDenoiser(ConfigMixin, nn.Module):
         self.vocab_size, self.length = int(vocab_size), int(length)
         self.embed = nn.Parameter(torch.randn(vocab_size + 1, dim) * dim**-0.5)
         self.pos = nn.Parameter(torch.randn(length, dim) * 0.02)
+        self.rel = nn.Parameter(torch.zeros(heads, 2 * length - 1))  # bias of offset j - i at index j - i + L - 1
+        offsets = torch.arange(length)[None, :] - torch.arange(length)[:, None] + length - 1
+        self.register_buffer("offsets", offsets, persistent=False)
         self.time = nn.Linear(16, dim) if time_conditioning else None
-        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True,
-                                           norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.blocks = nn.ModuleList(_Block(dim, heads, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, vocab_size)
+        if neighbor_bias:
+            self.left = nn.Parameter(torch.zeros(vocab_size + 1, vocab_size))
+            self.right = nn.Parameter(torch.zeros(vocab_size + 1, vocab_size))
+        self.neighbor_bias = neighbor_bias
 
     def forward(self, x: Tensor, t: float | Tensor = 0.0) -> Tensor:
         """``x``: ``(b, L, V + 1)`` one-hot (or relaxed); ``t``: float or ``(b,)``. Returns ``(b, L, V)`` logits."""
@@ -99,7 +150,14 @@ class SequenceDenoiser(ConfigMixin, nn.Module):
             tt = torch.as_tensor(t, dtype=h.dtype, device=h.device).reshape(-1, 1)
             freqs = math.pi * 2.0 ** torch.arange(8, dtype=h.dtype, device=h.device)
             h = h + self.time(torch.cat([torch.sin(tt * freqs), torch.cos(tt * freqs)], -1))[:, None, :]
-        return self.out(self.norm(self.blocks(h)))
+        bias = self.rel[:, self.offsets].to(h.dtype)  # (heads, L, L), broadcast over the batch
+        for block in self.blocks:
+            h = block(h, bias)
+        logits = self.out(self.norm(h))
+        if self.neighbor_bias:  # x @ table reads a relaxed state too; the ends have no neighbour
+            pad = nn.functional.pad
+            logits = logits + pad(x[:, :-1] @ self.left, (0, 0, 1, 0)) + pad(x[:, 1:] @ self.right, (0, 0, 0, 1))
+        return logits
 
 
 class MaskedDiffusionProcess(Process):
@@ -107,21 +165,35 @@ class MaskedDiffusionProcess(Process):
 
     Args:
         denoiser: maps ``(x_t, t)`` to token logits ``(b, L, V)``.
-        num_steps: ``K``; step ``k`` goes from ``t = 1 - k/K`` to ``1 - (k+1)/K``. More
-            steps unmask fewer positions at once (fewer conflicts between neighbours).
+        num_steps: ``K`` for the ancestral sampler (default 64); step ``k`` goes from ``t = 1 - k/K``
+            to ``1 - (k+1)/K``. More steps unmask fewer positions at once (fewer
+            conflicts between neighbours). The first-hitting sampler always takes
+            ``K = L`` (``num_steps`` must be ``L`` or ``None``).
         schedule: masking schedule (see :func:`alpha_schedule`).
         alphabet: the token letters (``len == V``), used to decode; optional.
+        sampler: ``"ancestral"`` or ``"first_hit"`` (see the module docstring).
     """
 
     initial_kind = "point"
 
-    def __init__(self, denoiser: SequenceDenoiser, num_steps: int = 64, schedule: Literal["linear", "cosine"] = "linear",
-                 alphabet: str | None = None):
+    def __init__(self, denoiser: SequenceDenoiser, num_steps: int | None = None,
+                 schedule: Literal["linear", "cosine"] = "linear", alphabet: str | None = None,
+                 sampler: Literal["ancestral", "first_hit"] = "ancestral"):
         super().__init__()
-        if num_steps < 1:
-            raise ConfigError(f"process.num_steps must be >= 1, got {num_steps}")
         self.denoiser = denoiser
         self.vocab_size, self.length = denoiser.vocab_size, denoiser.length
+        if sampler not in ("ancestral", "first_hit"):
+            raise ConfigError(f"process.sampler must be 'ancestral' or 'first_hit', got '{sampler}'")
+        if sampler == "first_hit":
+            if num_steps not in (None, self.length):
+                raise ConfigError(f"the first_hit sampler unmasks one position per step, so num_steps is the length "
+                                  f"{self.length}; got num_steps={num_steps} (leave it out)")
+            num_steps = self.length
+        elif num_steps is None:
+            num_steps = 64
+        if num_steps < 1:
+            raise ConfigError(f"process.num_steps must be >= 1, got {num_steps}")
+        self.sampler = sampler
         if alphabet is not None and len(alphabet) != self.vocab_size:
             raise ConfigError(f"alphabet has {len(alphabet)} letters but the denoiser has {self.vocab_size} tokens")
         self.alphabet = alphabet
@@ -141,7 +213,8 @@ class MaskedDiffusionProcess(Process):
 
     def spec(self) -> dict:
         """The process's own settings (the denoiser has its own config)."""
-        return {"num_steps": self.num_steps, "schedule": self.schedule, "alphabet": self.alphabet}
+        return {"num_steps": self.num_steps, "schedule": self.schedule, "alphabet": self.alphabet,
+                "sampler": self.sampler}
 
     # ------------------------------------------------------------------ states
     def initial(self, batch_size: int, *, generator: torch.Generator | None = None) -> Tensor:
@@ -177,9 +250,12 @@ class MaskedDiffusionProcess(Process):
         return to_strings(self.tokens(x).tolist(), self.alphabet or default_alphabet(self.vocab_size))
 
     # ------------------------------------------------------------------ chain
-    def step(self, x: Tensor, k: int) -> CategoricalStep:
+    def step(self, x: Tensor, k: int) -> CategoricalStep | SinglePositionStep:
         masked = x[..., self.mask_index] > 0.5  # (b, L); exact on straight-through states
         logp = torch.log_softmax(self.denoiser(x, float(self.times[k])), dim=-1)  # (b, L, V)
+        if self.sampler == "first_hit":
+            never_mask = torch.full_like(logp[..., :1], _LOG_ZERO)
+            return SinglePositionStep(torch.cat([logp, never_mask], dim=-1), x, open=masked)
         stay = self.log_stay[k].expand(*logp.shape[:2], 1)
         logits = torch.cat([logp + self.log_unmask[k], stay], dim=-1)
         return CategoricalStep(logits, x, frozen=~masked)

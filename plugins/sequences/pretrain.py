@@ -35,6 +35,7 @@ def train_masked_diffusion(
     depth: int = 3,
     heads: int = 4,
     time_conditioning: bool = False,
+    neighbor_bias: bool = True,
     schedule: str = "linear",
     steps: int = 3000,
     batch_size: int = 256,
@@ -56,7 +57,8 @@ def train_masked_diffusion(
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = SequenceDenoiser(vocab_size, tokens.shape[1], dim, depth, heads, time_conditioning)
+        net = SequenceDenoiser(vocab_size, tokens.shape[1], dim, depth, heads, time_conditioning,
+                               neighbor_bias=neighbor_bias)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(i / steps, 1.0))))
@@ -102,11 +104,13 @@ def save_pretrained(process: MaskedDiffusionProcess, directory: str | os.PathLik
     return directory
 
 
-def load_pretrained(directory: str | os.PathLike, num_steps: int | None = None) -> MaskedDiffusionProcess:
+def load_pretrained(directory: str | os.PathLike, num_steps: int | None = None,
+                    sampler: str | None = None) -> MaskedDiffusionProcess:
     """Rebuild a :class:`MaskedDiffusionProcess` from a folder written by :func:`save_pretrained`.
 
     Args:
         num_steps: override the number of reverse steps (the denoiser does not depend on it).
+        sampler: override the sampler (``"ancestral"`` or ``"first_hit"``).
     """
     directory = Path(directory)
     path = directory / PROCESS_FILE
@@ -114,7 +118,9 @@ def load_pretrained(directory: str | os.PathLike, num_steps: int | None = None) 
         raise CheckpointError(f"{directory} is not a pretrained masked-diffusion folder (no {PROCESS_FILE})")
     info = json.loads(path.read_text())
     spec = dict(info["process"])
-    if num_steps is not None:
+    if sampler is not None:
+        spec["sampler"] = sampler
+    if num_steps is not None or spec.get("sampler") == "first_hit":
         spec["num_steps"] = num_steps
     denoiser = SequenceDenoiser.from_pretrained(directory, "denoiser").eval()
     process = MaskedDiffusionProcess(denoiser, **spec)

@@ -34,7 +34,7 @@ from difftilt.core.errors import ConfigError, InputDataError
 
 from .alphabets import DNA, PROTEIN, default_alphabet
 from .ehrlich import EhrlichFunction
-from .mdlm import MaskedDiffusionProcess
+from .mdlm import MaskedDiffusionProcess, SequenceDenoiser
 from .pretrain import save_pretrained, train_masked_diffusion
 from .tfbind8 import TFBind8
 
@@ -103,8 +103,11 @@ def pretrain_from_config(config: dict, progress: bool = True, output: str | None
     proc = dict(config.get("process") or {})
     options = validate_kwargs(train_masked_diffusion, {**model, **train}, "model/train",
                               skip=("tokens", "vocab_size", "progress"))
-    net, losses = train_masked_diffusion(tokens, len(alphabet), progress=progress, **options)
     proc_opts = validate_kwargs(MaskedDiffusionProcess, proc, "process", skip=("denoiser", "alphabet"))
+    # Check the chain's settings on a throwaway denoiser before spending the training time.
+    MaskedDiffusionProcess(SequenceDenoiser(len(alphabet), tokens.shape[1], dim=8, depth=0, heads=1),
+                           alphabet=alphabet, **proc_opts)
+    net, losses = train_masked_diffusion(tokens, len(alphabet), progress=progress, **options)
     process = MaskedDiffusionProcess(net, alphabet=alphabet, **proc_opts)
     command = "difftilt pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
     return save_pretrained(process, out, data={"name": name, **data, "num_sequences_used": int(tokens.shape[0])},

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, Normal, kl_divergence
 
-from difftilt.core import CategoricalStep, DeterministicStepError, GaussianStep, ShapeError
+from difftilt.core import CategoricalStep, DeterministicStepError, GaussianStep, ShapeError, SinglePositionStep
 
 
 # ---------------------------------------------------------------- Gaussian
@@ -158,3 +158,110 @@ def test_categorical_rejects_bad_shapes():
         CategoricalStep(torch.zeros(2, 3), torch.zeros(2, 3))
     with pytest.raises(ShapeError):
         CategoricalStep(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5))
+
+
+# ---------------------------------------------------------------- SinglePositionStep
+def _single_position_case(seed=0, weights=False):
+    g = torch.Generator().manual_seed(seed)
+    b, L, S = 2, 3, 4
+    current = _onehot([[3, 0, 3], [3, 3, 3]], S)  # state 3 plays "masked"
+    is_open = torch.tensor([[True, False, True], [True, True, True]])
+    logits = torch.randn(b, L, S, generator=g)
+    logits[..., 3] = -1.0e4  # an open position never stays in state 3
+    lw = torch.randn(b, L, generator=g) if weights else None
+    return logits, current, is_open, lw
+
+
+def _next_states(current, is_open, S):
+    """Every state one step can reach, per sample: list of (b-indexed) lists of (L, S) tensors."""
+    out = []
+    for i in range(current.shape[0]):
+        states = []
+        for pos in is_open[i].nonzero().flatten().tolist():
+            for v in range(S - 1):
+                x = current[i].clone()
+                x[pos] = torch.nn.functional.one_hot(torch.tensor(v), S).float()
+                states.append(x)
+        out.append(torch.stack(states))
+    return out
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_single_position_log_prob_normalizes_and_kl_matches_enumeration(weights):
+    logits, current, is_open, lw = _single_position_case(0, weights)
+    q = SinglePositionStep(logits, current, is_open, lw)
+    logits2, _, _, lw2 = _single_position_case(1, weights)
+    p = SinglePositionStep(logits2, current, is_open, lw2)
+    kl = q.kl(p)
+    for i, xs in enumerate(_next_states(current, is_open, 4)):
+        n = xs.shape[0]
+        lq = torch.stack([SinglePositionStep(logits[i:i + 1], current[i:i + 1],
+                                                                          is_open[i:i + 1], None if lw is None else lw[i:i + 1]).log_prob(x[None])[0] for x in xs])
+        lp = torch.stack([SinglePositionStep(logits2[i:i + 1], current[i:i + 1], is_open[i:i + 1],
+                                             None if lw2 is None else lw2[i:i + 1]).log_prob(x[None])[0] for x in xs])
+        assert n == int(is_open[i].sum()) * 3
+        assert lq.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
+        assert kl[i].item() == pytest.approx((lq.exp() * (lq - lp)).sum().item(), abs=1e-6)
+    assert torch.allclose(q.kl(q), torch.zeros(2), atol=1e-7)
+
+
+def test_single_position_uniform_pick_kl_is_mean_of_per_position_kl():
+    logits, current, is_open, _ = _single_position_case(0)
+    logits2, *_ = _single_position_case(1)
+    q, p = SinglePositionStep(logits, current, is_open), SinglePositionStep(logits2, current, is_open)
+    lq, lp = torch.log_softmax(logits, -1), torch.log_softmax(logits2, -1)
+    per_pos = (lq.exp() * (lq - lp)).sum(-1)
+    expected = (per_pos * is_open).sum(-1) / is_open.sum(-1)
+    assert torch.allclose(q.kl(p), expected, atol=1e-6)
+
+
+def test_single_position_samples_follow_log_prob_and_move_one_open_position():
+    logits, current, is_open, lw = _single_position_case(2, weights=True)
+    q = SinglePositionStep(logits[:1].expand(20000, -1, -1), current[:1].expand(20000, -1, -1),
+                           is_open[:1].expand(20000, -1), lw[:1].expand(20000, -1))
+    x = q.sample(torch.Generator().manual_seed(0))
+    changed = x.argmax(-1) != current[:1].argmax(-1)
+    assert (changed.sum(-1) == 1).all() and not changed[:, 1].any()  # one move, never the closed position
+    lp = q.log_prob(x)
+    for pos in (0, 2):
+        for v in range(3):
+            hit = changed[:, pos] & (x[:, pos].argmax(-1) == v)
+            expected = lp[hit][0].exp().item()
+            assert hit.float().mean().item() == pytest.approx(expected, abs=0.012)
+
+
+def test_single_position_tilt_is_the_exponential_tilt():
+    logits, current, is_open, lw = _single_position_case(3, weights=True)
+    h = torch.randn(logits.shape, generator=torch.Generator().manual_seed(4))
+    q = SinglePositionStep(logits, current, is_open, lw)
+    t = q.tilted(h)
+    for i, xs in enumerate(_next_states(current, is_open, 4)):
+        base = torch.stack([SinglePositionStep(logits[i:i + 1], current[i:i + 1], is_open[i:i + 1],
+                                               lw[i:i + 1]).log_prob(x[None])[0] for x in xs])
+        tilt = torch.stack([SinglePositionStep(t.logits[i:i + 1], current[i:i + 1], is_open[i:i + 1],
+                                               t.log_weights[i:i + 1]).log_prob(x[None])[0] for x in xs])
+        target = torch.log_softmax(base + (xs * h[i]).sum((-1, -2)), 0)
+        assert torch.allclose(tilt, target, atol=1e-5)
+
+
+def test_single_position_rsample_is_straight_through_and_matches_sample():
+    logits, current, is_open, _ = _single_position_case(5)
+    logits = logits.clone().requires_grad_(True)
+    q = SinglePositionStep(logits, current, is_open, tau=0.5)
+    y = q.rsample(torch.Generator().manual_seed(7))
+    assert torch.equal(y.detach(), q.sample(torch.Generator().manual_seed(7)))
+    (y * torch.randn_like(y)).sum().backward()
+    moved = (y.detach().argmax(-1) != current.argmax(-1))
+    assert (logits.grad.abs().sum(-1) > 0).eq(moved).all()  # gradient only at the moved position
+
+
+def test_single_position_rejects_bad_input():
+    logits, current, is_open, _ = _single_position_case(0)
+    with pytest.raises(ValueError, match="at least one open position"):
+        SinglePositionStep(logits, current, torch.zeros_like(is_open))
+    with pytest.raises(ShapeError):
+        SinglePositionStep(logits, current[:, :2], is_open)
+    with pytest.raises(ValueError, match="exactly one open position"):
+        SinglePositionStep(logits, current, is_open).log_prob(current)
+    with pytest.raises(TypeError):
+        SinglePositionStep(logits, current, is_open).kl(CategoricalStep(logits, current))

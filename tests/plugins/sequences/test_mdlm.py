@@ -120,3 +120,76 @@ def test_loss_is_the_masked_cross_entropy_weighted_by_one_over_t():
     # An untrained net predicts close to uniform: the bound is about log(V) per position
     # (E_t[1/t * t * L * CE] / L = CE).
     assert loss.item() == pytest.approx(math.log(3), rel=0.25)
+
+
+class _ExactDenoiser(torch.nn.Module):
+    """The exact conditionals ``p(x_l | unmasked positions)`` of a known law over ``V^L`` sequences."""
+
+    def __init__(self, probs: torch.Tensor, V: int, L: int):
+        super().__init__()
+        self.vocab_size, self.length = V, L
+        self.seqs = torch.cartesian_prod(*[torch.arange(V)] * L).reshape(-1, L)
+        self.probs = probs
+
+    def forward(self, x, t=0.0):
+        ids = x.argmax(-1)  # (b, L); V = masked
+        agree = ((self.seqs[None] == ids[:, None]) | (ids[:, None] == self.vocab_size)).all(-1)  # (b, n)
+        w = self.probs[None] * agree  # posterior over full sequences
+        marg = torch.stack([(w[..., None] * torch.nn.functional.one_hot(self.seqs[:, l], self.vocab_size)).sum(1)
+                            for l in range(self.length)], 1)
+        return torch.log(marg.clamp_min(1e-30))
+
+
+def _sampler_law(p, seqs):
+    """Exact probability of each final sequence under the chain, by enumerating every path."""
+    import itertools
+    out = []
+    for y in seqs:
+        total = 0.0
+        target = p.one_hot(y[None])
+        for order in itertools.permutations(range(p.length)) if p.sampler == "first_hit" else [None]:
+            x, lp = p.initial(1), 0.0
+            for k in range(p.num_steps):
+                step = p.step(x, k)
+                if order is None:  # K = 1 ancestral: everything at once
+                    nxt = target
+                else:
+                    nxt = x.clone()
+                    nxt[0, order[k]] = target[0, order[k]]
+                lp += step.log_prob(nxt).item()
+                x = nxt
+            total += math.exp(lp)
+        out.append(total)
+    return torch.tensor(out)
+
+
+def test_first_hit_sampler_reproduces_the_data_law_exactly_and_parallel_decoding_does_not():
+    V, L = 2, 3
+    probs = torch.tensor([0.30, 0.0, 0.05, 0.15, 0.0, 0.25, 0.20, 0.05])  # correlated, with banned sequences
+    den = _ExactDenoiser(probs, V, L)
+    first_hit = MaskedDiffusionProcess(den, sampler="first_hit")
+    assert first_hit.num_steps == L
+    law = _sampler_law(first_hit, den.seqs)
+    assert torch.allclose(law, probs, atol=1e-6)
+    one_shot = MaskedDiffusionProcess(den, num_steps=1)
+    law1 = _sampler_law(one_shot, den.seqs)
+    assert law1.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert (law1 - probs).abs().max() > 0.05 and law1[1] > 0  # independent draws reach a banned sequence
+
+
+def test_first_hit_steps_unmask_one_position_each_with_the_mean_per_position_kl():
+    V, L = 3, 5
+    torch.manual_seed(0)
+    p = MaskedDiffusionProcess(SequenceDenoiser(V, L, dim=16, depth=1, heads=2), sampler="first_hit")
+    q = MaskedDiffusionProcess(SequenceDenoiser(V, L, dim=16, depth=1, heads=2), sampler="first_hit")
+    traj = sample_trajectories(ControlledProcess(q, p), 8, seed=0, states=True)
+    masks = [int((p.tokens(s) == V).sum(-1)[0]) for s in traj.states]
+    assert masks == list(range(L, -1, -1)) and (p.tokens(traj.x) < V).all()
+    x = p.one_hot(torch.tensor([[0, 3, 3, 2, 3]]))
+    lq, lp = torch.log_softmax(q.denoiser(x), -1), torch.log_softmax(p.denoiser(x), -1)
+    per_pos = (lq.exp() * (lq - lp)).sum(-1)[0]
+    assert q.step(x, 2).kl(p.step(x, 2)).item() == pytest.approx(per_pos[[1, 2, 4]].mean().item(), abs=1e-6)
+    with pytest.raises(ConfigError, match="first_hit"):
+        MaskedDiffusionProcess(p.denoiser, num_steps=8, sampler="first_hit")
+    with pytest.raises(ConfigError, match="sampler"):
+        MaskedDiffusionProcess(p.denoiser, sampler="greedy")

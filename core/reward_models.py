@@ -125,11 +125,13 @@ class RewardModel(nn.Module, ABC):
 
     Args:
         featurizer: differentiable ``phi``: ``(b, *event_shape) -> (b, d)``.
+        standardize_features: standardize ``phi`` with the data's mean and std.
     """
 
-    def __init__(self, featurizer: nn.Module):
+    def __init__(self, featurizer: nn.Module, standardize_features: bool = True):
         super().__init__()
         self.featurizer = featurizer
+        self.standardize_features = standardize_features
         self.register_buffer("y_mean", torch.zeros(()))
         self.register_buffer("y_std", torch.ones(()))
         self.register_buffer("phi_mean", torch.zeros(0))
@@ -149,8 +151,13 @@ class RewardModel(nn.Module, ABC):
             raise ValueError("a reward model needs at least 2 feasible answered designs")
         with torch.no_grad():
             phi = self.featurizer(x).float()
-            self.phi_mean = phi.mean(0)
-            self.phi_std = phi.std(0).clamp_min(1e-6)
+            if self.standardize_features:
+                # A feature constant in the data carries no scale: leave it unscaled rather
+                # than divide by ~0 (a design that varies it would land at ~1e6).
+                std = phi.std(0)
+                self.phi_mean, self.phi_std = phi.mean(0), torch.where(std > 1e-6, std, torch.ones_like(std))
+            else:
+                self.phi_mean, self.phi_std = torch.zeros_like(phi[0]), torch.ones_like(phi[0])
             self.y_mean = y.float().mean()
             self.y_std = y.float().std().clamp_min(1e-6)
             return (phi - self.phi_mean) / self.phi_std, (y.float() - self.y_mean) / self.y_std
@@ -198,12 +205,14 @@ class EnsembleRewardModel(RewardModel):
         batch_size: minibatch size.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
+        standardize_features: standardize each feature with the data's mean and std
+            (``False`` for features already on a unit scale, such as sparse counts).
     """
 
     def __init__(self, featurizer: nn.Module, in_dim: int, num_heads: int = 8, hidden: int = 64, depth: int = 2,
                  bootstrap: bool = True, epochs: int = 200, batch_size: int = 256, lr: float = 3e-3,
-                 weight_decay: float = 1e-4):
-        super().__init__(featurizer)
+                 weight_decay: float = 1e-4, standardize_features: bool = True):
+        super().__init__(featurizer, standardize_features)
         if num_heads < 2:
             raise ConfigError("reward_model.num_heads must be >= 2 for an ensemble")
         self.heads = BatchedMLP(num_heads, in_dim, hidden, depth)
@@ -267,11 +276,14 @@ class LastLayerUCBRewardModel(RewardModel):
         batch_size: minibatch size.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
+        standardize_features: standardize each feature with the data's mean and std
+            (``False`` for features already on a unit scale, such as sparse counts).
     """
 
     def __init__(self, featurizer: nn.Module, in_dim: int, hidden: int = 64, depth: int = 2, lambda_: float = 1.0,
-                 epochs: int = 200, batch_size: int = 256, lr: float = 3e-3, weight_decay: float = 1e-4):
-        super().__init__(featurizer)
+                 epochs: int = 200, batch_size: int = 256, lr: float = 3e-3, weight_decay: float = 1e-4,
+                 standardize_features: bool = True):
+        super().__init__(featurizer, standardize_features)
         if lambda_ <= 0:
             raise ConfigError("reward_model.lambda_ must be positive")
         self.net = BatchedMLP(1, in_dim, hidden, depth)

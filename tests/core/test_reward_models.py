@@ -126,3 +126,18 @@ def test_make_reward_model_validates_options():
         make_reward_model("ensemble", Flatten((2,)), 2, num_hedas=3)
     with pytest.raises(ConfigError, match="unknown 'gp'"):
         make_reward_model("gp", Flatten((2,)), 2)
+
+
+@pytest.mark.parametrize("cls", [EnsembleRewardModel, LastLayerUCBRewardModel])
+def test_a_feature_constant_in_the_data_is_not_blown_up(cls):
+    g = torch.Generator().manual_seed(0)
+    x, y = _data(100, g)
+    x = torch.cat([x, torch.zeros(100, 1)], 1)  # third feature never varies in the data
+    model = cls(Flatten((3,)), 3, epochs=50)
+    model.fit(x, y, seed=0)
+    assert model.phi_std[2].item() == 1.0
+    post = model.posterior(torch.tensor([[0.5, 0.5, 1.0]]))
+    assert post.mean.abs().item() < 20 and post.std.item() < 20  # it was ~1e6 with a 1e-6 floor
+    raw = cls(Flatten((3,)), 3, epochs=50, standardize_features=False)
+    raw.fit(x, y, seed=0)
+    assert torch.equal(raw.phi_std, torch.ones(3)) and torch.equal(raw.phi_mean, torch.zeros(3))

@@ -62,6 +62,16 @@ def test_features_are_differentiable_and_diversity_is_hamming():
     phi.sum().backward()
     assert x.grad[..., :4].eq(1).all() and x.grad[..., 4].eq(0).all()
     assert hamming_diversity(x) == pytest.approx(0.25)
+    pairs = OneHotFeatures(4, max_gap=2)(x.detach())
+    assert pairs.shape == (2, 16 + 2 * 16)
+    gap1 = pairs[:, 16:32].reshape(2, 4, 4)
+    assert gap1[0].sum() == 3 and gap1[0, 0, 1] == 1 and gap1[0, 1, 2] == 1 and gap1[0, 2, 3] == 1
+    gap2 = pairs[:, 32:].reshape(2, 4, 4)
+    assert gap2[1, 0, 2] == 1 and gap2[1, 1, 0] == 1 and gap2[1].sum() == 2
+    # the counts do not care where a pair sits
+    shifted = OneHotFeatures(4, max_gap=2)(_one_hot(torch.tensor([[3, 0, 1, 3]]), 4))[:, 16:]
+    ref = OneHotFeatures(4, max_gap=2)(_one_hot(torch.tensor([[0, 1, 3, 3]]), 4))[:, 16:]
+    assert shifted[0, 1].item() == ref[0, 1].item() == 1  # the (0, 1) pair at gap 1
 
 
 def test_reward_and_process_of_different_sizes_are_refused(tiny_tfbind_model):

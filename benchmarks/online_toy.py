@@ -29,50 +29,14 @@ from importlib import resources
 from pathlib import Path
 
 from difftilt.core.config import load_yaml
-from difftilt.core.errors import DifftiltError
-from difftilt.core.online import METHODS, run_online
-from difftilt.core.run import RunFolder
+from difftilt.core.plotting import save_figure
+from difftilt.core.online import METHODS
+
+from .common import fmt, run_or_reuse
 
 COLUMNS = [("top10_true", "top-10 true"), ("best_true", "best true"), ("eval_mean_true", "model mean"),
            ("eval_feasible", "feasible"), ("min_feasible", "min feasible"), ("eval_diversity", "diversity"),
            ("kl_to_pretrained", "KL to pre")]
-
-
-def _fmt(values: list[float]) -> str:
-    if not values:
-        return "-"
-    m = statistics.fmean(values)
-    s = statistics.stdev(values) if len(values) > 1 else 0.0
-    spec = ".3f" if max(abs(m), s) < 1000 else ".2g"
-    return f"{m:{spec}} ± {s:{spec}}"
-
-
-def _run_or_reuse(cfg: dict, path: Path) -> list[dict]:
-    """Run one arm (one method, one seed) and return its per-round rows, or reuse it from
-    ``--runs``: a complete run folder is read back and an interrupted one resumed, so a
-    benchmark stopped half-way loses no finished arm.
-
-    An arm that fails (without a KL term the fine-tuned sampler can run off to infinity,
-    and the reward model then sees non-finite designs) returns the rounds it finished and
-    a last row ``{"failed_round": i, "error": ...}``.
-    """
-    method = cfg["methods"][0]
-    status = path / "status.json"
-    state = json.loads(status.read_text()).get("state") if status.is_file() else None
-    try:
-        if state == "complete":
-            return RunFolder(path).read_json("results.json")["methods"][method]
-        if state == "failed":
-            raise DifftiltError(json.loads(status.read_text()).get("error", "failed"))
-        if state is not None:
-            run = run_online(cfg, resume=str(path), progress=False)
-        else:
-            run = run_online(cfg, output_dir=str(path.parent), name=path.name, progress=False)
-        return run.read_json("results.json")["methods"][method]
-    except DifftiltError as err:
-        rounds = path / method / "rounds.jsonl"
-        rows = [json.loads(line) for line in rounds.read_text().splitlines() if line.strip()] if rounds.is_file() else []
-        return rows + [{"failed_round": len(rows), "error": str(err)}]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, change in arms:
             cfg = {**base, **change, "seed": seed}
             folder = f"{name.replace(', ', '-').replace(' ', '')}-seed{seed}"
-            rows = _run_or_reuse(cfg, runs / folder)
+            rows = run_or_reuse(cfg, runs / folder)
             if "failed_round" in rows[-1]:
                 failures[name].append({"seed": seed, **rows.pop()})
                 print(f"  seed {seed} {name:<16} FAILED in round {failures[name][-1]['failed_round']}: "
@@ -124,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{base['schedule']}, mean ± std over seeds")
     print(f"{'method':<18}" + "".join(f"{label:>18}" for _, label in COLUMNS))
     for name in final:
-        cells = "".join(f"{_fmt([r[k] for r in final[name] if k in r]):>18}" for k, _ in COLUMNS)
+        cells = "".join(f"{fmt([r[k] for r in final[name] if k in r]):>18}" for k, _ in COLUMNS)
         failed = f"   failed on {len(failures[name])}/{args.seeds} seeds" if failures[name] else ""
         print(f"{name:<18}{cells}{failed}")
     for name, fails in failures.items():
@@ -132,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}, seed {f['seed']}: failed in round {f['failed_round']}: {f['error']}")
     pre = final.get("best_of_n")
     if pre:
-        print(f"(pretrained model's feasible fraction: {_fmt([r['eval_feasible'] for r in pre])})")
+        print(f"(pretrained model's feasible fraction: {fmt([r['eval_feasible'] for r in pre])})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": base, "final": final, "curves": curves, "failures": failures}, indent=2) + "\n")
     _plot(curves, Path(args.plot))
@@ -164,10 +128,7 @@ def _plot(curves: dict[str, list[list[dict]]], path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from difftilt.core import (ControlledProcess, DirectBackprop, Finetuner, RewardE
                            sample_trajectories)
 from difftilt.core.config import load_yaml
 from difftilt.core.finetune import default_policy
+from difftilt.core.plotting import save_figure
 from difftilt.core.rollout import step_generator
 from difftilt.core.strategies import UpdateContext
 from difftilt.plugins.toy import LinearReward, QuadraticReward, exactness_metrics, make_mixture_process
@@ -325,11 +326,7 @@ def plot_samples(shown: dict, rows: list[dict], path: Path, per_arm: int = 1500)
             if j == 0:
                 ax.set_ylabel(f"{label}, alpha = {alpha:g}")
     fig.suptitle("samples (blue) against the exact tilted target p* (red contours)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,7 @@ from .config import atomic_write_text, load_yaml, validate_kwargs
 from .errors import CheckpointError, ConfigError, InputDataError
 from .finetune import Finetuner, estimate_path_kl, quiet_lightning
 from .oracle import Oracle, OracleAnswer
+from .plotting import save_figure
 from .plugins import Domain, load_plugin
 from .process import ControlledProcess, Process, ResidualControlProcess, freeze, transitions_of
 from .reward import Reward, RewardOutput
@@ -548,11 +549,7 @@ def _plot(results: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | os.PathLike | None = None,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_training"]
+__all__ = ["plot_training", "save_figure"]
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -51,10 +51,18 @@ def plot_training(history: list[dict], path: str | os.PathLike, title: str = "")
             ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Lay out, write atomically (a crash never leaves half a PNG), create the folder, close."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     os.replace(tmp, path)
     return path

@@ -19,6 +19,7 @@ import inspect
 import json
 import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -176,13 +177,33 @@ def validate_kwargs(target: Callable, kwargs: Mapping[str, Any], where: str, *, 
 # --------------------------------------------------------------------------- files
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, reading ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    """Parse YAML text safely, with ``1e-3`` read as a number."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     """Read a YAML mapping, raising :class:`ConfigError` with the file name on failure."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

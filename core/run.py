@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from .checkpoint import save_finetuned
-from .config import atomic_write_text, load_yaml, validate_kwargs
+from .config import atomic_write_text, load_yaml, parse_yaml, validate_kwargs
 from .errors import ConfigError
 from .finetune import Finetuner, FinetuneResult, estimate_kl, reward_summary
 from .plugins import load_plugin
@@ -170,7 +170,7 @@ def _apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"--set {key}: '{part}' is not a section")
-        target[parts[-1]] = yaml.safe_load(value)
+        target[parts[-1]] = parse_yaml(value)
     return raw
 
 

@@ -59,3 +59,14 @@ def test_config_mixin_round_trip(tmp_path):
     assert torch.allclose(back(x, 0.3), net(x, 0.3))
     with pytest.raises(Exception, match="no saved module"):
         ConfigMixin.from_pretrained(tmp_path, "missing")
+
+
+def test_yaml_reads_exponent_floats_without_a_dot(tmp_path):
+    from difftilt.core.config import parse_yaml
+    from difftilt.core.run import read_config
+
+    assert parse_yaml("lr: 1e-3\nn: 3\nname: e5") == {"lr": 0.001, "n": 3, "name": "e5"}
+    path = tmp_path / "c.yaml"
+    path.write_text("finetune: {lr: 5e-4}\n")
+    assert load_yaml(path)["finetune"]["lr"] == 0.0005
+    assert read_config(str(path), ["finetune.lr=1e-3"])["finetune"]["lr"] == 0.001

@@ -144,6 +144,9 @@ class OnlineRunConfig:
         guidance_scale: strength of reward-gradient guidance (``guidance`` method).
         ppo: options of the ``ppo`` method (see :func:`PPOSpec`).
         evolution: options of ``ga`` and ``hill_climb`` (see :func:`EvolutionSpec`).
+        fit_infeasible: fit the reward models on infeasible answers too, at the ground
+            truth's ``infeasible_value`` (they then learn where designs fail, instead of
+            seeing feasible designs only).
         eval_samples: samples of each round's model scored with the ground truth outside
             the budget (a simulation-only diagnostic; ``0`` to skip).
         seed: seeds everything.
@@ -164,6 +167,7 @@ class OnlineRunConfig:
     guidance_scale: float = 1.0
     ppo: dict = field(default_factory=dict)
     evolution: dict = field(default_factory=dict)
+    fit_infeasible: bool = False
     eval_samples: int = 256
     seed: int = 0
     output_dir: str = "runs"
@@ -305,7 +309,7 @@ class _MethodRun:
         return Greedy()
 
     def _fit_reward(self, i: int) -> AcquisitionReward:
-        x, y = self.store.training_data()
+        x, y = self.store.training_data(self.truth.infeasible_value if self.cfg.fit_infeasible else None)
         if x.shape[0] < 2:
             raise InputDataError(f"{self.method} round {i}: fewer than 2 feasible answers to fit a reward model on")
         kind = "ucb" if self.method == "ucb" else "ensemble"

@@ -86,13 +86,18 @@ class FeedbackStore(ABC):
     def count(self, status: tuple[str, ...] = COUNTED, round: int | None = None) -> int:
         """How many records have one of ``status`` (default: those that used budget)."""
 
-    def training_data(self) -> tuple[Tensor, Tensor]:
-        """Feasible answered designs and their observed values: ``(n, *event_shape)``, ``(n,)``."""
-        recs = self.records(status=("answered",))
-        recs = [r for r in recs if r.feasible]
+    def training_data(self, infeasible_value: float | None = None) -> tuple[Tensor, Tensor]:
+        """Answered designs and their observed values: ``(n, *event_shape)``, ``(n,)``.
+
+        Only feasible answers by default; with ``infeasible_value``, infeasible answers too,
+        at that value (so that a reward model learns where designs fail).
+        """
+        recs = [r for r in self.records(status=("answered", "infeasible"))
+                if (r.status == "answered" and r.feasible) or (infeasible_value is not None and r.status == "infeasible")]
         if not recs:
             return torch.empty(0), torch.empty(0)
-        return torch.stack([r.design for r in recs]), torch.tensor([r.value for r in recs], dtype=torch.float32)
+        values = [r.value if r.status == "answered" else float(infeasible_value) for r in recs]
+        return torch.stack([r.design for r in recs]), torch.tensor(values, dtype=torch.float32)
 
 
 _SCHEMA = """

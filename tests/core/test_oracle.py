@@ -50,6 +50,8 @@ def test_answers_are_recorded_with_feasibility_and_budget(store):
     assert store.count(("pending",)) == 0 and len(store.records()) == 3  # nothing recorded for the refused query
     xs, ys = store.training_data()
     assert xs.shape == (2, 2) and ys.tolist() == [2.0, 0.5]
+    xs, ys = store.training_data(infeasible_value=-1.0)  # infeasible answers too, at the given value
+    assert xs.shape == (3, 2) and ys.tolist() == [2.0, -1.0, 0.5] and xs[1, 0].item() == -9.0
 
 
 def test_nan_design_is_invalid_and_never_sent(store):

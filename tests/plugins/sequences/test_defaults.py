@@ -1,0 +1,50 @@
+"""The committed default models: present, reproducible from their recorded command, and good.
+
+(The figures on 1,000+ samples are in ``python -m difftilt.benchmarks.sequences_pretrained``;
+these checks use fewer samples with a fixed seed and bounds a broken model cannot meet.)
+"""
+
+import json
+
+import pytest
+import torch
+
+from difftilt.core.plugins import load_plugin
+from difftilt.plugins.sequences import EhrlichFunction, TFBind8
+from difftilt.plugins.sequences.domain import checkpoint_path
+
+
+@pytest.mark.parametrize("name, config", [("ehrlich-20-32-2-4", "pretrain_ehrlich.yaml"),
+                                          ("tfbind8", "pretrain_tfbind8.yaml")])
+def test_default_checkpoint_records_the_command_and_seed_that_made_it(name, config):
+    info = json.loads((checkpoint_path(name) / "process.json").read_text())
+    assert info["command"].startswith("difftilt pretrain") and config in info["command"]
+    assert info["train"]["seed"] == 0 and info["process"]["sampler"] == "first_hit"
+    assert (checkpoint_path(name) / "denoiser.safetensors").stat().st_size < 4_000_000
+
+
+def test_ehrlich_default_samples_are_feasible():
+    process = load_plugin("sequences").make_process("ehrlich")
+    f = EhrlichFunction(20, 32, 2, 4, seed=0)
+    x = process.sample(300, generator=torch.Generator().manual_seed(0))
+    ids = process.tokens(x)
+    assert (ids < 20).all()
+    value, feasible = f(ids)
+    assert feasible.float().mean().item() >= 0.97  # the corpus is 100% feasible; a uniform sampler ~0%
+    assert 0.0 < value[feasible].mean().item() < 0.5  # the pretrained level: far from the optimum 1.0
+
+
+def test_tfbind8_default_samples_look_like_its_training_half():
+    process = load_plugin("sequences").make_process("tfbind8")
+    table = TFBind8()
+    train = table.offline_dataset()
+    threshold = float(table(train).max())
+    ids = process.tokens(process.sample(2000, generator=torch.Generator().manual_seed(0)))
+    inside = (table(ids) <= threshold).float().mean().item()
+    # independent positions with the half's letter frequencies: the bar a model that
+    # learned nothing about the half's structure would reach
+    freq = torch.nn.functional.one_hot(train, 4).float().mean(0)
+    g = torch.Generator().manual_seed(1)
+    indep = torch.stack([torch.multinomial(freq[l], 2000, replacement=True, generator=g) for l in range(8)], 1)
+    baseline = (table(indep) <= threshold).float().mean().item()
+    assert inside > baseline + 0.1

@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo demo-toy test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
+	$(VENV)/bin/difftilt online plugins/sequences/configs/online_ehrlich.yaml
+
+demo-toy: install
 	$(VENV)/bin/difftilt finetune plugins/toy/configs/demo.yaml
 
 test: install

@@ -14,16 +14,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
 
+from difftilt.plugins.sequences.mdlm import masked_diffusion_loss
 from difftilt.plugins.sequences import EhrlichFunction, TFBind8, load_ehrlich, load_tfbind8
 
 
 def _sample(process, n: int, seed: int, batch: int = 500) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.cat([process.tokens(process.sample(min(batch, n - i), generator=g)) for i in range(0, n, batch)])
+
+
+@torch.no_grad()
+def _nelbo(process, tokens: torch.Tensor, seed: int, repeats: int = 20) -> float:
+    """MDLM's bound on ``-log p(x)`` in nats per sequence, averaged over ``tokens`` (Monte Carlo in t)."""
+    g = torch.Generator().manual_seed(seed)
+    vals = [masked_diffusion_loss(process.denoiser, tokens[i:i + 4096], process.schedule, generator=g).item()
+            * min(4096, tokens.shape[0] - i) for _ in range(repeats) for i in range(0, tokens.shape[0], 4096)]
+    return sum(vals) / (repeats * tokens.shape[0]) * tokens.shape[1]
 
 
 def ehrlich_report(n: int, seed: int) -> dict:
@@ -55,12 +66,24 @@ def tfbind8_report(n: int, seed: int) -> dict:
     freq = torch.nn.functional.one_hot(ids, 4).float().mean(0)
     freq_t = torch.nn.functional.one_hot(train, 4).float().mean(0)
     qs = torch.tensor([0.1, 0.5, 0.9])
+    # What matching the half means, in numbers: a model of independent positions with the
+    # half's letter frequencies lands inside it this often; the perfect model always does.
+    g = torch.Generator().manual_seed(seed + 2)
+    indep = torch.stack([torch.multinomial(freq_t[l], n, replacement=True, generator=g) for l in range(8)], 1)
+    upper = table.from_index(torch.tensor(sorted(set(range(4**8)) - set(table.index(train).tolist()))))
+    nelbo = {name: _nelbo(process, data, seed) for name, data in (("train", train), ("upper", upper))}
     out = {"samples": n, "inside_training_half": float((s <= threshold).float().mean()),
+           "independent_sites_inside": float((table(indep) <= threshold).float().mean()),
+           "nelbo_train_half": nelbo["train"], "nelbo_upper_half": nelbo["upper"],
+           "entropy_uniform_half": math.log(train.shape[0]),
            "distinct": int(torch.unique(ids, dim=0).shape[0]),
            "score_quantiles": torch.quantile(s, qs).tolist(), "train_score_quantiles": torch.quantile(st, qs).tolist(),
            "score_max": float(s.max()), "letter_tv_max": float(0.5 * (freq - freq_t).abs().sum(-1).max())}
     print(f"\nTFBind8 pretrained model (trained on the lower half, {train.shape[0]} 8-mers), {n} samples")
-    print(f"  inside the training half   {out['inside_training_half']:.4f}")
+    print(f"  inside the training half   {out['inside_training_half']:.4f}   (a model of independent positions "
+          f"with the half's letter frequencies: {out['independent_sites_inside']:.4f}; a perfect model: 1)")
+    print(f"  NELBO, nats per sequence   training half {out['nelbo_train_half']:.3f}   upper half "
+          f"{out['nelbo_upper_half']:.3f}   (uniform over the half: {out['entropy_uniform_half']:.3f})")
     print(f"  distinct sequences         {out['distinct']}")
     print("  score 10/50/90% quantiles  " + " / ".join(f"{v:.3f}" for v in out["score_quantiles"])
           + "   (training half: " + " / ".join(f"{v:.3f}" for v in out["train_score_quantiles"]) + ")")

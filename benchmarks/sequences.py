@@ -1,0 +1,202 @@
+"""Sequences benchmark: SEIKO against model-free optimizers on Ehrlich functions and TFBind8.
+
+Every method gets the same oracle budget, spent in the same rounds, from the same
+pretrained model's first round of samples:
+
+* tasks: Ehrlich (20, 32, 2, 4) -- the embedded default model --, Ehrlich (20, 32, 4, 4)
+  and (20, 64, 4, 4) -- models pretrained here on first use (``difftilt pretrain`` with
+  the default's settings, kept under ``<runs>/models``) --, and TFBind8 (embedded default);
+* methods: SEIKO-UCB, SEIKO-bootstrap, greedy, non-adaptive, GA, hill climber;
+* budget: up to 5,000 oracle calls in rounds of 250, 250, 500, 1000, 1500, 1500.
+
+For each task and method it prints, as mean ± std over seeds, the best and the top-10
+mean true score among the designs asked after 500 / 1,000 / 2,000 / 5,000 calls (read
+from each run's feedback store in the order the designs were asked), the feasible
+fraction and Hamming diversity of the last round's designs, and on how many seeds the
+task's maximum (1.0) was found by each budget. It plots best score against calls.
+
+Usage::
+
+    python -m difftilt.benchmarks.sequences --runs runs/seq                    # everything
+    python -m difftilt.benchmarks.sequences --tasks ehrlich-20-32-2-4 tfbind8 --budget 2000 --runs runs/seq
+
+Run folders under ``--runs`` are reused: a finished arm is read back, an interrupted
+one resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+from difftilt.core.config import load_yaml
+from difftilt.core.plotting import save_figure
+from difftilt.core.online import METHODS
+from difftilt.core.plugins import load_plugin
+from difftilt.core.store import SQLiteFeedbackStore
+
+from .common import fmt, run_or_reuse
+
+ROUNDS = [250, 250, 500, 1000, 1500, 1500]
+CHECKPOINTS = [500, 1000, 2000, 5000]
+DEFAULT_METHODS = ["ucb", "bootstrap", "greedy", "nonadaptive", "ga", "hill_climb"]
+
+
+def _ehrlich(num_states: int, length: int, num_motifs: int, motif_length: int) -> dict:
+    return {"name": "ehrlich", "num_states": num_states, "length": length, "num_motifs": num_motifs,
+            "motif_length": motif_length, "seed": 0}
+
+
+TASKS = {
+    "ehrlich-20-32-2-4": {"config": "online_ehrlich.yaml", "reward": _ehrlich(20, 32, 2, 4), "process": "ehrlich"},
+    "ehrlich-20-32-4-4": {"config": "online_ehrlich.yaml", "reward": _ehrlich(20, 32, 4, 4), "process": None},
+    "ehrlich-20-64-4-4": {"config": "online_ehrlich.yaml", "reward": _ehrlich(20, 64, 4, 4), "process": None},
+    "tfbind8": {"config": "online_tfbind8.yaml", "reward": {"name": "tfbind8"}, "process": "tfbind8"},
+}
+
+
+def _configs_dir() -> Path:
+    return Path(str(resources.files("difftilt.plugins.sequences") / "configs"))
+
+
+def schedule_for(budget: int) -> list[int]:
+    """The benchmark's rounds, cut at ``budget`` calls."""
+    out, used = [], 0
+    for size in ROUNDS:
+        if used >= budget:
+            break
+        out.append(min(size, budget - used))
+        used += out[-1]
+    return out
+
+
+def _pretrained_process(task: str, models: Path) -> dict | str:
+    """The task's pretrained model: the embedded default, or one pretrained here once."""
+    spec = TASKS[task]
+    if spec["process"] is not None:
+        return spec["process"]
+    folder = models / task
+    if not (folder / "process.json").is_file():
+        cfg = load_yaml(_configs_dir() / "pretrain_ehrlich.yaml")
+        r = spec["reward"]
+        cfg["data"] = {**cfg["data"], **{k: r[k] for k in ("num_states", "length", "num_motifs", "motif_length", "seed")}}
+        print(f"pretraining the {task} model into {folder} (once) ...", flush=True)
+        load_plugin("sequences").pretrain(cfg, progress=True, output=str(folder))
+    return {"name": "pretrained", "path": str(folder)}
+
+
+def store_curve(folder: Path, checkpoints: list[int]) -> dict[int, dict]:
+    """Best and top-10 true score among the first ``c`` designs asked, for each checkpoint ``c``."""
+    with SQLiteFeedbackStore(folder / "feedback.sqlite", readonly=True) as store:
+        records = [r for r in store.records() if r.status in ("answered", "infeasible")]
+    out = {}
+    for c in checkpoints:
+        if c > len(records):
+            continue
+        vals = sorted((r.true_value for r in records[:c] if r.feasible and r.true_value is not None), reverse=True)
+        out[c] = {"best": vals[0] if vals else 0.0, "top10": statistics.fmean(vals[:10]) if vals else 0.0}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m difftilt.benchmarks.sequences", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--budget", type=int, default=5000, help="oracle calls per run (rounds cut here)")
+    parser.add_argument("--runs", default=None,
+                        help="keep run folders (and pretrained task models) here; finished arms are reused")
+    parser.add_argument("--out", default="benchmarks/results/sequences.json")
+    parser.add_argument("--plot", default="benchmarks/results/sequences.png")
+    args = parser.parse_args(argv)
+
+    runs = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="difftilt-seq-"))
+    schedule = schedule_for(args.budget)
+    checkpoints = [c for c in CHECKPOINTS if c <= sum(schedule)]
+    results: dict = {}
+    t0 = time.time()
+    for task in args.tasks:
+        spec = TASKS[task]
+        base = load_yaml(_configs_dir() / spec["config"])
+        process = _pretrained_process(task, runs / "models")
+        results[task] = {}
+        for method in args.methods:
+            arms = []
+            for seed in range(args.seeds):
+                cfg = {**base, "process": process, "methods": [method], "seed": seed, "schedule": schedule,
+                       "oracle": {**base["oracle"], "reward": spec["reward"]}}
+                path = runs / task / f"{method}-seed{seed}"
+                rows = run_or_reuse(cfg, path)
+                failed = rows.pop() if rows and "failed_round" in rows[-1] else None
+                arm = {"seed": seed, "curve": store_curve(path / method, checkpoints) if rows else {},
+                       "last": rows[-1] if rows else {}, "failed": failed}
+                arms.append(arm)
+                best = {c: round(v["best"], 3) for c, v in arm["curve"].items()}
+                print(f"  {task} {method:<12} seed {seed}: best {best}"
+                      + (f"  FAILED in round {failed['failed_round']}: {failed['error']}" if failed else "")
+                      + f"  ({time.time() - t0:.0f} s)", flush=True)
+            results[task][method] = arms
+    _print_tables(results, checkpoints, schedule, args.seeds)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"schedule": schedule, "checkpoints": checkpoints, "results": results},
+                                         indent=1, default=str) + "\n")
+    _plot(results, checkpoints, Path(args.plot))
+    print(f"results: {args.out}\nplot: {args.plot}\nrun folders: {runs}")
+    return 0
+
+
+def _print_tables(results: dict, checkpoints: list[int], schedule: list[int], seeds: int) -> None:
+    print(f"\nsequences benchmark: {seeds} seeds, rounds {schedule}; mean ± std over seeds of the best (top-10 "
+          "mean) true score among the designs asked so far")
+    for task, methods in results.items():
+        print(f"\n{task}")
+        head = "".join(f"{f'best @{c}':>16}{f'top-10 @{c}':>16}" for c in checkpoints)
+        print(f"{'method':<12}{head}{'feasible':>16}{'diversity':>16}{'reached 1.0':>14}")
+        for method, arms in methods.items():
+            cells = ""
+            for c in checkpoints:
+                cells += f"{fmt([a['curve'][c]['best'] for a in arms if c in a['curve']]):>16}"
+                cells += f"{fmt([a['curve'][c]['top10'] for a in arms if c in a['curve']]):>16}"
+            feas = fmt([a["last"]["round_feasible"] for a in arms if "round_feasible" in a["last"]])
+            div = fmt([a["last"]["eval_diversity"] for a in arms if "eval_diversity" in a["last"]])
+            reached = []
+            for c in checkpoints:
+                n = sum(1 for a in arms if c in a["curve"] and a["curve"][c]["best"] >= 1.0 - 1e-9)
+                reached.append(f"{n}")
+            failed = sum(1 for a in arms if a["failed"])
+            print(f"{method:<12}{cells}{feas:>16}{div:>16}{'/'.join(reached):>14}"
+                  + (f"   failed on {failed}/{len(arms)} seeds" if failed else ""))
+    print(f"('reached 1.0': seeds whose best is 1.0 by {' / '.join(map(str, checkpoints))} calls; 'feasible' and "
+          "'diversity': the last round's asked designs for GA/hill climber, the final model's samples otherwise)")
+
+
+def _plot(results: dict, checkpoints: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), squeeze=False)
+    for ax, (task, methods) in zip(axes[0], results.items()):
+        for method, arms in methods.items():
+            xs = [c for c in checkpoints if all(c in a["curve"] for a in arms)]
+            if not xs:
+                continue
+            ys = [statistics.fmean(a["curve"][c]["best"] for a in arms) for c in xs]
+            ax.plot(xs, ys, marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("oracle calls")
+        ax.set_ylabel("best true score (mean over seeds)")
+        ax.set_title(task, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

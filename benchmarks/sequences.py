@@ -38,7 +38,7 @@ from difftilt.core.config import load_yaml
 from difftilt.core.plotting import save_figure
 from difftilt.core.online import METHODS
 from difftilt.core.plugins import load_plugin
-from difftilt.core.store import SQLiteFeedbackStore
+from difftilt.core.store import COUNTED, SQLiteFeedbackStore
 
 from .common import fmt, run_or_reuse
 
@@ -93,7 +93,7 @@ def _pretrained_process(task: str, models: Path) -> dict | str:
 def store_curve(folder: Path, checkpoints: list[int]) -> dict[int, dict]:
     """Best and top-10 true score among the first ``c`` designs asked, for each checkpoint ``c``."""
     with SQLiteFeedbackStore(folder / "feedback.sqlite", readonly=True) as store:
-        records = [r for r in store.records() if r.status in ("answered", "infeasible")]
+        records = store.records(status=COUNTED)  # every call spent, in the order asked
     out = {}
     for c in checkpoints:
         if c > len(records):

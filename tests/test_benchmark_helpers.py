@@ -1,0 +1,30 @@
+"""The sequences benchmark's bookkeeping: rounds cut at the budget, best-so-far read in asking order."""
+
+import torch
+
+from difftilt.benchmarks.sequences import schedule_for, store_curve
+from difftilt.core.oracle import Oracle
+from difftilt.core.reward import RewardOutput
+from difftilt.core.store import SQLiteFeedbackStore
+
+
+def test_schedule_is_cut_at_the_budget():
+    assert schedule_for(5000) == [250, 250, 500, 1000, 1500, 1500]
+    assert schedule_for(2000) == [250, 250, 500, 1000]
+    assert schedule_for(600) == [250, 250, 100]
+
+
+def test_store_curve_reads_best_and_top10_in_the_order_designs_were_asked(tmp_path):
+    def truth(x):  # value = first coordinate; negative first coordinate is infeasible
+        return RewardOutput(x[:, 0], x[:, 0] >= 0)
+
+    store = SQLiteFeedbackStore(tmp_path / "feedback.sqlite")
+    oracle = Oracle(truth, budget=30, store=store, batch_size=10, event_shape=(2,))
+    for i, first in enumerate([torch.arange(10.0), -torch.ones(10), 100 + torch.arange(10.0)]):
+        oracle.query(torch.stack([first, torch.zeros(10)], 1), round=i)
+    store.close()
+    curve = store_curve(tmp_path, [10, 20, 30, 40])
+    assert curve[10] == {"best": 9.0, "top10": 4.5}
+    assert curve[20] == curve[10]  # the infeasible round adds nothing
+    assert curve[30]["best"] == 109.0 and curve[30]["top10"] == 104.5
+    assert 40 not in curve  # more calls than were spent

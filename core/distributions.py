@@ -37,9 +37,49 @@ from .errors import DeterministicStepError, ShapeError
 __all__ = ["StepDistribution", "GaussianStep", "CategoricalStep", "SinglePositionStep"]
 
 
+#: A finite "log 0": ``exp()`` of it is exactly 0 in float32, and it keeps KL and its
+#: gradient free of ``inf - inf`` where an infinite one would not.
+LOG_ZERO = -1.0e4
+
+
 def _sum_event(t: Tensor) -> Tensor:
     """Sum over every dimension after the first (the batch)."""
     return t.reshape(t.shape[0], -1).sum(-1)
+
+
+def _gumbel(shape: torch.Size | tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard Gumbel noise of ``shape`` on ``like``'s device and dtype."""
+    u = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
+    eps = torch.finfo(u.dtype).eps
+    return -torch.log(-torch.log(u.clamp(eps, 1.0 - eps)))  # open interval: both logs finite
+
+
+def _one_hot_draw(z: Tensor, tau: float, relaxed: bool) -> Tensor:
+    """One-hot argmax of Gumbel-perturbed logits ``z``; straight-through Gumbel-softmax if ``relaxed``
+    (the hard one-hot forward, the gradient of ``softmax(z / tau)`` backward)."""
+    hard = torch.nn.functional.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
+    if not relaxed:
+        return hard
+    soft = torch.softmax(z / tau, dim=-1)
+    return hard - soft.detach() + soft
+
+
+def _categorical_kl(log_q: Tensor, log_p: Tensor) -> Tensor:
+    """``sum_j q_j (log q_j - log p_j)`` over the last dimension; ``q_j = 0`` contributes 0."""
+    return torch.where(log_q.isneginf(), torch.zeros_like(log_q), log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def _check_categorical(kind: str, logits: Tensor, current: Tensor, positions: Tensor, name: str, tau: float) -> None:
+    """Shape checks shared by the one-hot step kinds: logits ``(b, L, S)``, a matching state,
+    a ``(b, L)`` bool position mask and a positive temperature."""
+    if logits.dim() != 3:
+        raise ShapeError(f"{kind} logits must be (batch, length, states), got {tuple(logits.shape)}")
+    if current.shape != logits.shape:
+        raise ShapeError(f"current state {tuple(current.shape)} must match logits {tuple(logits.shape)}")
+    if positions.shape != logits.shape[:2] or positions.dtype != torch.bool:
+        raise ShapeError(f"{name} must be a bool tensor of shape {tuple(logits.shape[:2])}")
+    if tau <= 0:
+        raise ValueError("tau must be positive")
 
 
 class StepDistribution(ABC):
@@ -183,16 +223,9 @@ class CategoricalStep(StepDistribution):
     """
 
     def __init__(self, logits: Tensor, current: Tensor, frozen: Tensor | None = None, tau: float = 1.0):
-        if logits.dim() != 3:
-            raise ShapeError(f"CategoricalStep logits must be (batch, length, states), got {tuple(logits.shape)}")
-        if current.shape != logits.shape:
-            raise ShapeError(f"current state {tuple(current.shape)} must match logits {tuple(logits.shape)}")
         if frozen is None:
             frozen = torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
-        if frozen.shape != logits.shape[:2] or frozen.dtype != torch.bool:
-            raise ShapeError(f"frozen must be a bool tensor of shape {tuple(logits.shape[:2])}")
-        if tau <= 0:
-            raise ValueError("tau must be positive")
+        _check_categorical("CategoricalStep", logits, current, frozen, "frozen", tau)
         self.logits = logits
         self.current = current
         self.frozen = frozen
@@ -211,26 +244,17 @@ class CategoricalStep(StepDistribution):
         """Normalized log-probabilities, ``(b, L, S)``."""
         return torch.log_softmax(self.logits, dim=-1)
 
-    def _gumbel(self, generator: torch.Generator | None) -> Tensor:
-        u = torch.rand(self.logits.shape, generator=generator, device=self.logits.device, dtype=self.logits.dtype)
-        eps = torch.finfo(u.dtype).eps
-        u = u.clamp(eps, 1.0 - eps)  # open interval: both logs finite
-        return -torch.log(-torch.log(u))
-
-    def _keep_frozen(self, x_new: Tensor) -> Tensor:
-        return torch.where(self.frozen[..., None], self.current, x_new)
+    def _draw(self, generator: torch.Generator | None, relaxed: bool) -> Tensor:
+        z = self.logits + _gumbel(self.logits.shape, self.logits, generator)
+        return torch.where(self.frozen[..., None], self.current, _one_hot_draw(z, self.tau, relaxed))
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         with torch.no_grad():
-            idx = (self.logits + self._gumbel(generator)).argmax(-1)
-            hard = torch.nn.functional.one_hot(idx, self.logits.shape[-1]).to(self.logits.dtype)
-            return self._keep_frozen(hard)
+            return self._draw(generator, relaxed=False)
 
     def rsample(self, generator: torch.Generator | None = None) -> Tensor:
         """Straight-through Gumbel-softmax: a hard one-hot forward, the relaxed gradient backward."""
-        soft = torch.softmax((self.logits + self._gumbel(generator)) / self.tau, dim=-1)
-        hard = torch.nn.functional.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
-        return self._keep_frozen(hard - soft.detach() + soft)
+        return self._draw(generator, relaxed=True)
 
     def log_prob(self, x: Tensor) -> Tensor:
         if x.shape != self.logits.shape:
@@ -245,10 +269,7 @@ class CategoricalStep(StepDistribution):
             raise ShapeError(f"KL between steps of shapes {tuple(self.logits.shape)} and {tuple(other.logits.shape)}")
         if not torch.equal(self.frozen, other.frozen):
             raise ValueError("KL between categorical steps from different states (their frozen positions differ)")
-        log_q, log_p = self.log_probs, other.log_probs
-        # sum_j q_j (log q_j - log p_j); xlogy-style guard so q_j = 0 contributes 0.
-        per_pos = torch.where(log_q.isneginf(), torch.zeros_like(log_q), log_q.exp() * (log_q - log_p)).sum(-1)
-        return per_pos.masked_fill(self.frozen, 0.0).sum(-1)
+        return _categorical_kl(self.log_probs, other.log_probs).masked_fill(self.frozen, 0.0).sum(-1)
 
     def tilted(self, h: Tensor) -> "CategoricalStep":
         # Categorical(softmax(l)) * exp(h) is Categorical(softmax(l + h)).
@@ -279,24 +300,15 @@ class SinglePositionStep(StepDistribution):
 
     def __init__(self, logits: Tensor, current: Tensor, open: Tensor, log_weights: Tensor | None = None,
                  tau: float = 1.0):
-        if logits.dim() != 3:
-            raise ShapeError(f"SinglePositionStep logits must be (batch, length, states), got {tuple(logits.shape)}")
-        if current.shape != logits.shape:
-            raise ShapeError(f"current state {tuple(current.shape)} must match logits {tuple(logits.shape)}")
-        if open.shape != logits.shape[:2] or open.dtype != torch.bool:
-            raise ShapeError(f"open must be a bool tensor of shape {tuple(logits.shape[:2])}")
+        _check_categorical("SinglePositionStep", logits, current, open, "open", tau)
         if not bool(open.any(-1).all()):
             raise ValueError("SinglePositionStep needs at least one open position in every sample")
         if log_weights is None:
             log_weights = torch.zeros(open.shape, dtype=logits.dtype, device=logits.device)
         if log_weights.shape != open.shape:
             raise ShapeError(f"log_weights must have shape {tuple(open.shape)}, got {tuple(log_weights.shape)}")
-        if tau <= 0:
-            raise ValueError("tau must be positive")
         self.logits, self.current, self.open, self.tau = logits, current, open, tau
-        # Closed positions get a finite "log 0" (exp() is exactly 0 in float32), so KL and
-        # its gradient stay free of inf - inf.
-        self.log_weights = torch.log_softmax(log_weights.masked_fill(~open, -1.0e4), dim=-1)
+        self.log_weights = torch.log_softmax(log_weights.masked_fill(~open, LOG_ZERO), dim=-1)  # closed: log 0
 
     @property
     def batch_size(self) -> int:
@@ -313,23 +325,14 @@ class SinglePositionStep(StepDistribution):
 
     def _pick(self, generator: torch.Generator | None) -> Tensor:
         """``(b,)`` index of the picked position (Gumbel-max over the log-weights)."""
-        u = torch.rand(self.open.shape, generator=generator, device=self.logits.device, dtype=self.logits.dtype)
-        eps = torch.finfo(u.dtype).eps
-        g = -torch.log(-torch.log(u.clamp(eps, 1.0 - eps)))
-        return (self.log_weights + g).argmax(-1)
+        return (self.log_weights + _gumbel(self.open.shape, self.logits, generator)).argmax(-1)
 
     def _draw(self, generator: torch.Generator | None, relaxed: bool) -> Tensor:
         idx = self._pick(generator)
         logits = self.logits[torch.arange(idx.shape[0], device=idx.device), idx]  # (b, S): the picked position's
         pick = torch.nn.functional.one_hot(idx, self.open.shape[1]).to(self.logits.dtype)  # (b, L)
-        u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-        eps = torch.finfo(u.dtype).eps
-        z = logits - torch.log(-torch.log(u.clamp(eps, 1.0 - eps)))
-        hard = torch.nn.functional.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
-        if relaxed:  # straight-through Gumbel-softmax
-            soft = torch.softmax(z / self.tau, dim=-1)
-            hard = hard - soft.detach() + soft
-        return self.current + pick[..., None] * (hard[:, None, :] - self.current)
+        new = _one_hot_draw(logits + _gumbel(logits.shape, logits, generator), self.tau, relaxed)
+        return self.current + pick[..., None] * (new[:, None, :] - self.current)
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         with torch.no_grad():
@@ -355,8 +358,7 @@ class SinglePositionStep(StepDistribution):
             raise ShapeError(f"KL between steps of shapes {tuple(self.logits.shape)} and {tuple(other.logits.shape)}")
         if not torch.equal(self.open, other.open):
             raise ValueError("KL between single-position steps from different states (their open positions differ)")
-        log_q, log_p = self.log_probs, other.log_probs
-        per_pos = torch.where(log_q.isneginf(), torch.zeros_like(log_q), log_q.exp() * (log_q - log_p)).sum(-1)
+        per_pos = _categorical_kl(self.log_probs, other.log_probs)
         w_q, w_p = self.log_weights, other.log_weights
         w_term = w_q.exp() * (w_q - w_p) + w_q.exp() * per_pos  # KL of the pick + weighted KL of the draws
         return w_term.masked_fill(~self.open, 0.0).sum(-1)

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from difftilt.core.config import ConfigMixin
-from difftilt.core.distributions import CategoricalStep, SinglePositionStep
+from difftilt.core.distributions import LOG_ZERO, CategoricalStep, SinglePositionStep
 from difftilt.core.errors import ConfigError, ShapeError, InputDataError
 from difftilt.core.process import Process
 
@@ -55,9 +55,6 @@ from .alphabets import default_alphabet, to_strings
 
 __all__ = ["SequenceDenoiser", "MaskedDiffusionProcess", "masked_diffusion_loss", "alpha_schedule"]
 
-# Log-probability used for "impossible" (stay masked at the last step): finite, so that
-# KL and gradients stay free of inf - inf, and exp() of it is exactly 0 in float32.
-_LOG_ZERO = -1.0e4
 
 
 def alpha_schedule(t: Tensor, schedule: str) -> tuple[Tensor, Tensor]:
@@ -206,7 +203,7 @@ class MaskedDiffusionProcess(Process):
         a_t, a_s = a[:-1], a[1:]
         p_unmask = (a_s - a_t) / (1.0 - a_t)
         p_stay = (1.0 - a_s) / (1.0 - a_t)
-        log_stay = torch.where(p_stay > 0, torch.log(p_stay.clamp_min(1e-300)), torch.full_like(p_stay, _LOG_ZERO))
+        log_stay = torch.where(p_stay > 0, torch.log(p_stay.clamp_min(1e-300)), torch.full_like(p_stay, LOG_ZERO))
         self.register_buffer("log_unmask", torch.log(p_unmask).float(), persistent=False)
         self.register_buffer("log_stay", log_stay.float(), persistent=False)
         self.register_buffer("times", t.float(), persistent=False)
@@ -254,7 +251,7 @@ class MaskedDiffusionProcess(Process):
         masked = x[..., self.mask_index] > 0.5  # (b, L); exact on straight-through states
         logp = torch.log_softmax(self.denoiser(x, float(self.times[k])), dim=-1)  # (b, L, V)
         if self.sampler == "first_hit":
-            never_mask = torch.full_like(logp[..., :1], _LOG_ZERO)
+            never_mask = torch.full_like(logp[..., :1], LOG_ZERO)
             return SinglePositionStep(torch.cat([logp, never_mask], dim=-1), x, open=masked)
         stay = self.log_stay[k].expand(*logp.shape[:2], 1)
         logits = torch.cat([logp + self.log_unmask[k], stay], dim=-1)

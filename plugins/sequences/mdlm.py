@@ -140,6 +140,39 @@ class SequenceDenoiser(ConfigMixin, nn.Module):
             self.right = nn.Parameter(torch.zeros(vocab_size + 1, vocab_size))
         self.neighbor_bias = neighbor_bias
 
+    @torch.no_grad()
+    def init_from_counts(self, tokens: Tensor, smoothing: float = 0.5) -> None:
+        """Start the output bias and the neighbour tables at the corpus's letter statistics.
+
+        The bias becomes ``log P(v)`` and the tables the pointwise mutual information of
+        a letter with its left and right neighbour, ``log P(v | left = u) - log P(v)``
+        (pooled over positions, ``smoothing`` added to every pair count), so that before
+        any training a masked position between two known letters already gets their
+        naive-Bayes combination. A neighbour pair absent from the corpus starts near
+        ``log(smoothing / count(u))`` instead of at 0: cross-entropy pushes a never-seen
+        letter's logit down only logarithmically in the number of steps, and from 0 it
+        does not get low enough for a banned transition to stay rare over ``L`` steps.
+        """
+        if not self.neighbor_bias:
+            raise ConfigError("init_from_counts needs a denoiser with neighbor_bias=True")
+        V = self.vocab_size
+        if tokens.dim() != 2 or tokens.shape[1] != self.length or int(tokens.min()) < 0 or int(tokens.max()) >= V:
+            raise ShapeError(f"init_from_counts needs (n, {self.length}) token ids in [0, {V})")
+        if smoothing <= 0:
+            raise ConfigError(f"smoothing must be > 0, got {smoothing}")
+        tokens = tokens.long().cpu()
+        unigram = torch.bincount(tokens.reshape(-1), minlength=V).double() + smoothing
+        log_p = torch.log(unigram / unigram.sum())
+        pairs = torch.bincount((tokens[:, :-1] * V + tokens[:, 1:]).reshape(-1), minlength=V * V)
+        pairs = pairs.double().view(V, V) + smoothing  # [left letter, right letter]
+        cond_right = torch.log(pairs / pairs.sum(1, keepdim=True))  # log P(right = v | left = u)
+        cond_left = torch.log(pairs / pairs.sum(0, keepdim=True)).T  # log P(left = v | right = u)
+        self.out.bias.copy_(log_p.float())
+        self.left.zero_()
+        self.right.zero_()
+        self.left[:V] = (cond_right - log_p).float()
+        self.right[:V] = (cond_left - log_p).float()
+
     def forward(self, x: Tensor, t: float | Tensor = 0.0) -> Tensor:
         """``x``: ``(b, L, V + 1)`` one-hot (or relaxed); ``t``: float or ``(b,)``. Returns ``(b, L, V)`` logits."""
         h = x @ self.embed + self.pos

@@ -36,6 +36,7 @@ def train_masked_diffusion(
     heads: int = 4,
     time_conditioning: bool = False,
     neighbor_bias: bool = True,
+    neighbor_init: str = "counts",
     schedule: str = "linear",
     steps: int = 3000,
     batch_size: int = 256,
@@ -49,7 +50,13 @@ def train_masked_diffusion(
 
     AdamW with linear warm-up then cosine decay, gradient norm clipped at 1. Returns
     the denoiser (eval mode) and the loss every 50 steps (nats per position).
+
+    ``neighbor_init``: with ``neighbor_bias``, ``"counts"`` starts the output bias and the
+    neighbour tables at the corpus's letter and pair statistics
+    (:meth:`SequenceDenoiser.init_from_counts`), ``"zeros"`` at zero.
     """
+    if neighbor_init not in ("counts", "zeros"):
+        raise ConfigError(f"neighbor_init must be 'counts' or 'zeros', got {neighbor_init!r}")
     if tokens.dim() != 2 or tokens.shape[0] < 2:
         raise ConfigError(f"pretraining data must be (n >= 2, length) token ids, got shape {tuple(tokens.shape)}")
     if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
@@ -59,6 +66,8 @@ def train_masked_diffusion(
         torch.manual_seed(seed)
         net = SequenceDenoiser(vocab_size, tokens.shape[1], dim, depth, heads, time_conditioning,
                                neighbor_bias=neighbor_bias)
+        if neighbor_bias and neighbor_init == "counts":
+            net.init_from_counts(tokens)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(i / steps, 1.0))))

@@ -102,6 +102,34 @@ def test_pretraining_learns_a_fixed_pattern_and_round_trips(tmp_path):
     assert load_pretrained(tmp_path / "m", num_steps=3).num_steps == 3
 
 
+def test_count_initialization_gives_the_corpus_conditionals_and_banned_pairs_a_tiny_probability():
+    V, L = 3, 6
+    g = torch.Generator().manual_seed(0)
+    # a Markov chain in which letter 0 is never followed by letter 2
+    T = torch.tensor([[0.7, 0.3, 0.0], [0.2, 0.3, 0.5], [0.4, 0.4, 0.2]])
+    seqs = [torch.multinomial(torch.ones(V), 500, replacement=True, generator=g)]
+    for _ in range(L - 1):
+        seqs.append(torch.multinomial(T[seqs[-1]], 1, generator=g).squeeze(-1))
+    data = torch.stack(seqs, 1)
+    net = SequenceDenoiser(V, L, dim=8, depth=0, heads=1, neighbor_bias=True)
+    net.init_from_counts(data, smoothing=0.5)
+    with torch.no_grad():
+        net.out.weight.zero_()  # leave only the bias and the tables
+        x = torch.full((V, L), V)
+        x[:, 2] = torch.arange(V)  # position 3 has a known left neighbour and a masked right one
+        p = torch.softmax(net(torch.nn.functional.one_hot(x, V + 1).float()), -1)[:, 3]
+    pairs = torch.zeros(V, V)
+    for a, b in zip(data[:, :-1].reshape(-1).tolist(), data[:, 1:].reshape(-1).tolist()):
+        pairs[a, b] += 1
+    expected = (pairs + 0.5) / (pairs + 0.5).sum(1, keepdim=True)
+    torch.testing.assert_close(p, expected)
+    assert p[0, 2] < 1e-3
+    with pytest.raises(ConfigError, match="neighbor_bias"):
+        SequenceDenoiser(V, L, dim=8, depth=0, heads=1).init_from_counts(data)
+    with pytest.raises(ConfigError, match="neighbor_init"):
+        train_masked_diffusion(data, V, steps=1, neighbor_init="ones", progress=False)
+
+
 def test_bad_input_is_refused_with_a_clear_error():
     p = _process(V=4, L=6)
     with pytest.raises(InputDataError, match="outside the alphabet"):

@@ -114,31 +114,39 @@ class TFBind8Reward(Reward):
 class OneHotFeatures(nn.Module):
     """``phi(x)``: the flattened letters of the one-hot state (the mask channel dropped),
     followed by the spaced letter-pair counts ``n(a, b, d) = sum_i x[i, a] x[i + d, b]``
-    for gaps ``d = 1..max_gap`` (gapped k-mer composition, as in gkm-SVM).
+    for gaps ``d = 1..max_gap`` (gapped k-mer composition, as in gkm-SVM), then the
+    contiguous k-mer counts ``n(w) = sum_i prod_j x[i + j, w_j]`` for ``k = 3..max_kmer``.
 
-    The pair counts do not depend on where in the sequence a pair sits, so a reward
-    model on them can learn "letters a and b at distance d score" from a few hundred
-    answers -- the shape of Ehrlich motifs and of binding sites -- where the flattened
-    one-hot alone would have to learn it once per position. Bilinear in ``x``, so
-    differentiable in a relaxed (straight-through) state: reward models on it pass
-    gradients back to the chain.
+    The counts do not depend on where in the sequence a pair or a word sits, so a reward
+    model on them can learn "letters a and b at distance d score" or "the word GATA
+    scores" from a few hundred answers -- the shape of Ehrlich motifs and of binding
+    sites -- where the flattened one-hot alone would have to learn it once per position.
+    Polynomial in ``x``, so differentiable in a relaxed (straight-through) state: reward
+    models on it pass gradients back to the chain.
 
     Args:
         vocab_size: ``V``.
-        max_gap: largest gap ``d`` (``0``: the flattened one-hot only).
+        max_gap: largest gap ``d`` (``0``: no pair counts).
+        max_kmer: longest contiguous word counted (``V ** k`` features each; ``< 3``: none).
     """
 
-    def __init__(self, vocab_size: int, max_gap: int = 0):
+    def __init__(self, vocab_size: int, max_gap: int = 0, max_kmer: int = 0):
         super().__init__()
-        if max_gap < 0:
-            raise ConfigError(f"max_gap must be >= 0, got {max_gap}")
-        self.vocab_size, self.max_gap = vocab_size, max_gap
+        if max_gap < 0 or max_kmer < 0:
+            raise ConfigError(f"max_gap and max_kmer must be >= 0, got {max_gap} and {max_kmer}")
+        self.vocab_size, self.max_gap, self.max_kmer = vocab_size, max_gap, max_kmer
 
     def forward(self, x: Tensor) -> Tensor:
         letters = x[..., : self.vocab_size]
-        feats = [letters.reshape(x.shape[0], -1)]
-        for d in range(1, min(self.max_gap, x.shape[1] - 1) + 1):
-            feats.append(torch.einsum("bia,bic->bac", letters[:, :-d], letters[:, d:]).reshape(x.shape[0], -1))
+        b, L, _ = letters.shape
+        feats = [letters.reshape(b, -1)]
+        for d in range(1, min(self.max_gap, L - 1) + 1):
+            feats.append(torch.einsum("bia,bic->bac", letters[:, :-d], letters[:, d:]).reshape(b, -1))
+        for k in range(3, min(self.max_kmer, L) + 1):
+            words = letters[:, : L - k + 1]  # (b, start, V ** j): the words of length j + 1 so far
+            for j in range(1, k):
+                words = (words[..., :, None] * letters[:, j : L - k + 1 + j, None, :]).reshape(b, L - k + 1, -1)
+            feats.append(words.sum(1))
         return torch.cat(feats, dim=-1)
 
 
@@ -187,7 +195,9 @@ class SequencesDomain(Domain):
 
     def featurizer(self, reference: Process) -> nn.Module | None:
         if isinstance(reference, MaskedDiffusionProcess):
-            return OneHotFeatures(reference.vocab_size, max_gap=min(16, reference.length - 1))
+            # Contiguous words up to 4 letters where there are few of them (DNA: 64 + 256).
+            kmer = max((k for k in (3, 4) if reference.vocab_size**k <= 1024), default=0)
+            return OneHotFeatures(reference.vocab_size, max_gap=min(16, reference.length - 1), max_kmer=kmer)
         return None
 
     def decode(self, x: Tensor) -> list[str]:

@@ -13,6 +13,8 @@ from difftilt.core.plugins import load_plugin
 from difftilt.core.testing import DomainContract
 from difftilt.plugins.sequences import (EhrlichFunction, EhrlichReward, OneHotFeatures, TFBind8, TFBind8Reward,
                                         hamming_diversity)
+from difftilt.plugins.sequences.domain import SequencesDomain
+from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, SequenceDenoiser
 
 
 def _one_hot(tokens, vocab):
@@ -72,6 +74,30 @@ def test_features_are_differentiable_and_diversity_is_hamming():
     shifted = OneHotFeatures(4, max_gap=2)(_one_hot(torch.tensor([[3, 0, 1, 3]]), 4))[:, 16:]
     ref = OneHotFeatures(4, max_gap=2)(_one_hot(torch.tensor([[0, 1, 3, 3]]), 4))[:, 16:]
     assert shifted[0, 1].item() == ref[0, 1].item() == 1  # the (0, 1) pair at gap 1
+
+
+def test_kmer_counts_match_a_direct_count_and_pass_gradients():
+    ids = torch.randint(4, (3, 7), generator=torch.Generator().manual_seed(0))
+    x = _one_hot(ids, 4).requires_grad_()
+    phi = OneHotFeatures(4, max_gap=1, max_kmer=4)(x)
+    assert phi.shape == (3, 7 * 4 + 16 + 64 + 256)
+    tri, quad = phi[:, 44:108], phi[:, 108:]
+    for b in range(3):
+        s = ids[b].tolist()
+        for k, block in ((3, tri), (4, quad)):
+            direct = torch.zeros(4**k)
+            for i in range(7 - k + 1):
+                direct[sum(s[i + j] * 4 ** (k - 1 - j) for j in range(k))] += 1  # first letter most significant
+            assert torch.equal(block[b].detach(), direct)
+    phi.sum().backward()
+    assert x.grad[..., :4].gt(0).all() and x.grad[..., 4].eq(0).all()
+    # the domain's featurizer counts words up to 4 letters for DNA, none for 20 letters
+    assert SequencesDomain().featurizer(_tiny_process(4, 8)).max_kmer == 4
+    assert SequencesDomain().featurizer(_tiny_process(20, 8)).max_kmer == 0
+
+
+def _tiny_process(vocab: int, length: int) -> MaskedDiffusionProcess:
+    return MaskedDiffusionProcess(SequenceDenoiser(vocab, length, dim=8, depth=0, heads=1), sampler="first_hit")
 
 
 def test_reward_and_process_of_different_sizes_are_refused(tiny_tfbind_model):

@@ -147,6 +147,11 @@ class OnlineRunConfig:
         fit_infeasible: fit the reward models on infeasible answers too, at the ground
             truth's ``infeasible_value`` (they then learn where designs fail, instead of
             seeing feasible designs only).
+        unique_designs: never spend a query on a design this method has already asked
+            about (earlier in the run or earlier in the batch): draw more samples (or
+            proposals), up to 32 batches while they still bring new designs, and
+            repeat designs only if still short. Turn it
+            off when the oracle is noisy and repeats are wanted.
         eval_samples: samples of each round's model scored with the ground truth outside
             the budget (a simulation-only diagnostic; ``0`` to skip).
         seed: seeds everything.
@@ -168,6 +173,7 @@ class OnlineRunConfig:
     ppo: dict = field(default_factory=dict)
     evolution: dict = field(default_factory=dict)
     fit_infeasible: bool = False
+    unique_designs: bool = True
     eval_samples: int = 256
     seed: int = 0
     output_dir: str = "runs"
@@ -355,14 +361,14 @@ class _MethodRun:
         ppo = _PPO(self) if self.method == "ppo" else None
         for i in range(done, len(self.schedule)):
             t0 = time.time()
+            self.repeated = 0  # designs of this round asked about before (see _fresh)
             if ppo is not None:
                 model = ppo.round(i, model)
             elif self.method in EVOLUTION and i > 0:
                 self._ask(self._evolve(i), i, tag=f"round{i}")
             else:
-                seed = self._round_seed(i)
-                x = model.sample(self.schedule[i], generator=step_generator(seed, -9, model.device))
-                self._ask(x, i, tag=f"round{i}")
+                gen = step_generator(self._round_seed(i), -9, model.device)
+                self._ask(self._fresh(i, lambda n: model.sample(n, generator=gen)), i, tag=f"round{i}")
                 model = self._update(i, model)
             if self.method not in ("guidance", "best_of_n", *EVOLUTION):
                 self._save(i, model)
@@ -371,23 +377,59 @@ class _MethodRun:
         self._save_state(complete=True)
         return self.rows()
 
+    def _fresh(self, i: int, propose: Callable[[int], Tensor]) -> Tensor:
+        """Round ``i``'s ``schedule[i]`` designs from ``propose(n)``, without repeats (``unique_designs``).
+
+        Designs asked in earlier rounds, or already taken in this batch, are dropped and
+        ``propose`` is called again, until a whole draw brings nothing new or after
+        ``_MAX_DRAWS`` draws; if the proposals still fall short, the last draw's first
+        designs fill the batch. Deterministic given
+        ``propose``, so a resumed round regenerates the same designs.
+        """
+        n = self.schedule[i]
+        x = propose(n)
+        if not self.cfg.unique_designs:
+            return x
+        taken = {_design_key(r.design) for r in self.store.records() if r.round < i}
+        keep: list[Tensor] = []
+        for draw in range(_MAX_DRAWS):
+            if draw:
+                x = propose(n)
+            before = len(keep)
+            for row in x:
+                key = _design_key(row)
+                if key not in taken:
+                    taken.add(key)
+                    keep.append(row)
+                    if len(keep) == n:
+                        return torch.stack(keep)
+            if draw and len(keep) == before:  # a whole draw brought nothing new: the support is used up
+                break
+        self.repeated = n - len(keep)
+        return torch.cat([torch.stack(keep), x[: self.repeated]]) if keep else x
+
     def _evolve(self, i: int) -> Tensor:
-        """This round's proposals of ``ga`` / ``hill_climb``, from the answered designs so far."""
-        x, y = self.store.training_data()
-        n, opts = self.schedule[i], self.cfg.evolution
+        """This round's proposals of ``ga`` / ``hill_climb``, from the designs answered before it."""
+        x, y = self.store.training_data(before_round=i)
+        opts = self.cfg.evolution
         g = torch.Generator().manual_seed(self._round_seed(i, 6))
         if x.shape[0] == 0:
             raise InputDataError(f"{self.method}: no feasible design answered before round {i}; nothing to evolve")
         order = torch.argsort(y, descending=True, stable=True)
         if self.method == "hill_climb":
-            best = x[order[:1]].expand(n, *x.shape[1:])
-            return self.domain.mutate(best, generator=g, count=opts["mutations"])
+            best = x[order[:1]]
+            return self._fresh(i, lambda n: self.domain.mutate(best.expand(n, *x.shape[1:]), generator=g,
+                                                                count=opts["mutations"]))
         parents = x[order[: max(2, math.ceil(opts["survival"] * x.shape[0]))]]
-        a = parents[torch.randint(parents.shape[0], (n,), generator=g)]
-        b = parents[torch.randint(parents.shape[0], (n,), generator=g)]
-        cross = torch.rand(n, generator=g) < opts["crossover_rate"]
-        children = torch.where(cross.view(-1, *[1] * (x.dim() - 1)), self.domain.crossover(a, b, generator=g), a)
-        return self.domain.mutate(children, generator=g, rate=opts["mutation_rate"])
+
+        def children(n: int) -> Tensor:
+            a = parents[torch.randint(parents.shape[0], (n,), generator=g)]
+            b = parents[torch.randint(parents.shape[0], (n,), generator=g)]
+            cross = torch.rand(n, generator=g) < opts["crossover_rate"]
+            kids = torch.where(cross.view(-1, *[1] * (x.dim() - 1)), self.domain.crossover(a, b, generator=g), a)
+            return self.domain.mutate(kids, generator=g, rate=opts["mutation_rate"])
+
+        return self._fresh(i, children)
 
     def _update(self, i: int, model: Process) -> Process:
         if self.method in EVOLUTION:
@@ -424,6 +466,7 @@ class _MethodRun:
             "round_feasible": sum(1 for r in this if r.status == "answered") / max(1, len(this)),
             "round_mean_true": _mean([r.true_value for r in this if r.true_value is not None]),
             "failed": self.store.count(("failed",)),
+            "repeated": self.repeated,
             "seconds": round(seconds, 2),
         }
         n = self.cfg.eval_samples
@@ -451,6 +494,14 @@ class _MethodRun:
         else:
             row["kl_to_pretrained"] = 0.0
         return row
+
+
+_MAX_DRAWS = 32
+
+
+def _design_key(design: Tensor) -> bytes:
+    """Exact identity of a design (one-hot sequences, graphs; continuous designs never repeat)."""
+    return design.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
 
 
 def _mean(values: list[float]) -> float:

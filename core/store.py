@@ -86,14 +86,17 @@ class FeedbackStore(ABC):
     def count(self, status: tuple[str, ...] = COUNTED, round: int | None = None) -> int:
         """How many records have one of ``status`` (default: those that used budget)."""
 
-    def training_data(self, infeasible_value: float | None = None) -> tuple[Tensor, Tensor]:
+    def training_data(self, infeasible_value: float | None = None,
+                      before_round: int | None = None) -> tuple[Tensor, Tensor]:
         """Answered designs and their observed values: ``(n, *event_shape)``, ``(n,)``.
 
         Only feasible answers by default; with ``infeasible_value``, infeasible answers too,
-        at that value (so that a reward model learns where designs fail).
+        at that value (so that a reward model learns where designs fail). With
+        ``before_round``, only the answers of earlier rounds.
         """
         recs = [r for r in self.records(status=("answered", "infeasible"))
-                if (r.status == "answered" and r.feasible) or (infeasible_value is not None and r.status == "infeasible")]
+                if (before_round is None or r.round < before_round)
+                and ((r.status == "answered" and r.feasible) or (infeasible_value is not None and r.status == "infeasible"))]
         if not recs:
             return torch.empty(0), torch.empty(0)
         values = [r.value if r.status == "answered" else float(infeasible_value) for r in recs]

@@ -129,6 +129,7 @@ def test_ehrlich_motifs_that_cannot_fit_are_a_config_error():
 def test_online_loop_fine_tunes_a_full_denoiser_copy_and_saves_it_each_round(tiny_tfbind_model, tmp_path):
     from difftilt.core.checkpoint import load_finetuned
     from difftilt.core.online import run_online
+    from difftilt.core.store import SQLiteFeedbackStore
 
     cfg = {"plugin": "sequences", "seed": 0, "process": {"name": "pretrained", "path": str(tiny_tfbind_model)},
            "oracle": {"reward": {"name": "tfbind8"}, "batch_size": 16}, "methods": ["ucb"], "schedule": [16, 16],
@@ -139,6 +140,9 @@ def test_online_loop_fine_tunes_a_full_denoiser_copy_and_saves_it_each_round(tin
     rows = run.read_json("results.json")["methods"]["ucb"]
     assert [r["queries_used"] for r in rows] == [16, 32]
     assert 0.0 < rows[-1]["eval_diversity"] <= 1.0 and rows[-1]["kl_to_pretrained"] > 0
+    with SQLiteFeedbackStore(run.path / "ucb" / "feedback.sqlite", readonly=True) as store:
+        asked = {tuple(r.design.argmax(-1).tolist()) for r in store.records()}
+    assert len(asked) == 32 and all(r["repeated"] == 0 for r in rows)  # no query spent twice on one design
     model = load_finetuned(run.path / "ucb" / "checkpoints" / "round_1")
     x = model.sample(8, seed=0)
     assert x.shape == (8, 8, 5) and (x.argmax(-1) < 4).all()
@@ -174,16 +178,21 @@ def test_ga_and_hill_climber_spend_the_budget_in_the_same_harness(tiny_tfbind_mo
 
     cfg = {"plugin": "sequences", "seed": 1, "process": {"name": "pretrained", "path": str(tiny_tfbind_model)},
            "oracle": {"reward": {"name": "tfbind8"}, "batch_size": 16}, "methods": ["ga", "hill_climb"],
-           "schedule": [16, 8, 8], "evolution": {"mutations": 1}}
+           "schedule": [16, 8, 30], "evolution": {"mutations": 1}}
     run = run_online(cfg, output_dir=str(tmp_path), name="evo", progress=False)
     results = run.read_json("results.json")["methods"]
     for method in ("ga", "hill_climb"):
-        assert [r["queries_used"] for r in results[method]] == [16, 24, 32]
+        assert [r["queries_used"] for r in results[method]] == [16, 24, 54]
         best = [r["best_true"] for r in results[method]]
         assert best == sorted(best)  # the best found never gets worse
     with SQLiteFeedbackStore(run.path / "hill_climb" / "feedback.sqlite", readonly=True) as store:
-        assert store.count(COUNTED) == 32
+        assert store.count(COUNTED) == 54
         first = store.records(round=0)
         best = max((r for r in first if r.feasible), key=lambda r: r.value).design.argmax(-1)
         for r in store.records(round=1):
             assert int((r.design.argmax(-1) != best).sum()) == 1  # one point mutation of the best so far
+        # an 8-mer has 24 one-letter neighbours: round 2 asks each new one once, then repeats
+        seen = [tuple(r.design.argmax(-1).tolist()) for r in store.records()]
+        repeated = results["hill_climb"][2]["repeated"]
+        assert repeated >= 30 - 24 and len(set(seen[: 54 - repeated])) == 54 - repeated
+        assert results["hill_climb"][1]["repeated"] == 0

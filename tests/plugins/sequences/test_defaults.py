@@ -21,6 +21,15 @@ def test_default_checkpoint_records_the_command_and_seed_that_made_it(name, conf
     assert info["command"].startswith("difftilt pretrain") and config in info["command"]
     assert info["train"]["seed"] == 0 and info["process"]["sampler"] == "first_hit"
     assert (checkpoint_path(name) / "denoiser.safetensors").stat().st_size < 4_000_000
+    # the shipped config is the one that made it: same data, model and training settings
+    from importlib import resources
+
+    import yaml
+
+    cfg = yaml.safe_load((resources.files("difftilt.plugins.sequences") / "configs" / config).read_text())
+    assert info["train"] == {**cfg["model"], **cfg["train"]}
+    assert {k: v for k, v in info["data"].items() if k != "num_sequences_used"} == cfg["data"]
+    assert all(info["process"][k] == v for k, v in cfg["process"].items())
 
 
 def test_ehrlich_default_samples_are_feasible():
@@ -30,7 +39,7 @@ def test_ehrlich_default_samples_are_feasible():
     ids = process.tokens(x)
     assert (ids < 20).all()
     value, feasible = f(ids)
-    assert feasible.float().mean().item() >= 0.97  # the corpus is 100% feasible; a uniform sampler ~0%
+    assert feasible.float().mean().item() >= 0.99  # the corpus is 100% feasible; a uniform sampler ~0%
     assert 0.0 < value[feasible].mean().item() < 0.5  # the pretrained level: far from the optimum 1.0
 
 

@@ -150,8 +150,8 @@ class OnlineRunConfig:
         unique_designs: never spend a query on a design this method has already asked
             about (earlier in the run or earlier in the batch): draw more samples (or
             proposals), up to 32 batches while they still bring new designs, and
-            repeat designs only if still short. Turn it
-            off when the oracle is noisy and repeats are wanted.
+            repeat designs only if still short. Turn it off when the oracle is noisy
+            and repeats are wanted.
         eval_samples: samples of each round's model scored with the ground truth outside
             the budget (a simulation-only diagnostic; ``0`` to skip).
         seed: seeds everything.
@@ -383,8 +383,8 @@ class _MethodRun:
         Designs asked in earlier rounds, or already taken in this batch, are dropped and
         ``propose`` is called again, until a whole draw brings nothing new or after
         ``_MAX_DRAWS`` draws; if the proposals still fall short, the last draw's first
-        designs fill the batch. Deterministic given
-        ``propose``, so a resumed round regenerates the same designs.
+        designs fill the batch. Deterministic given ``propose``, so a resumed round
+        regenerates the same designs.
         """
         n = self.schedule[i]
         x = propose(n)

@@ -149,8 +149,8 @@ class OnlineRunConfig:
             seeing feasible designs only).
         unique_designs: never spend a query on a design this method has already asked
             about (earlier in the run or earlier in the batch): draw more samples (or
-            proposals), up to 32 batches while they still bring new designs, and
-            repeat designs only if still short. Turn it off when the oracle is noisy
+            proposals), up to 32 batches while each still brings at least 1% of a
+            batch as new designs, and repeat designs only if still short. Turn it off when the oracle is noisy
             and repeats are wanted.
         eval_samples: samples of each round's model scored with the ground truth outside
             the budget (a simulation-only diagnostic; ``0`` to skip).
@@ -378,35 +378,13 @@ class _MethodRun:
         return self.rows()
 
     def _fresh(self, i: int, propose: Callable[[int], Tensor]) -> Tensor:
-        """Round ``i``'s ``schedule[i]`` designs from ``propose(n)``, without repeats (``unique_designs``).
-
-        Designs asked in earlier rounds, or already taken in this batch, are dropped and
-        ``propose`` is called again, until a whole draw brings nothing new or after
-        ``_MAX_DRAWS`` draws; if the proposals still fall short, the last draw's first
-        designs fill the batch. Deterministic given ``propose``, so a resumed round
-        regenerates the same designs.
-        """
-        n = self.schedule[i]
-        x = propose(n)
+        """Round ``i``'s ``schedule[i]`` designs from ``propose(n)``: with ``unique_designs``,
+        none asked in an earlier round and none twice (see :func:`unique_batch`)."""
         if not self.cfg.unique_designs:
-            return x
+            return propose(self.schedule[i])
         taken = {_design_key(r.design) for r in self.store.records() if r.round < i}
-        keep: list[Tensor] = []
-        for draw in range(_MAX_DRAWS):
-            if draw:
-                x = propose(n)
-            before = len(keep)
-            for row in x:
-                key = _design_key(row)
-                if key not in taken:
-                    taken.add(key)
-                    keep.append(row)
-                    if len(keep) == n:
-                        return torch.stack(keep)
-            if draw and len(keep) == before:  # a whole draw brought nothing new: the support is used up
-                break
-        self.repeated = n - len(keep)
-        return torch.cat([torch.stack(keep), x[: self.repeated]]) if keep else x
+        x, self.repeated = unique_batch(propose, self.schedule[i], taken)
+        return x
 
     def _evolve(self, i: int) -> Tensor:
         """This round's proposals of ``ga`` / ``hill_climb``, from the designs answered before it."""
@@ -490,13 +468,46 @@ class _MethodRun:
                 "eval_diversity": float(self.domain.diversity(x)),
             })
         if self.method not in ("best_of_n",):
-            row["kl_to_pretrained"] = estimate_path_kl(model, self.pretrained, n=1024, seed=self._round_seed(i, 5))["total"]
+            row["kl_to_pretrained"] = estimate_path_kl(model, self.pretrained, n=_KL_SAMPLES,
+                                                       seed=self._round_seed(i, 5))["total"]
         else:
             row["kl_to_pretrained"] = 0.0
         return row
 
 
-_MAX_DRAWS = 32
+_KL_SAMPLES = 256  # samples of the per-round KL-to-pretrained diagnostic
+
+
+def unique_batch(propose: Callable[[int], Tensor], n: int, taken: set[bytes], max_draws: int = 32,
+                 min_new_fraction: float = 0.01) -> tuple[Tensor, int]:
+    """``n`` designs from ``propose(n)`` that are not in ``taken`` and not repeated.
+
+    Designs in ``taken`` (their :func:`_design_key`), or already kept, are dropped and
+    ``propose`` is called again, until ``n`` are kept, or a draw brings fewer than
+    ``min_new_fraction * n`` new ones (a collapsed model: each further draw would cost a
+    whole batch of sampling for a handful of designs), or after ``max_draws`` draws. If
+    still short, the last draw's first designs fill the batch. Deterministic given
+    ``propose``, so a resumed round regenerates the same designs. ``taken`` is updated.
+
+    Returns:
+        ``(designs, repeated)``: ``(n, *event_shape)`` and how many of them are repeats.
+    """
+    min_new = max(1, math.ceil(min_new_fraction * n))
+    keep: list[Tensor] = []
+    for draw in range(max_draws):
+        x = propose(n)
+        before = len(keep)
+        for row in x:
+            key = _design_key(row)
+            if key not in taken:
+                taken.add(key)
+                keep.append(row)
+                if len(keep) == n:
+                    return torch.stack(keep), 0
+        if draw and len(keep) - before < min_new:
+            break
+    repeated = n - len(keep)
+    return (torch.cat([torch.stack(keep), x[:repeated]]) if keep else x), repeated
 
 
 def _design_key(design: Tensor) -> bytes:

@@ -152,3 +152,28 @@ def test_a_failing_oracle_stops_the_run_with_one_line_and_keeps_the_record(tmp_p
     with SQLiteFeedbackStore(run / "ucb" / "feedback.sqlite", readonly=True) as s:
         failed = s.records(status=("failed",))
         assert len(failed) == 8 and "simulated assay failure" in failed[0].error
+
+
+def test_unique_batch_skips_asked_designs_and_stops_when_draws_run_dry():
+    import torch
+
+    from difftilt.core.online import _design_key, unique_batch
+
+    def proposer(*draws):  # each call returns the next of the given draws (one-number designs)
+        it = iter(draws)
+        return lambda n: torch.tensor(next(it), dtype=torch.float32)[:, None]
+
+    taken = {_design_key(torch.tensor([0.0])), _design_key(torch.tensor([1.0]))}
+    x, repeated = unique_batch(proposer([0, 2, 2, 3, 1], [1, 4, 5, 6, 7]), 5, taken)
+    assert x.flatten().tolist() == [2, 3, 4, 5, 6] and repeated == 0
+    assert _design_key(torch.tensor([6.0])) in taken and _design_key(torch.tensor([7.0])) not in taken
+    # draws bring 1, then 2, then 0 new designs: stop, fill with the last draw's first designs
+    x, repeated = unique_batch(proposer([0, 8, 8, 8], [9, 9, 10, 8], [10, 9, 8, 0]), 4, taken)
+    assert x.flatten().tolist() == [8, 9, 10, 10] and repeated == 1
+    # a collapsed proposer (one new design per draw of 200) is dropped after its second draw,
+    # as is one whose second draw brings less than 1% of the batch
+    seen = set()
+    x, repeated = unique_batch(lambda n: torch.cat([torch.zeros(n - 1, 1), torch.rand(1, 1)]), 200, seen)
+    assert repeated == 200 - 3 and len(seen) == 3 and x.shape == (200, 1)
+    x, repeated = unique_batch(proposer(list(range(100, 200)), [100] * 99 + [300], list(range(400, 500))), 200, set())
+    assert repeated == 99 and x[:101].flatten().tolist() == list(range(100, 200)) + [300]

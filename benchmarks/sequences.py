@@ -183,6 +183,7 @@ def _plot(results: dict, checkpoints: list[int], path: Path) -> None:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), squeeze=False)
     for ax, (task, methods) in zip(axes[0], results.items()):
@@ -190,11 +191,15 @@ def _plot(results: dict, checkpoints: list[int], path: Path) -> None:
             xs = [c for c in checkpoints if all(c in a["curve"] for a in arms)]
             if not xs:
                 continue
-            ys = [statistics.fmean(a["curve"][c]["best"] for a in arms) for c in xs]
-            ax.plot(xs, ys, marker="o", label=method)
+            per_seed = [[a["curve"][c]["best"] for a in arms] for c in xs]
+            line, = ax.plot(xs, [statistics.fmean(v) for v in per_seed], marker="o", label=method)
+            ax.fill_between(xs, [min(v) for v in per_seed], [max(v) for v in per_seed], color=line.get_color(),
+                            alpha=0.15, linewidth=0)
         ax.set_xscale("log")
+        ax.set_xticks(checkpoints, [f"{c:,}" for c in checkpoints])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("oracle calls")
-        ax.set_ylabel("best true score (mean over seeds)")
+        ax.set_ylabel("best true score (mean; band: seeds min-max)")
         ax.set_title(task, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)

@@ -58,7 +58,7 @@ from .run import RunFolder, read_config
 from .store import COUNTED, SQLiteFeedbackStore
 from .strategies import PolicyGradient, UpdateContext
 
-__all__ = ["METHODS", "OnlineRunConfig", "run_online", "OracleSpec", "PPOSpec", "RewardGradientControl"]
+__all__ = ["METHODS", "OnlineRunConfig", "run_online", "OracleSpec", "PPOSpec", "RewardGradientControl", "unique_batch"]
 
 METHODS = ("ucb", "bootstrap", "thompson", "greedy", "nonadaptive", "ppo", "guidance", "best_of_n", "ga", "hill_climb")
 #: Model-free baselines: they edit queried designs with the domain's mutation/crossover.
@@ -150,8 +150,9 @@ class OnlineRunConfig:
         unique_designs: never spend a query on a design this method has already asked
             about (earlier in the run or earlier in the batch): draw more samples (or
             proposals), up to 32 batches while each still brings at least 1% of a
-            batch as new designs, and repeat designs only if still short. Turn it off when the oracle is noisy
-            and repeats are wanted.
+            batch as new designs, and repeat designs only if still short (see
+            :func:`unique_batch`). Turn it off when the oracle is noisy and repeats
+            are wanted.
         eval_samples: samples of each round's model scored with the ground truth outside
             the budget (a simulation-only diagnostic; ``0`` to skip).
         seed: seeds everything.

@@ -21,12 +21,12 @@ def test_default_checkpoint_records_the_command_and_seed_that_made_it(name, conf
     assert info["command"].startswith("difftilt pretrain") and config in info["command"]
     assert info["train"]["seed"] == 0 and info["process"]["sampler"] == "first_hit"
     assert (checkpoint_path(name) / "denoiser.safetensors").stat().st_size < 4_000_000
-    # the shipped config is the one that made it: same data, model and training settings
+    # the shipped config, read as `difftilt pretrain` reads it, is the one that made it
     from importlib import resources
 
-    import yaml
+    from difftilt.core.config import load_yaml
 
-    cfg = yaml.safe_load((resources.files("difftilt.plugins.sequences") / "configs" / config).read_text())
+    cfg = load_yaml(resources.files("difftilt.plugins.sequences") / "configs" / config)
     assert info["train"] == {**cfg["model"], **cfg["train"]}
     assert {k: v for k, v in info["data"].items() if k != "num_sequences_used"} == cfg["data"]
     assert all(info["process"][k] == v for k, v in cfg["process"].items())

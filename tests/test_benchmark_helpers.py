@@ -2,7 +2,7 @@
 
 import torch
 
-from difftilt.benchmarks.sequences import schedule_for, store_curve
+from difftilt.benchmarks.sequences import TASKS, schedule_for, store_curve
 from difftilt.core.oracle import Oracle
 from difftilt.core.reward import RewardOutput
 from difftilt.core.store import SQLiteFeedbackStore
@@ -12,6 +12,7 @@ def test_schedule_is_cut_at_the_budget():
     assert schedule_for(5000) == [250, 250, 500, 1000, 1500, 1500]
     assert schedule_for(2000) == [250, 250, 500, 1000]
     assert schedule_for(600) == [250, 250, 100]
+    assert schedule_for(1000, TASKS["tfbind8"]["rounds"]) == [100] * 10
 
 
 def test_store_curve_reads_best_and_top10_in_the_order_designs_were_asked(tmp_path):

@@ -1,18 +1,23 @@
 """The sequences benchmark's bookkeeping: rounds cut at the budget, best-so-far read in asking order."""
 
+import pytest
 import torch
 
-from difftilt.benchmarks.sequences import TASKS, schedule_for, store_curve
+from difftilt.benchmarks.sequences import EARLIER_ROUNDS, schedule_for, store_curve
 from difftilt.core.oracle import Oracle
 from difftilt.core.reward import RewardOutput
 from difftilt.core.store import SQLiteFeedbackStore
 
 
-def test_schedule_is_cut_at_the_budget():
-    assert schedule_for(5000) == [250, 250, 500, 1000, 1500, 1500]
-    assert schedule_for(2000) == [250, 250, 500, 1000]
-    assert schedule_for(600) == [250, 250, 100]
-    assert schedule_for(1000, TASKS["tfbind8"]["rounds"]) == [100] * 10
+def test_schedule_is_cut_at_the_budget_and_repeats_its_last_round():
+    assert schedule_for(5000, EARLIER_ROUNDS) == [250, 250, 500, 1000, 1500, 1500]
+    assert schedule_for(2000, EARLIER_ROUNDS) == [250, 250, 500, 1000]
+    assert schedule_for(600, EARLIER_ROUNDS) == [250, 250, 100]
+    assert schedule_for(1000, [100] * 10) == [100] * 10
+    assert schedule_for(5000, [250] * 8) == [250] * 20
+    assert schedule_for(1100, [500, 300]) == [500, 300, 300]
+    with pytest.raises(ValueError, match="positive"):
+        schedule_for(100, [])
 
 
 def test_store_curve_reads_best_and_top10_in_the_order_designs_were_asked(tmp_path):

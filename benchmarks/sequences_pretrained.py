@@ -8,6 +8,7 @@
 Usage::
 
     python -m difftilt.benchmarks.sequences_pretrained            # 1,000 Ehrlich and 10,000 TFBind8 samples
+    python -m difftilt.benchmarks.sequences_pretrained --only ehrlich --ehrlich-model runs/seq/models/ehrlich-20-64-4-4
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from difftilt.plugins.sequences.mdlm import masked_diffusion_loss
-from difftilt.plugins.sequences import EhrlichFunction, TFBind8, load_ehrlich, load_tfbind8
+from difftilt.plugins.sequences import EhrlichFunction, TFBind8, load_ehrlich, load_pretrained, load_tfbind8
 
 
 def _sample(process, n: int, seed: int, batch: int = 500) -> torch.Tensor:
@@ -37,9 +38,17 @@ def _nelbo(process, tokens: torch.Tensor, seed: int, repeats: int = 20) -> float
     return sum(vals) / (repeats * tokens.shape[0]) * tokens.shape[1]
 
 
-def ehrlich_report(n: int, seed: int) -> dict:
-    process = load_ehrlich()
-    f = EhrlichFunction(20, 32, 2, 4, seed=0)
+def ehrlich_report(n: int, seed: int, model: str | None = None) -> dict:
+    """The embedded default, or the Ehrlich model pretrained in folder ``model`` (its
+    ``process.json`` names the instance)."""
+    if model is None:
+        process, spec = load_ehrlich(), {"num_states": 20, "length": 32, "num_motifs": 2, "motif_length": 4, "seed": 0}
+    else:
+        process, spec = load_pretrained(model), json.loads((Path(model) / "process.json").read_text())["data"]
+        if spec.get("name") != "ehrlich":
+            raise SystemExit(f"{model} was not pretrained on an Ehrlich corpus (data: {spec.get('name')})")
+    args = [spec[k] for k in ("num_states", "length", "num_motifs", "motif_length")]
+    f = EhrlichFunction(*args, seed=spec["seed"])
     ids = _sample(process, n, seed)
     masked = (ids >= process.vocab_size).any(-1)
     value, feasible = f(ids.clamp(max=process.vocab_size - 1))
@@ -49,7 +58,9 @@ def ehrlich_report(n: int, seed: int) -> dict:
     out = {"samples": n, "feasible": float(feasible.float().mean()), "score_mean": float(value.mean()),
            "score_max": float(value.max()), "corpus_score_mean": float(cv.mean()), "corpus_score_max": float(cv.max()),
            "num_steps": process.num_steps}
-    print(f"\nEhrlich(20, 32, 2, 4, seed 0) pretrained model, {n} samples, K = {process.num_steps}")
+    out["instance"] = {**dict(zip(("num_states", "length", "num_motifs", "motif_length"), args)), "seed": spec["seed"]}
+    print(f"\nEhrlich({', '.join(map(str, args))}, seed {spec['seed']}) pretrained model"
+          f"{'' if model is None else ' in ' + model}, {n} samples, K = {process.num_steps}")
     print(f"  feasible fraction       {out['feasible']:.4f}   (corpus: 1.0000)")
     print(f"  score mean / max        {out['score_mean']:.4f} / {out['score_max']:.4f}   "
           f"(corpus: {out['corpus_score_mean']:.4f} / {out['corpus_score_max']:.4f})")
@@ -98,12 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ehrlich-samples", type=int, default=1000)
     parser.add_argument("--tfbind8-samples", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ehrlich-model", default=None,
+                        help="an Ehrlich model folder made by difftilt pretrain (default: the embedded one)")
     parser.add_argument("--only", choices=["ehrlich", "tfbind8"])
     parser.add_argument("--out", default="benchmarks/results/sequences_pretrained.json")
     args = parser.parse_args(argv)
     results = {}
     if args.only in (None, "ehrlich"):
-        results["ehrlich"] = ehrlich_report(args.ehrlich_samples, args.seed)
+        results["ehrlich"] = ehrlich_report(args.ehrlich_samples, args.seed, args.ehrlich_model)
     if args.only in (None, "tfbind8"):
         results["tfbind8"] = tfbind8_report(args.tfbind8_samples, args.seed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,8 @@ from .run import RunFolder, read_config
 from .store import COUNTED, SQLiteFeedbackStore
 from .strategies import PolicyGradient, UpdateContext
 
-__all__ = ["METHODS", "OnlineRunConfig", "run_online", "OracleSpec", "PPOSpec", "RewardGradientControl", "unique_batch"]
+__all__ = ["METHODS", "OnlineRunConfig", "run_online", "OracleSpec", "PPOSpec", "RewardGradientControl", "unique_batch",
+           "design_key"]
 
 METHODS = ("ucb", "bootstrap", "thompson", "greedy", "nonadaptive", "ppo", "guidance", "best_of_n", "ga", "hill_climb")
 #: Model-free baselines: they edit queried designs with the domain's mutation/crossover.
@@ -153,6 +154,11 @@ class OnlineRunConfig:
             batch as new designs, and repeat designs only if still short (see
             :func:`unique_batch`). Turn it off when the oracle is noisy and repeats
             are wanted.
+        fill: what completes a batch when the proposals run dry (a collapsed model,
+            a hill climber whose neighbours are all asked): ``edits``, the nearest
+            designs not yet asked (1, 2, then 3 positions of the proposals changed, by
+            the plugin's ``mutate``), then repeats; or ``repeats`` only. A repeat of a
+            noise-free oracle teaches nothing. Plugins without ``mutate`` get repeats.
         eval_samples: samples of each round's model scored with the ground truth outside
             the budget (a simulation-only diagnostic; ``0`` to skip).
         seed: seeds everything.
@@ -175,6 +181,7 @@ class OnlineRunConfig:
     evolution: dict = field(default_factory=dict)
     fit_infeasible: bool = False
     unique_designs: bool = True
+    fill: Literal["edits", "repeats"] = "edits"
     eval_samples: int = 256
     seed: int = 0
     output_dir: str = "runs"
@@ -362,7 +369,7 @@ class _MethodRun:
         ppo = _PPO(self) if self.method == "ppo" else None
         for i in range(done, len(self.schedule)):
             t0 = time.time()
-            self.repeated = 0  # designs of this round asked about before (see _fresh)
+            self.repeated = self.edited = 0  # this round's repeats and edits (see _fresh)
             if ppo is not None:
                 model = ppo.round(i, model)
             elif self.method in EVOLUTION and i > 0:
@@ -383,8 +390,12 @@ class _MethodRun:
         none asked in an earlier round and none twice (see :func:`unique_batch`)."""
         if not self.cfg.unique_designs:
             return propose(self.schedule[i])
-        taken = {_design_key(r.design) for r in self.store.records() if r.round < i}
-        x, self.repeated = unique_batch(propose, self.schedule[i], taken)
+        taken = {design_key(r.design) for r in self.store.records() if r.round < i}
+        edit = None
+        if self.cfg.fill == "edits" and type(self.domain).mutate is not Domain.mutate:
+            g = torch.Generator().manual_seed(self._round_seed(i, 7))
+            edit = lambda x, k: self.domain.mutate(x, generator=g, count=k)  # noqa: E731
+        x, self.repeated, self.edited = unique_batch(propose, self.schedule[i], taken, edit=edit)
         return x
 
     def _evolve(self, i: int) -> Tensor:
@@ -434,7 +445,8 @@ class _MethodRun:
     @torch.no_grad()
     def _metrics(self, i: int, model: Process, seconds: float) -> dict:
         answered = self.store.records(status=("answered",))
-        true_vals = [r.true_value for r in answered if r.true_value is not None]
+        # each distinct design once: a repeated query does not make a second top-10 design
+        true_vals = list({design_key(r.design): r.true_value for r in answered if r.true_value is not None}.values())
         this = self.store.records(round=i, status=COUNTED)
         row: dict[str, Any] = {
             "method": self.method,
@@ -446,6 +458,7 @@ class _MethodRun:
             "round_mean_true": _mean([r.true_value for r in this if r.true_value is not None]),
             "failed": self.store.count(("failed",)),
             "repeated": self.repeated,
+            "edited": self.edited,
             "seconds": round(seconds, 2),
         }
         n = self.cfg.eval_samples
@@ -480,38 +493,62 @@ _KL_SAMPLES = 256  # samples of the per-round KL-to-pretrained diagnostic
 
 
 def unique_batch(propose: Callable[[int], Tensor], n: int, taken: set[bytes], max_draws: int = 32,
-                 min_new_fraction: float = 0.01) -> tuple[Tensor, int]:
+                 min_new_fraction: float = 0.01, edit: Callable[[Tensor, int], Tensor] | None = None,
+                 max_edits: int = 3) -> tuple[Tensor, int, int]:
     """``n`` designs from ``propose(n)`` that are not in ``taken`` and not repeated.
 
-    Designs in ``taken`` (their :func:`_design_key`), or already kept, are dropped and
+    Designs in ``taken`` (their :func:`design_key`), or already kept, are dropped and
     ``propose`` is called again, until ``n`` are kept, or a draw brings fewer than
     ``min_new_fraction * n`` new ones (a collapsed model: each further draw would cost a
-    whole batch of sampling for a handful of designs), or after ``max_draws`` draws. If
-    still short, the last draw's first designs fill the batch. Deterministic given
-    ``propose``, so a resumed round regenerates the same designs. ``taken`` is updated.
+    whole batch of sampling for a handful of designs), or after ``max_draws`` draws.
+
+    If still short and ``edit`` is given, the rest are the nearest designs not yet asked:
+    ``edit(x, k)`` changes ``k`` positions of each of the last draw's designs ``x`` (the
+    proposer's most likely designs, as often as it proposes them), for ``k = 1, 2, ...,
+    max_edits``, each ``k`` drawn again while a draw brings at least ``min_new_fraction * n``
+    new ones. Only then are repeats used: the last draw's first designs fill the batch.
+
+    Deterministic given ``propose`` and ``edit``, so a resumed round regenerates the same
+    designs. ``taken`` is updated.
 
     Returns:
-        ``(designs, repeated)``: ``(n, *event_shape)`` and how many of them are repeats.
+        ``(designs, repeated, edited)``: ``(n, *event_shape)``, how many of them are
+        repeats and how many are edits (they come after the proposals, repeats last).
     """
     min_new = max(1, math.ceil(min_new_fraction * n))
     keep: list[Tensor] = []
-    for draw in range(max_draws):
-        x = propose(n)
+
+    def take(x: Tensor) -> int:
         before = len(keep)
         for row in x:
-            key = _design_key(row)
+            key = design_key(row)
             if key not in taken:
                 taken.add(key)
                 keep.append(row)
                 if len(keep) == n:
-                    return torch.stack(keep), 0
-        if draw and len(keep) - before < min_new:
+                    break
+        return len(keep) - before
+
+    for draw in range(max_draws):
+        x = propose(n)
+        got = take(x)
+        if len(keep) == n:
+            return torch.stack(keep), 0, 0
+        if draw and got < min_new:
             break
+    proposed = len(keep)
+    for k in range(1, max_edits + 1) if edit is not None else ():
+        for _ in range(max_draws):
+            got = take(edit(x, k))
+            if len(keep) == n:
+                return torch.stack(keep), 0, n - proposed
+            if got < min_new:
+                break
     repeated = n - len(keep)
-    return (torch.cat([torch.stack(keep), x[:repeated]]) if keep else x), repeated
+    return (torch.cat([torch.stack(keep), x[:repeated]]) if keep else x), repeated, len(keep) - proposed
 
 
-def _design_key(design: Tensor) -> bytes:
+def design_key(design: Tensor) -> bytes:
     """Exact identity of a design (one-hot sequences, graphs; continuous designs never repeat)."""
     return design.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
 

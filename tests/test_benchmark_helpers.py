@@ -25,12 +25,15 @@ def test_store_curve_reads_best_and_top10_in_the_order_designs_were_asked(tmp_pa
         return RewardOutput(x[:, 0], x[:, 0] >= 0)
 
     store = SQLiteFeedbackStore(tmp_path / "feedback.sqlite")
-    oracle = Oracle(truth, budget=30, store=store, batch_size=10, event_shape=(2,))
-    for i, first in enumerate([torch.arange(10.0), -torch.ones(10), 100 + torch.arange(10.0)]):
+    oracle = Oracle(truth, budget=40, store=store, batch_size=10, event_shape=(2,))
+    rounds = [torch.arange(10.0), -torch.ones(10), 100 + torch.arange(10.0), torch.full((10,), 200.0)]
+    for i, first in enumerate(rounds):
         oracle.query(torch.stack([first, torch.zeros(10)], 1), round=i)
     store.close()
-    curve = store_curve(tmp_path, [10, 20, 30, 40])
+    curve = store_curve(tmp_path, [10, 20, 30, 40, 50])
     assert curve[10] == {"best": 9.0, "top10": 4.5}
     assert curve[20] == curve[10]  # the infeasible round adds nothing
     assert curve[30]["best"] == 109.0 and curve[30]["top10"] == 104.5
-    assert 40 not in curve  # more calls than were spent
+    # ten queries of one design are one design: top-10 is 200 and the nine best others
+    assert curve[40]["best"] == 200.0 and curve[40]["top10"] == (200 + sum(range(101, 110))) / 10
+    assert 50 not in curve  # more calls than were spent

@@ -157,23 +157,56 @@ def test_a_failing_oracle_stops_the_run_with_one_line_and_keeps_the_record(tmp_p
 def test_unique_batch_skips_asked_designs_and_stops_when_draws_run_dry():
     import torch
 
-    from difftilt.core.online import _design_key, unique_batch
+    from difftilt.core.online import design_key, unique_batch
 
     def proposer(*draws):  # each call returns the next of the given draws (one-number designs)
         it = iter(draws)
         return lambda n: torch.tensor(next(it), dtype=torch.float32)[:, None]
 
-    taken = {_design_key(torch.tensor([0.0])), _design_key(torch.tensor([1.0]))}
-    x, repeated = unique_batch(proposer([0, 2, 2, 3, 1], [1, 4, 5, 6, 7]), 5, taken)
-    assert x.flatten().tolist() == [2, 3, 4, 5, 6] and repeated == 0
-    assert _design_key(torch.tensor([6.0])) in taken and _design_key(torch.tensor([7.0])) not in taken
+    taken = {design_key(torch.tensor([0.0])), design_key(torch.tensor([1.0]))}
+    x, repeated, edited = unique_batch(proposer([0, 2, 2, 3, 1], [1, 4, 5, 6, 7]), 5, taken)
+    assert x.flatten().tolist() == [2, 3, 4, 5, 6] and repeated == 0 and edited == 0
+    assert design_key(torch.tensor([6.0])) in taken and design_key(torch.tensor([7.0])) not in taken
     # draws bring 1, then 2, then 0 new designs: stop, fill with the last draw's first designs
-    x, repeated = unique_batch(proposer([0, 8, 8, 8], [9, 9, 10, 8], [10, 9, 8, 0]), 4, taken)
-    assert x.flatten().tolist() == [8, 9, 10, 10] and repeated == 1
+    x, repeated, edited = unique_batch(proposer([0, 8, 8, 8], [9, 9, 10, 8], [10, 9, 8, 0]), 4, taken)
+    assert x.flatten().tolist() == [8, 9, 10, 10] and repeated == 1 and edited == 0
     # a collapsed proposer (one new design per draw of 200) is dropped after its second draw,
     # as is one whose second draw brings less than 1% of the batch
     seen = set()
-    x, repeated = unique_batch(lambda n: torch.cat([torch.zeros(n - 1, 1), torch.rand(1, 1)]), 200, seen)
+    x, repeated, _ = unique_batch(lambda n: torch.cat([torch.zeros(n - 1, 1), torch.rand(1, 1)]), 200, seen)
     assert repeated == 200 - 3 and len(seen) == 3 and x.shape == (200, 1)
-    x, repeated = unique_batch(proposer(list(range(100, 200)), [100] * 99 + [300], list(range(400, 500))), 200, set())
+    x, repeated, _ = unique_batch(proposer(list(range(100, 200)), [100] * 99 + [300], list(range(400, 500))), 200, set())
     assert repeated == 99 and x[:101].flatten().tolist() == list(range(100, 200)) + [300]
+
+
+def test_unique_batch_fills_a_dry_proposer_with_the_nearest_unasked_edits():
+    import torch
+
+    from difftilt.core.online import unique_batch
+
+    # designs are integers; an edit of k positions adds 10 ** (k - 1) * (1, 2, 3) to each
+    def edit(x, k):
+        return (x + 10 ** (k - 1) * torch.arange(1, x.shape[0] + 1).remainder(3).add(1)[:, None]).float()
+
+    calls = []
+
+    def collapsed(n):  # a model that only ever proposes 0 and 5
+        calls.append(n)
+        return torch.tensor([0.0, 5.0] * (n // 2))[:, None]
+
+    taken: set = set()
+    x, repeated, edited = unique_batch(collapsed, 8, taken, edit=edit)
+    got = x.flatten().tolist()
+    # proposals first (2 new), then single edits of them (1..3 and 6..8: 6 new) fill the batch
+    assert got[:2] == [0, 5] and sorted(got[2:]) == [1, 2, 3, 6, 7, 8]
+    assert (repeated, edited) == (0, 6) and len(set(got)) == 8 and len(calls) == 2
+    # the next round: proposals and single edits are all asked, so two-position edits (+10, +20, +30) come
+    x, repeated, edited = unique_batch(collapsed, 4, taken, edit=edit)
+    assert sorted(x.flatten().tolist()) == [10, 20, 25, 35] and (repeated, edited) == (0, 4)
+    # without an edit operator (or when edits run dry too) the batch is completed with repeats
+    x, repeated, edited = unique_batch(collapsed, 4, taken)
+    assert (repeated, edited) == (4, 0) and x.flatten().tolist() == [0, 5, 0, 5]
+    x, repeated, edited = unique_batch(collapsed, 4, set(taken), edit=lambda x, k: x, max_edits=2)
+    assert (repeated, edited) == (4, 0)
+
+

@@ -171,6 +171,25 @@ def test_mutations_change_exactly_the_asked_positions_to_other_letters():
     assert from_a.all()
 
 
+def test_a_collapsed_proposer_is_completed_with_its_nearest_unasked_mutants():
+    from difftilt.core.online import design_key, unique_batch
+
+    domain = load_plugin("sequences")
+    seq = _one_hot(torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]), 4)
+    g = torch.Generator().manual_seed(0)
+    # 30 designs from a model that only samples one 8-mer: itself, its 24 single mutants,
+    # then 5 double mutants; the next 10 are all double mutants
+    taken: set = set()
+    x, repeated, edited = unique_batch(lambda n: seq.expand(n, -1, -1), 30, taken,
+                                       edit=lambda x, k: domain.mutate(x, generator=g, count=k))
+    dist = (x.argmax(-1) != seq.argmax(-1)).sum(1).tolist()
+    assert (repeated, edited) == (0, 29) and len({design_key(r) for r in x}) == 30
+    assert dist[0] == 0 and sorted(dist[1:]) == [1] * 24 + [2] * 5
+    x, repeated, edited = unique_batch(lambda n: seq.expand(n, -1, -1), 10, taken,
+                                       edit=lambda x, k: domain.mutate(x, generator=g, count=k))
+    assert (repeated, edited) == (0, 10) and (x.argmax(-1) != seq.argmax(-1)).sum(1).tolist() == [2] * 10
+
+
 @pytest.mark.slow
 def test_ga_and_hill_climber_spend_the_budget_in_the_same_harness(tiny_tfbind_model, tmp_path):
     from difftilt.core.online import run_online

@@ -183,7 +183,7 @@ def _print_tables(results: dict, checkpoints: list[int], schedules: dict[str, li
             for c in checkpoints:
                 cells += f"{fmt([a['curve'][c]['best'] for a in arms if c in a['curve']]):>16}"
                 cells += f"{fmt([a['curve'][c]['top10'] for a in arms if c in a['curve']]):>16}"
-            feas = fmt([a["last"]["round_feasible"] for a in arms if "round_feasible" in a["last"]])
+            feas = fmt([a["last"]["eval_feasible"] for a in arms if "eval_feasible" in a["last"]])
             div = fmt([a["last"]["eval_diversity"] for a in arms if "eval_diversity" in a["last"]])
             reached = []
             for c in checkpoints:

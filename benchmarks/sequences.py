@@ -7,7 +7,7 @@ pretrained model's first round of samples:
   an Ehrlich pretraining corpus is the feasible-sequence model, which depends on
   ``(num_states, length, seed)`` only, so ``difftilt pretrain`` makes the same model for
   both --, (20, 64, 4, 4) -- a model pretrained here on first use with the default's
-  settings, kept under ``<runs>/models`` --, and TFBind8 (embedded default);
+  settings but 2,000 steps, kept under ``<runs>/models`` --, and TFBind8 (embedded default);
 * methods: SEIKO-UCB, SEIKO-bootstrap, greedy, non-adaptive, GA, hill climber;
 * budget: up to 5,000 oracle calls, in each task's rounds: the rounds of its online
   config (``configs/online_ehrlich.yaml``: 250 each; ``online_tfbind8.yaml``: 100 each)
@@ -15,10 +15,11 @@ pretrained model's first round of samples:
   published table was made with (250, 250, 500, 1000, 1500, 1500; alpha 0.005).
 
 For each task and method it prints, as mean ± std over seeds, the best and the top-10
-mean true score among the designs asked after 500 / 1,000 / 2,000 / 5,000 calls (read
-from each run's feedback store in the order the designs were asked), the feasible
-fraction and Hamming diversity of the last round's designs, and on how many seeds the
-task's maximum (1.0) was found by each budget. It plots best score against calls.
+mean true score among the distinct designs asked after 500 / 1,000 / 2,000 / 5,000 calls
+(read from each run's feedback store in the order the designs were asked), the feasible
+fraction and Hamming diversity of the final model's samples (of the last round's designs
+for the GA and the hill climber), and on how many seeds the task's maximum (1.0) was found
+by each budget. It plots best score against calls.
 
 Usage::
 

@@ -151,7 +151,7 @@ class OnlineRunConfig:
         unique_designs: never spend a query on a design this method has already asked
             about (earlier in the run or earlier in the batch): draw more samples (or
             proposals), up to 32 batches while each still brings at least 1% of a
-            batch as new designs, and repeat designs only if still short (see
+            batch as new designs, and complete it as ``fill`` says if still short (see
             :func:`unique_batch`). Turn it off when the oracle is noisy and repeats
             are wanted.
         fill: what completes a batch when the proposals run dry (a collapsed model,
@@ -392,7 +392,7 @@ class _MethodRun:
             return propose(self.schedule[i])
         taken = {design_key(r.design) for r in self.store.records() if r.round < i}
         edit = None
-        if self.cfg.fill == "edits" and type(self.domain).mutate is not Domain.mutate:
+        if self.cfg.fill == "edits" and _mutates(self.domain):
             g = torch.Generator().manual_seed(self._round_seed(i, 7))
             edit = lambda x, k: self.domain.mutate(x, generator=g, count=k)  # noqa: E731
         x, self.repeated, self.edited = unique_batch(propose, self.schedule[i], taken, edit=edit)
@@ -548,6 +548,11 @@ def unique_batch(propose: Callable[[int], Tensor], n: int, taken: set[bytes], ma
     return (torch.cat([torch.stack(keep), x[:repeated]]) if keep else x), repeated, len(keep) - proposed
 
 
+def _mutates(domain: Domain) -> bool:
+    """Whether the plugin implements ``mutate`` (the GA, the hill climber and ``fill: edits`` use it)."""
+    return type(domain).mutate is not Domain.mutate
+
+
 def design_key(design: Tensor) -> bytes:
     """Exact identity of a design (one-hot sequences, graphs; continuous designs never repeat)."""
     return design.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
@@ -692,7 +697,7 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
     torch.manual_seed(cfg.seed)
     domain = load_plugin(cfg.plugin)
     needs_mutation = [m for m in cfg.methods if m in EVOLUTION]
-    if needs_mutation and type(domain).mutate is Domain.mutate:
+    if needs_mutation and not _mutates(domain):
         raise ConfigError(f"config.methods: {', '.join(needs_mutation)} need a mutation operator, "
                           f"which plugin '{cfg.plugin}' does not provide")
     pretrained = freeze(domain.make_process(cfg.process))

@@ -72,6 +72,8 @@ def _cmd_online(args: argparse.Namespace) -> int:
         for r in rows:
             cells = "".join(f"{format(r[k], f) if k in r else '-':>12}" for k, _, f in cols)
             print(f"{method:<12}{r['round']:>6}{cells}")
+            if "stopped" in r:
+                print(f"{'':<12}{'':>6}  stopped after {r['queries_used']:,} queries: {r['stopped']}")
     print(f"plot: {run.path / 'reward_vs_queries.png'}")
     return 0
 

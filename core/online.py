@@ -161,6 +161,9 @@ class OnlineRunConfig:
             noise-free oracle teaches nothing. Plugins without ``mutate`` get repeats.
         eval_samples: samples of each round's model scored with the ground truth outside
             the budget (a simulation-only diagnostic; ``0`` to skip).
+        stop_at: stop a method once an answer's observed value reaches this (a known
+            maximum, or the level a hit must meet) and leave the rest of its budget
+            unspent; ``None``: spend the whole budget.
         seed: seeds everything.
         output_dir: parent folder of run folders.
         name: run folder name.
@@ -183,6 +186,7 @@ class OnlineRunConfig:
     unique_designs: bool = True
     fill: Literal["edits", "repeats"] = "edits"
     eval_samples: int = 256
+    stop_at: float | None = None
     seed: int = 0
     output_dir: str = "runs"
     name: str | None = None
@@ -368,6 +372,8 @@ class _MethodRun:
         model = self._restore(done)
         ppo = _PPO(self) if self.method == "ppo" else None
         for i in range(done, len(self.schedule)):
+            if self._target_reached():  # checked here, so a resumed run stops where the original did
+                break
             t0 = time.time()
             self.repeated = self.edited = 0  # this round's repeats and edits (see _fresh)
             if ppo is not None:
@@ -380,10 +386,19 @@ class _MethodRun:
                 model = self._update(i, model)
             if self.method not in ("guidance", "best_of_n", *EVOLUTION):
                 self._save(i, model)
-            self._append_row(self._metrics(i, model, time.time() - t0))
+            row = self._metrics(i, model, time.time() - t0)
+            if self._target_reached():
+                row["stopped"] = f"an answer reached stop_at {self.cfg.stop_at:g}"
+            self._append_row(row)
             self._save_state(rounds_done=i + 1)
         self._save_state(complete=True)
         return self.rows()
+
+    def _target_reached(self) -> bool:
+        """Whether an answered design's observed value has reached ``stop_at``."""
+        target = self.cfg.stop_at
+        return target is not None and any(r.value is not None and r.value >= target
+                                          for r in self.store.records(status=("answered",)))
 
     def _fresh(self, i: int, propose: Callable[[int], Tensor]) -> Tensor:
         """Round ``i``'s ``schedule[i]`` designs from ``propose(n)``: with ``unique_designs``,

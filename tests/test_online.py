@@ -210,3 +210,26 @@ def test_unique_batch_fills_a_dry_proposer_with_the_nearest_unasked_edits():
     assert (repeated, edited) == (4, 0)
 
 
+
+
+def test_stop_at_leaves_the_rest_of_the_budget_unspent_and_a_resume_does_not_spend_it(tmp_path):
+    from difftilt.core.online import run_online
+
+    raw = yaml.safe_load(_tiny(tmp_path, schedule=[8, 8, 8]).read_text())
+    # the first round's best observed answer, from a run without a target
+    full = run_online({**raw, "schedule": [8]}, output_dir=str(tmp_path), name="probe", progress=False)
+    with SQLiteFeedbackStore(full.path / "ucb" / "feedback.sqlite", readonly=True) as s:
+        first_best = max(r.value for r in s.records(status=("answered",)))
+
+    run = run_online({**raw, "stop_at": first_best}, output_dir=str(tmp_path), name="stop", progress=False)
+    rows = run.read_json("results.json")["methods"]["ucb"]
+    assert len(rows) == 1 and rows[0]["queries_used"] == 8
+    assert rows[0]["stopped"] == f"an answer reached stop_at {first_best:g}"
+    run_online(resume=str(run.path), progress=False)  # nothing left to do: it stopped
+    with SQLiteFeedbackStore(run.path / "ucb" / "feedback.sqlite", readonly=True) as s:
+        assert s.count(COUNTED) == 8
+
+    # a target just above what round 0 found lets the run go on
+    run = run_online({**raw, "stop_at": first_best + 1e-6}, output_dir=str(tmp_path), name="go", progress=False)
+    rows = run.read_json("results.json")["methods"]["ucb"]
+    assert len(rows) > 1 and "stopped" not in rows[0]

@@ -668,7 +668,10 @@ def _plot(results: dict, path: Path) -> None:
             xs = [r["queries_used"] for r in rows if key in r]
             ys = [r[key] for r in rows if key in r]
             if xs:
-                ax.plot(xs, ys, marker="o", label=method)
+                line, = ax.plot(xs, ys, marker="o", label=method)
+                if "stopped" in rows[-1] and key in rows[-1]:  # stop_at reached: a star where it stopped
+                    ax.plot(xs[-1:], ys[-1:], marker="*", markersize=15, color=line.get_color(), linestyle="none",
+                            label=f"{method} stopped (stop_at)" if ax is axes[0] else None)
         ax.set_xlabel("oracle queries used")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)

@@ -371,8 +371,9 @@ class _MethodRun:
         done = self.state()["rounds_done"]
         model = self._restore(done)
         ppo = _PPO(self) if self.method == "ppo" else None
+        stopped = self._target_reached()  # a resumed run stops where the original did
         for i in range(done, len(self.schedule)):
-            if self._target_reached():  # checked here, so a resumed run stops where the original did
+            if stopped:
                 break
             t0 = time.time()
             self.repeated = self.edited = 0  # this round's repeats and edits (see _fresh)
@@ -387,7 +388,8 @@ class _MethodRun:
             if self.method not in ("guidance", "best_of_n", *EVOLUTION):
                 self._save(i, model)
             row = self._metrics(i, model, time.time() - t0)
-            if self._target_reached():
+            stopped = self._target_reached()
+            if stopped:
                 row["stopped"] = f"an answer reached stop_at {self.cfg.stop_at:g}"
             self._append_row(row)
             self._save_state(rounds_done=i + 1)

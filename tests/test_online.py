@@ -210,8 +210,6 @@ def test_unique_batch_fills_a_dry_proposer_with_the_nearest_unasked_edits():
     assert (repeated, edited) == (4, 0)
 
 
-
-
 def test_stop_at_leaves_the_rest_of_the_budget_unspent_and_a_resume_does_not_spend_it(tmp_path):
     from difftilt.core.online import run_online
 

@@ -163,7 +163,8 @@ class OnlineRunConfig:
             the budget (a simulation-only diagnostic; ``0`` to skip).
         stop_at: stop a method once an answer's observed value reaches this (a known
             maximum, or the level a hit must meet) and leave the rest of its budget
-            unspent; ``None``: spend the whole budget.
+            unspent; ``None``: spend the whole budget. The round whose answers reach
+            it does not fine-tune a model for a next round.
         seed: seeds everything.
         output_dir: parent folder of run folders.
         name: run folder name.
@@ -369,14 +370,15 @@ class _MethodRun:
     def run(self, process_spec: dict) -> list[dict]:
         self.process_spec = process_spec
         done = self.state()["rounds_done"]
-        model = self._restore(done)
-        ppo = _PPO(self) if self.method == "ppo" else None
         stopped = self._target_reached()  # a resumed run stops where the original did
+        model = None if stopped else self._restore(done)
+        ppo = _PPO(self) if self.method == "ppo" else None
         for i in range(done, len(self.schedule)):
             if stopped:
                 break
             t0 = time.time()
             self.repeated = self.edited = 0  # this round's repeats and edits (see _fresh)
+            stopped = None
             if ppo is not None:
                 model = ppo.round(i, model)
             elif self.method in EVOLUTION and i > 0:
@@ -384,11 +386,16 @@ class _MethodRun:
             else:
                 gen = step_generator(self._round_seed(i), -9, model.device)
                 self._ask(self._fresh(i, lambda n: model.sample(n, generator=gen)), i, tag=f"round{i}")
-                model = self._update(i, model)
-            if self.method not in ("guidance", "best_of_n", *EVOLUTION):
+                # Once an answer meets the target no later round needs a model: skip the
+                # update (the round's row then describes the model that proposed it).
+                stopped = self._target_reached()
+                if not stopped:
+                    model = self._update(i, model)
+            if stopped is None:
+                stopped = self._target_reached()
+            if not stopped and self.method not in ("guidance", "best_of_n", *EVOLUTION):
                 self._save(i, model)
             row = self._metrics(i, model, time.time() - t0)
-            stopped = self._target_reached()
             if stopped:
                 row["stopped"] = f"an answer reached stop_at {self.cfg.stop_at:g}"
             self._append_row(row)

@@ -223,6 +223,8 @@ def test_stop_at_leaves_the_rest_of_the_budget_unspent_and_a_resume_does_not_spe
     rows = run.read_json("results.json")["methods"]["ucb"]
     assert len(rows) == 1 and rows[0]["queries_used"] == 8
     assert rows[0]["stopped"] == f"an answer reached stop_at {first_best:g}"
+    assert abs(rows[0]["kl_to_pretrained"]) < 1e-6  # no fine-tuning after the answers that reached it
+    assert not (run.path / "ucb" / "checkpoints").exists() or not any((run.path / "ucb" / "checkpoints").iterdir())
     run_online(resume=str(run.path), progress=False)  # nothing left to do: it stopped
     with SQLiteFeedbackStore(run.path / "ucb" / "feedback.sqlite", readonly=True) as s:
         assert s.count(COUNTED) == 8

@@ -378,21 +378,18 @@ class _MethodRun:
                 break
             t0 = time.time()
             self.repeated = self.edited = 0  # this round's repeats and edits (see _fresh)
-            stopped = None
             if ppo is not None:
-                model = ppo.round(i, model)
+                model = ppo.round(i, model)  # asks and updates in one
             elif self.method in EVOLUTION and i > 0:
                 self._ask(self._evolve(i), i, tag=f"round{i}")
             else:
                 gen = step_generator(self._round_seed(i), -9, model.device)
                 self._ask(self._fresh(i, lambda n: model.sample(n, generator=gen)), i, tag=f"round{i}")
-                # Once an answer meets the target no later round needs a model: skip the
-                # update (the round's row then describes the model that proposed it).
-                stopped = self._target_reached()
-                if not stopped:
-                    model = self._update(i, model)
-            if stopped is None:
-                stopped = self._target_reached()
+            stopped = self._target_reached()
+            # Once an answer meets the target no later round needs a model: skip the update
+            # (the round's row then describes the model that proposed it).
+            if ppo is None and not stopped:
+                model = self._update(i, model)  # the model itself for ga / hill_climb
             if not stopped and self.method not in ("guidance", "best_of_n", *EVOLUTION):
                 self._save(i, model)
             row = self._metrics(i, model, time.time() - t0)

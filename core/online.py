@@ -370,7 +370,10 @@ class _MethodRun:
     def run(self, process_spec: dict) -> list[dict]:
         self.process_spec = process_spec
         done = self.state()["rounds_done"]
-        stopped = self._target_reached()  # a resumed run stops where the original did
+        # A resumed run stops where the original did. A round that reached the target but
+        # has no row yet (a crash between its answers and its row) is run again: it re-asks
+        # its designs, finds them answered, and writes its row.
+        stopped = self._target_reached(before_round=done)
         model = None if stopped else self._restore(done)
         ppo = _PPO(self) if self.method == "ppo" else None
         for i in range(done, len(self.schedule)):
@@ -400,10 +403,12 @@ class _MethodRun:
         self._save_state(complete=True)
         return self.rows()
 
-    def _target_reached(self) -> bool:
-        """Whether an answered design's observed value has reached ``stop_at``."""
+    def _target_reached(self, before_round: int | None = None) -> bool:
+        """Whether an answered design's observed value (in a round before ``before_round``)
+        has reached ``stop_at``."""
         target = self.cfg.stop_at
         return target is not None and any(r.value is not None and r.value >= target
+                                          and (before_round is None or r.round < before_round)
                                           for r in self.store.records(status=("answered",)))
 
     def _fresh(self, i: int, propose: Callable[[int], Tensor]) -> Tensor:

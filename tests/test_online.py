@@ -229,6 +229,15 @@ def test_stop_at_leaves_the_rest_of_the_budget_unspent_and_a_resume_does_not_spe
     with SQLiteFeedbackStore(run.path / "ucb" / "feedback.sqlite", readonly=True) as s:
         assert s.count(COUNTED) == 8
 
+    # a crash after the stopping round's answers but before its row: the resume writes the row
+    (run.path / "ucb" / "rounds.jsonl").write_text("")
+    (run.path / "ucb" / "state.json").write_text(json.dumps({"rounds_done": 0}) + "\n")
+    run_online(resume=str(run.path), progress=False)
+    again = run.read_json("results.json")["methods"]["ucb"]
+    assert [{**r, "seconds": 0} for r in again] == [{**r, "seconds": 0} for r in rows]
+    with SQLiteFeedbackStore(run.path / "ucb" / "feedback.sqlite", readonly=True) as s:
+        assert s.count(COUNTED) == 8
+
     # a target just above what round 0 found lets the run go on
     run = run_online({**raw, "stop_at": first_best + 1e-6}, output_dir=str(tmp_path), name="go", progress=False)
     rows = run.read_json("results.json")["methods"]["ucb"]

@@ -141,6 +141,10 @@ class OnlineRunConfig:
         optimism: bootstrap acquisition: ``max`` over heads, or ``mean_std``.
         reward_model: options of the reward models (ensemble: ``num_heads``, ``hidden``,
             ``depth``, ``epochs``, ...; UCB: ``lambda_``, ...).
+        features: options of the plugin's featurizer, the reward models' input (its
+            ``Domain.featurizer`` keywords; sequences: ``reverse_complement``). A
+            featurizer with a ``canonical`` form also decides which designs are one
+            design for ``unique_designs`` (both strands of a DNA duplex).
         finetune: Finetuner fields used in every round.
         guidance_scale: strength of reward-gradient guidance (``guidance`` method).
         ppo: options of the ``ppo`` method (see :func:`PPOSpec`).
@@ -179,6 +183,7 @@ class OnlineRunConfig:
     beta: float = 1.0
     optimism: Literal["max", "mean_std"] = "max"
     reward_model: dict = field(default_factory=dict)
+    features: dict = field(default_factory=dict)
     finetune: dict = field(default_factory=dict)
     guidance_scale: float = 1.0
     ppo: dict = field(default_factory=dict)
@@ -260,7 +265,7 @@ class _MethodRun:
     """One method's run in ``<run>/<method>/``: store, oracle, rounds, checkpoints."""
 
     def __init__(self, cfg: OnlineRunConfig, method: str, domain: Domain, pretrained: Process, truth: Reward,
-                 folder: Path, progress: bool):
+                 featurizer: nn.Module, folder: Path, progress: bool):
         self.cfg, self.method, self.domain = cfg, method, domain
         self.pretrained, self.truth, self.progress = pretrained, truth, progress
         self.folder = folder
@@ -270,7 +275,11 @@ class _MethodRun:
         self.oracle = Oracle(truth, budget=sum(cfg.schedule), store=self.store, batch_size=o["batch_size"],
                              noise_std=o["noise_std"], retries=o["retries"], timeout=o["timeout"],
                              on_error=o["on_error"], event_shape=tuple(pretrained.event_shape), seed=cfg.seed)
-        self.featurizer = domain.featurizer(pretrained) or Flatten(tuple(pretrained.event_shape))
+        self.featurizer = featurizer
+        # Designs a featurizer declares one (its ``canonical`` form, e.g. both strands of a
+        # DNA duplex) are one design: a query on the second would be a repeat.
+        canonical = getattr(featurizer, "canonical", None)
+        self.key = design_key if canonical is None else (lambda d: design_key(canonical(d[None])[0]))
         with torch.no_grad():
             self.phi_dim = int(self.featurizer(pretrained.initial(1)).shape[-1])
         self.alphas = cfg.alpha if isinstance(cfg.alpha, list) else [cfg.alpha] * len(cfg.schedule)
@@ -416,12 +425,12 @@ class _MethodRun:
         none asked in an earlier round and none twice (see :func:`unique_batch`)."""
         if not self.cfg.unique_designs:
             return propose(self.schedule[i])
-        taken = {design_key(r.design) for r in self.store.records() if r.round < i}
+        taken = {self.key(r.design) for r in self.store.records() if r.round < i}
         edit = None
         if self.cfg.fill == "edits" and _mutates(self.domain):
             g = torch.Generator().manual_seed(self._round_seed(i, 7))
             edit = lambda x, k: self.domain.mutate(x, generator=g, count=k)  # noqa: E731
-        x, self.repeated, self.edited = unique_batch(propose, self.schedule[i], taken, edit=edit)
+        x, self.repeated, self.edited = unique_batch(propose, self.schedule[i], taken, edit=edit, key=self.key)
         return x
 
     def _evolve(self, i: int) -> Tensor:
@@ -520,10 +529,10 @@ _KL_SAMPLES = 256  # samples of the per-round KL-to-pretrained diagnostic
 
 def unique_batch(propose: Callable[[int], Tensor], n: int, taken: set[bytes], max_draws: int = 32,
                  min_new_fraction: float = 0.01, edit: Callable[[Tensor, int], Tensor] | None = None,
-                 max_edits: int = 3) -> tuple[Tensor, int, int]:
+                 max_edits: int = 3, key: Callable[[Tensor], bytes] | None = None) -> tuple[Tensor, int, int]:
     """``n`` designs from ``propose(n)`` that are not in ``taken`` and not repeated.
 
-    Designs in ``taken`` (their :func:`design_key`), or already kept, are dropped and
+    Designs in ``taken`` (their ``key``, default :func:`design_key`), or already kept, are dropped and
     ``propose`` is called again, until ``n`` are kept, or a draw brings fewer than
     ``min_new_fraction * n`` new ones (a collapsed model: each further draw would cost a
     whole batch of sampling for a handful of designs), or after ``max_draws`` draws.
@@ -542,14 +551,15 @@ def unique_batch(propose: Callable[[int], Tensor], n: int, taken: set[bytes], ma
         repeats and how many are edits (they come after the proposals, repeats last).
     """
     min_new = max(1, math.ceil(min_new_fraction * n))
+    key = key or design_key
     keep: list[Tensor] = []
 
     def take(x: Tensor) -> int:
         before = len(keep)
         for row in x:
-            key = design_key(row)
-            if key not in taken:
-                taken.add(key)
+            k = key(row)
+            if k not in taken:
+                taken.add(k)
                 keep.append(row)
                 if len(keep) == n:
                     break
@@ -731,6 +741,8 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
                           f"which plugin '{cfg.plugin}' does not provide")
     pretrained = freeze(domain.make_process(cfg.process))
     truth = domain.make_reward(cfg.oracle["reward"], pretrained)
+    options = validate_kwargs(domain.featurizer, cfg.features, "features", skip=("reference",))
+    featurizer = domain.featurizer(pretrained, **options) or Flatten(tuple(pretrained.event_shape))
     process_spec = cfg.process if isinstance(cfg.process, dict) else {"name": cfg.process or next(iter(domain.processes))}
 
     if resume is None:
@@ -746,7 +758,7 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
     results: dict = {"methods": {}, "schedule": cfg.schedule}
     try:
         for method in cfg.methods:
-            mrun = _MethodRun(cfg, method, domain, pretrained, truth, run.path / method, progress)
+            mrun = _MethodRun(cfg, method, domain, pretrained, truth, featurizer, run.path / method, progress)
             try:
                 results["methods"][method] = mrun.run(process_spec)
             finally:

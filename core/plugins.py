@@ -104,7 +104,10 @@ class Domain:
 
     def featurizer(self, reference: Process) -> nn.Module | None:
         """Differentiable features ``phi(x)``: ``(b, *event_shape) -> (b, d)`` for reward models
-        (online fine-tuning). ``None`` uses the flattened state."""
+        (online fine-tuning). ``None`` uses the flattened state. Keyword options a domain adds
+        here are the online config's ``features`` section. A featurizer may define
+        ``canonical(x)``, one representative of each set of designs the oracle cannot tell
+        apart: the online loop then never asks about two designs of one set."""
         return None
 
     # ------------------------------------------------------------------ model-free baselines

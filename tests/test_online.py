@@ -105,6 +105,12 @@ def test_online_config_errors_are_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "difftilt: error: config.methods: ga need a mutation operator, which plugin 'toy' does not provide")
     assert not (tmp_path / "r").exists()
+    cfg.write_text(yaml.safe_dump(dict(CFG, features={"reverse_complement": True})))
+    proc = subprocess.run([sys.executable, "-m", "difftilt", "online", str(cfg), "--output-dir", str(tmp_path / "r")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "difftilt: error: features: unknown field 'reverse_complement' (known fields: none)")
+    assert not (tmp_path / "r").exists()
 
 
 def _tiny(tmp_path, **change):
@@ -228,7 +234,6 @@ def test_stop_at_leaves_the_rest_of_the_budget_unspent_and_a_resume_does_not_spe
     run_online(resume=str(run.path), progress=False)  # nothing left to do: it stopped
     with SQLiteFeedbackStore(run.path / "ucb" / "feedback.sqlite", readonly=True) as s:
         assert s.count(COUNTED) == 8
-
     # a crash after the stopping round's answers but before its row: the resume writes the row
     (run.path / "ucb" / "rounds.jsonl").write_text("")
     (run.path / "ucb" / "state.json").write_text(json.dumps({"rounds_done": 0}) + "\n")

@@ -5,7 +5,7 @@ TFBind8) are small checkpoints made by ``difftilt pretrain`` from data that ship
 package; each ``checkpoints/*/process.json`` records the exact command, data and seed.
 """
 
-from .domain import (DNA, PROTEIN, EhrlichReward, OneHotFeatures, SequencesDomain, TFBind8Reward,
+from .domain import (DNA, PROTEIN, BothStrands, EhrlichReward, OneHotFeatures, SequencesDomain, TFBind8Reward,
                      hamming_diversity, load_ehrlich, load_tfbind8)
 from .descriptors import DescriptorConstraint, ProteinDescriptor
 from .ehrlich import EhrlichFunction
@@ -15,7 +15,7 @@ from .pretrain import load_pretrained, save_pretrained, train_masked_diffusion
 from .tfbind8 import TFBind8
 
 __all__ = [
-    "SequencesDomain", "EhrlichFunction", "TFBind8", "EhrlichReward", "TFBind8Reward", "OneHotFeatures",
+    "SequencesDomain", "EhrlichFunction", "TFBind8", "EhrlichReward", "TFBind8Reward", "OneHotFeatures", "BothStrands",
     "MaskedDiffusionProcess", "SequenceDenoiser", "masked_diffusion_loss", "train_masked_diffusion",
     "save_pretrained", "load_pretrained", "load_ehrlich", "load_tfbind8", "hamming_diversity", "PROTEIN", "DNA",
     "ESMReward", "ProteinDescriptor", "DescriptorConstraint",

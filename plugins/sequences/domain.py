@@ -39,7 +39,7 @@ from .plm import ESMReward
 from .pretrain import load_pretrained
 from .tfbind8 import TFBind8
 
-__all__ = ["SequencesDomain", "EhrlichReward", "TFBind8Reward", "OneHotFeatures", "PROTEIN", "DNA",
+__all__ = ["SequencesDomain", "EhrlichReward", "TFBind8Reward", "OneHotFeatures", "BothStrands", "PROTEIN", "DNA",
            "checkpoint_path", "load_ehrlich", "load_tfbind8", "load_from_path", "hamming_diversity"]
 
 
@@ -150,6 +150,67 @@ class OneHotFeatures(nn.Module):
         return torch.cat(feats, dim=-1)
 
 
+_COMPLEMENTS = {"A": "TU", "C": "G", "G": "C", "T": "A", "U": "A"}
+
+
+def complement_order(letters: str) -> list[int]:
+    """Each token's Watson-Crick complement in a nucleotide alphabet (``ACGT``: ``[3, 2, 1, 0]``;
+    ``U`` for ``T`` in RNA); a clear error for any other alphabet."""
+    index = {ch: i for i, ch in enumerate(letters.upper())}
+    out = []
+    for ch in letters.upper():
+        comps = [index[c] for c in _COMPLEMENTS.get(ch, "") if c in index]
+        if len(comps) != 1:
+            raise ConfigError(f"reverse complement needs a nucleotide alphabet (A, C, G and T or U, each with "
+                              f"one complement), got {letters!r}")
+        out.append(comps[0])
+    return out
+
+
+class BothStrands(nn.Module):
+    """``phi(x) + phi(rc(x))``: features of a DNA design read on both strands.
+
+    ``rc`` reverses the positions and swaps each letter for its complement (the mask
+    channel stays). A double-stranded binding site is the same molecule read from either
+    end, so its score -- TFBind8's included, which gives both strands one value -- cannot
+    tell ``x`` from ``rc(x)``; a reward model on these features cannot either, so each
+    answer also teaches it the other strand's score. With :class:`OneHotFeatures` inside,
+    the counts become counts over both strands (as gkm-SVM merges a k-mer with its
+    reverse complement). Differentiable, like ``phi``. Its :meth:`canonical` makes the two
+    strands one design for the online loop's no-repeat rule.
+
+    Args:
+        features: ``phi``.
+        complement: token ``i``'s complement (see :func:`complement_order`).
+    """
+
+    def __init__(self, features: nn.Module, complement: list[int]):
+        super().__init__()
+        self.features = features
+        self.register_buffer("order", torch.tensor(list(complement) + list(range(len(complement), len(complement) + 1))),
+                             persistent=False)
+
+    def reverse_complement(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.order.numel():
+            raise ConfigError(f"BothStrands: states have {x.shape[-1]} channels, the alphabet "
+                              f"{self.order.numel() - 1} letters and the mask")
+        return x[..., self.order].flip(-2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x) + self.features(self.reverse_complement(x))
+
+    def canonical(self, x: Tensor) -> Tensor:
+        """One strand of each design, the same for ``x`` and ``rc(x)``: the one whose token
+        ids come first in lexicographic order. The online loop keys designs by it, so it
+        never spends a query on the other strand of a design it has asked about."""
+        rc = self.reverse_complement(x)
+        a, b = x.argmax(-1), rc.argmax(-1)
+        differs = a != b
+        first = differs.float().argmax(-1, keepdim=True)  # first position where the strands differ
+        use_rc = differs.any(-1) & (b.gather(-1, first) < a.gather(-1, first)).squeeze(-1)
+        return torch.where(use_rc.view(-1, *[1] * (x.dim() - 1)), rc, x)
+
+
 def hamming_diversity(x: Tensor, max_samples: int = 512) -> float:
     """Mean pairwise Hamming distance between (up to 512) sequences, as a fraction of the length."""
     ids = x.detach().argmax(-1)[:max_samples]
@@ -193,12 +254,20 @@ class SequencesDomain(Domain):
         new = torch.where(chosen, (ids.clamp(max=V - 1) + shift) % V, ids)
         return nn.functional.one_hot(new, S).to(x.dtype)
 
-    def featurizer(self, reference: Process) -> nn.Module | None:
-        if isinstance(reference, MaskedDiffusionProcess):
-            # Contiguous words up to 4 letters where there are few of them (DNA: 64 + 256).
-            kmer = max((k for k in (3, 4) if reference.vocab_size**k <= 1024), default=0)
-            return OneHotFeatures(reference.vocab_size, max_gap=min(16, reference.length - 1), max_kmer=kmer)
-        return None
+    def featurizer(self, reference: Process, reverse_complement: bool = False) -> nn.Module | None:
+        """:class:`OneHotFeatures` with gaps up to 16 and contiguous words up to 4 letters where
+        there are few of them (DNA: 64 + 256); ``reverse_complement``: read on both strands
+        (:class:`BothStrands`; nucleotide alphabets only)."""
+        if not isinstance(reference, MaskedDiffusionProcess):
+            if reverse_complement:
+                raise ConfigError("features.reverse_complement needs a masked-diffusion sequence model")
+            return None
+        kmer = max((k for k in (3, 4) if reference.vocab_size**k <= 1024), default=0)
+        phi = OneHotFeatures(reference.vocab_size, max_gap=min(16, reference.length - 1), max_kmer=kmer)
+        if reverse_complement:
+            letters = reference.alphabet or default_alphabet(reference.vocab_size)
+            phi = BothStrands(phi, complement_order(letters))
+        return phi
 
     def decode(self, x: Tensor) -> list[str]:
         return to_strings(x.argmax(-1).tolist(), default_alphabet(x.shape[-1] - 1))

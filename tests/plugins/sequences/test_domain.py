@@ -11,9 +11,9 @@ import yaml
 from difftilt.core.errors import ConfigError
 from difftilt.core.plugins import load_plugin
 from difftilt.core.testing import DomainContract
-from difftilt.plugins.sequences import (EhrlichFunction, EhrlichReward, OneHotFeatures, TFBind8, TFBind8Reward,
-                                        hamming_diversity)
-from difftilt.plugins.sequences.domain import SequencesDomain
+from difftilt.plugins.sequences import (PROTEIN, EhrlichFunction, EhrlichReward, OneHotFeatures, TFBind8,
+                                        TFBind8Reward, hamming_diversity)
+from difftilt.plugins.sequences.domain import SequencesDomain, complement_order
 from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, SequenceDenoiser
 
 
@@ -96,6 +96,55 @@ def test_kmer_counts_match_a_direct_count_and_pass_gradients():
     assert SequencesDomain().featurizer(_tiny_process(20, 8)).max_kmer == 0
 
 
+def test_both_strands_features_give_a_design_and_its_reverse_complement_one_value():
+    ids = torch.randint(4, (6, 8), generator=torch.Generator().manual_seed(0))
+    x = _one_hot(ids, 4).requires_grad_()
+    rc = _one_hot(3 - ids.flip(-1), 4)  # ACGT: token i pairs with 3 - i
+    phi = SequencesDomain().featurizer(_tiny_process(4, 8), reverse_complement=True)
+    plain = OneHotFeatures(4, max_gap=7, max_kmer=4)
+    assert not torch.allclose(plain(x), plain(rc))  # one strand's features do tell them apart
+    assert torch.allclose(phi(x), phi(rc)) and torch.allclose(phi(x), plain(x) + plain(rc))
+    phi(x).sum().backward()
+    assert x.grad[..., :4].abs().sum() > 0 and x.grad[..., 4].eq(0).all()
+    table = TFBind8()  # what the symmetry is for: the table gives both strands one score
+    assert torch.equal(table(ids), table(3 - ids.flip(-1)))
+    assert complement_order("ACGT") == complement_order("ACGU") == [3, 2, 1, 0]
+    assert complement_order("TGCA") == [3, 2, 1, 0] and complement_order("ATGC") == [1, 0, 3, 2]
+    for letters in ("ACG", "ACGTU", PROTEIN):
+        with pytest.raises(ConfigError, match="needs a nucleotide alphabet"):
+            complement_order(letters)
+    with pytest.raises(ConfigError, match="needs a nucleotide alphabet"):
+        SequencesDomain().featurizer(_tiny_process(20, 8), reverse_complement=True)
+
+
+def test_both_strands_are_one_design_for_the_no_repeat_rule():
+    from difftilt.core.online import design_key, unique_batch
+
+    phi = SequencesDomain().featurizer(_tiny_process(4, 8), reverse_complement=True)
+    ids = torch.randint(4, (16, 8), generator=torch.Generator().manual_seed(1))
+    ids[0] = torch.tensor([0, 3, 0, 3, 0, 3, 0, 3])  # ATATATAT is its own reverse complement
+    x = _one_hot(ids, 4)
+    rc = _one_hot(3 - ids.flip(-1), 4)
+    assert torch.equal(phi.reverse_complement(x), rc)
+    canon = phi.canonical(x)
+    assert torch.equal(canon, phi.canonical(rc)) and torch.equal(canon[0], x[0])
+    assert all(torch.equal(c, a) or torch.equal(c, b) for c, a, b in zip(canon, x, rc))
+    lower = [a.argmax(-1).tolist() <= b.argmax(-1).tolist() for a, b in zip(x, rc)]
+    assert [torch.equal(c, a) for c, a in zip(canon, x)] == lower  # the strand that reads first
+
+    def key(d):
+        return design_key(phi.canonical(d[None])[0])
+
+    assert len({key(r) for r in x}) == 16  # sixteen molecules
+    taken: set = set()
+    got, repeated, _ = unique_batch(lambda n: torch.cat([x, rc]), 16, taken, key=key)
+    assert repeated == 0 and torch.equal(got, x)  # the other strands were dropped, not asked
+    _, repeated, _ = unique_batch(lambda n: rc[:n], 4, taken, key=key)
+    assert repeated == 4  # every proposal is the other strand of an asked design
+    _, repeated, _ = unique_batch(lambda n: rc[1:][:n], 4, {design_key(r) for r in x})
+    assert repeated == 0  # while keyed by their letters alone they would be asked again
+
+
 def _tiny_process(vocab: int, length: int) -> MaskedDiffusionProcess:
     return MaskedDiffusionProcess(SequenceDenoiser(vocab, length, dim=8, depth=0, heads=1), sampler="first_hit")
 
@@ -135,7 +184,7 @@ def test_online_loop_fine_tunes_a_full_denoiser_copy_and_saves_it_each_round(tin
            "oracle": {"reward": {"name": "tfbind8"}, "batch_size": 16}, "methods": ["ucb"], "schedule": [16, 16],
            "alpha": 0.1,
            "finetune": {"iterations": 3, "batch_size": 16, "lr": 1e-3, "value_refit_iterations": 0},
-           "reward_model": {"epochs": 5}, "eval_samples": 32}
+           "reward_model": {"epochs": 5}, "features": {"reverse_complement": True}, "eval_samples": 32}
     run = run_online(cfg, output_dir=str(tmp_path), name="seq", progress=False)
     rows = run.read_json("results.json")["methods"]["ucb"]
     assert [r["queries_used"] for r in rows] == [16, 32]

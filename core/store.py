@@ -140,6 +140,15 @@ class SQLiteFeedbackStore(FeedbackStore):
             self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30.0)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.is_file():
+                # Made aside with its schema, then moved into place, so that a reader (a
+                # notebook watching the run) never opens a store without its table.
+                tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+                new = sqlite3.connect(str(tmp))
+                new.executescript(_SCHEMA)
+                new.commit()
+                new.close()
+                os.replace(tmp, self.path)
             self._db = sqlite3.connect(str(self.path), timeout=30.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")

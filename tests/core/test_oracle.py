@@ -133,3 +133,28 @@ def test_a_reader_does_not_block_the_writer(store, tmp_path):
     with pytest.raises(sqlite3.OperationalError):
         reader._db.execute("DELETE FROM queries")
     reader.close()
+
+
+def test_a_new_store_appears_with_its_table(tmp_path, monkeypatch):
+    # a notebook that opens the store the moment its file appears must find the table
+    path = tmp_path / "new.sqlite"
+    real = sqlite3.connect
+    seen = []
+
+    def watching(target, *args, **kwargs):
+        if str(target) == str(path):
+            has_table = False
+            if path.is_file():
+                with real(f"file:{path}?mode=ro", uri=True) as peek:
+                    has_table = peek.execute("SELECT name FROM sqlite_master WHERE name = 'queries'").fetchone() is not None
+                peek.close()
+            seen.append(has_table)
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", watching)
+    SQLiteFeedbackStore(path).close()
+    assert seen == [True]
+    monkeypatch.undo()
+    with SQLiteFeedbackStore(path, readonly=True) as reader:
+        assert reader.count(("answered",)) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -187,8 +187,7 @@ class BothStrands(nn.Module):
     def __init__(self, features: nn.Module, complement: list[int]):
         super().__init__()
         self.features = features
-        self.register_buffer("order", torch.tensor(list(complement) + list(range(len(complement), len(complement) + 1))),
-                             persistent=False)
+        self.register_buffer("order", torch.tensor([*complement, len(complement)]), persistent=False)  # mask stays
 
     def reverse_complement(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.order.numel():

@@ -59,7 +59,7 @@ from .store import COUNTED, SQLiteFeedbackStore
 from .strategies import PolicyGradient, UpdateContext
 
 __all__ = ["METHODS", "OnlineRunConfig", "run_online", "OracleSpec", "PPOSpec", "RewardGradientControl", "unique_batch",
-           "design_key"]
+           "design_key", "design_keys"]
 
 METHODS = ("ucb", "bootstrap", "thompson", "greedy", "nonadaptive", "ppo", "guidance", "best_of_n", "ga", "hill_climb")
 #: Model-free baselines: they edit queried designs with the domain's mutation/crossover.
@@ -276,10 +276,7 @@ class _MethodRun:
                              noise_std=o["noise_std"], retries=o["retries"], timeout=o["timeout"],
                              on_error=o["on_error"], event_shape=tuple(pretrained.event_shape), seed=cfg.seed)
         self.featurizer = featurizer
-        # Designs a featurizer declares one (its ``canonical`` form, e.g. both strands of a
-        # DNA duplex) are one design: a query on the second would be a repeat.
-        canonical = getattr(featurizer, "canonical", None)
-        self.key = design_key if canonical is None else (lambda d: design_key(canonical(d[None])[0]))
+        self.key = design_keys(featurizer)
         with torch.no_grad():
             self.phi_dim = int(self.featurizer(pretrained.initial(1)).shape[-1])
         self.alphas = cfg.alpha if isinstance(cfg.alpha, list) else [cfg.alpha] * len(cfg.schedule)
@@ -592,6 +589,14 @@ def _mutates(domain: Domain) -> bool:
 def design_key(design: Tensor) -> bytes:
     """Exact identity of a design (one-hot sequences, graphs; continuous designs never repeat)."""
     return design.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+
+
+def design_keys(featurizer: nn.Module) -> Callable[[Tensor], bytes]:
+    """The identity of designs for the no-repeat rule: :func:`design_key`, of the featurizer's
+    ``canonical`` form where it has one (designs it declares one, e.g. both strands of a
+    DNA duplex, are one design: a query on the second would be a repeat)."""
+    canonical = getattr(featurizer, "canonical", None)
+    return design_key if canonical is None else (lambda d: design_key(canonical(d[None])[0]))
 
 
 def _mean(values: list[float]) -> float:

@@ -118,7 +118,7 @@ def test_both_strands_features_give_a_design_and_its_reverse_complement_one_valu
 
 
 def test_both_strands_are_one_design_for_the_no_repeat_rule():
-    from difftilt.core.online import design_key, unique_batch
+    from difftilt.core.online import design_key, design_keys, unique_batch
 
     phi = SequencesDomain().featurizer(_tiny_process(4, 8), reverse_complement=True)
     ids = torch.randint(4, (16, 8), generator=torch.Generator().manual_seed(1))
@@ -132,9 +132,8 @@ def test_both_strands_are_one_design_for_the_no_repeat_rule():
     lower = [a.argmax(-1).tolist() <= b.argmax(-1).tolist() for a, b in zip(x, rc)]
     assert [torch.equal(c, a) for c, a in zip(canon, x)] == lower  # the strand that reads first
 
-    def key(d):
-        return design_key(phi.canonical(d[None])[0])
-
+    key = design_keys(phi)  # the online loop's key for this featurizer
+    assert design_keys(OneHotFeatures(4)) is design_key
     assert len({key(r) for r in x}) == 16  # sixteen molecules
     taken: set = set()
     got, repeated, _ = unique_batch(lambda n: torch.cat([x, rc]), 16, taken, key=key)

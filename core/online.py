@@ -52,7 +52,8 @@ from .plotting import save_figure
 from .plugins import Domain, load_plugin
 from .process import ControlledProcess, Process, ResidualControlProcess, freeze, transitions_of
 from .reward import Reward, RewardOutput
-from .reward_models import (AcquisitionReward, Flatten, Greedy, MaxOverHeads, Thompson, UCB, make_reward_model)
+from .reward_models import (AcquisitionReward, Flatten, Greedy, MaxOverHeads, RewardModel, Thompson, UCB,
+                            make_reward_model)
 from .rollout import step_generator
 from .run import RunFolder, read_config
 from .store import COUNTED, SQLiteFeedbackStore
@@ -161,8 +162,14 @@ class OnlineRunConfig:
         fill: what completes a batch when the proposals run dry (a collapsed model,
             a hill climber whose neighbours are all asked): ``edits``, the nearest
             designs not yet asked (1, 2, then 3 positions of the proposals changed, by
-            the plugin's ``mutate``), then repeats; or ``repeats`` only. A repeat of a
-            noise-free oracle teaches nothing. Plugins without ``mutate`` get repeats.
+            the plugin's ``mutate``), then repeats; ``best_edits`` (the default), the
+            same for methods without a reward model, and for those with one (from
+            their second round) edits of the proposals and of the best answers so far
+            (as many as the batch), the ones the last fitted acquisition rates highest
+            among up to 32 batches of them rather than the first drawn: a local search
+            on the acquisition where the model has no new design to offer; or
+            ``repeats`` only. A repeat of a noise-free oracle teaches nothing. Plugins
+            without ``mutate`` get repeats.
         eval_samples: samples of each round's model scored with the ground truth outside
             the budget (a simulation-only diagnostic; ``0`` to skip).
         stop_at: stop a method once an answer's observed value reaches this (a known
@@ -190,7 +197,7 @@ class OnlineRunConfig:
     evolution: dict = field(default_factory=dict)
     fit_infeasible: bool = False
     unique_designs: bool = True
-    fill: Literal["edits", "repeats"] = "edits"
+    fill: Literal["edits", "best_edits", "repeats"] = "best_edits"
     eval_samples: int = 256
     stop_at: float | None = None
     seed: int = 0
@@ -269,6 +276,7 @@ class _MethodRun:
         self.cfg, self.method, self.domain = cfg, method, domain
         self.pretrained, self.truth, self.progress = pretrained, truth, progress
         self.folder = folder
+        self.acquisition: AcquisitionReward | None = None  # the last round's fitted reward model, if any
         folder.mkdir(parents=True, exist_ok=True)
         self.store = SQLiteFeedbackStore(folder / "feedback.sqlite")
         o = cfg.oracle
@@ -333,17 +341,26 @@ class _MethodRun:
             return Thompson()
         return Greedy()
 
-    def _fit_reward(self, i: int) -> AcquisitionReward:
-        x, y = self.store.training_data(self.truth.infeasible_value if self.cfg.fit_infeasible else None)
-        if x.shape[0] < 2:
-            raise InputDataError(f"{self.method} round {i}: fewer than 2 feasible answers to fit a reward model on")
+    def _reward_model(self) -> RewardModel:
         kind = "ucb" if self.method == "ucb" else "ensemble"
-        opts = {k: v for k, v in self.cfg.reward_model.items()}
-        model = make_reward_model(kind, self.featurizer, self.phi_dim, **_model_options(kind, opts))
-        model.fit(x.to(torch.float32), y, seed=self._round_seed(i, 1))
+        options = _model_options(kind, dict(self.cfg.reward_model))
+        return make_reward_model(kind, self.featurizer, self.phi_dim, **options)
+
+    def _acquisition_reward(self, model: RewardModel, i: int) -> AcquisitionReward:
         acq = self._acquisition(self.method)
         acq.prepare(model, torch.Generator().manual_seed(self._round_seed(i, 2)))
         return AcquisitionReward(model, acq, name=f"{self.method} reward model")
+
+    def _fit_reward(self, i: int) -> AcquisitionReward:
+        """Round ``i``'s reward model, fit on the answers of rounds ``0..i``, with its acquisition."""
+        x, y = self.store.training_data(self.truth.infeasible_value if self.cfg.fit_infeasible else None,
+                                        before_round=i + 1)
+        if x.shape[0] < 2:
+            raise InputDataError(f"{self.method} round {i}: fewer than 2 feasible answers to fit a reward model on")
+        model = self._reward_model()
+        model.fit(x.to(torch.float32), y, seed=self._round_seed(i, 1))
+        self.acquisition = self._acquisition_reward(model, i)
+        return self.acquisition
 
     def _finetune(self, i: int, prev: Process, reward: Reward) -> Process:
         """Fine-tune from ``prev`` (frozen) with KL to it; the new policy starts as a copy."""
@@ -366,10 +383,24 @@ class _MethodRun:
         return ft.fit().model
 
     def _load(self, i: int) -> Process:
+        path = self._checkpoint(i) / _REWARD_MODEL_FILE
+        if self.cfg.fill == "best_edits" and path.is_file():  # it ranks round i + 1's edits
+            from safetensors.torch import load_file
+
+            self.acquisition = self._acquisition_reward(self._reward_model().load_fitted(load_file(str(path))), i)
         return load_finetuned(self._checkpoint(i), pretrained=self.pretrained).model
 
     def _save(self, i: int, model: Process) -> None:
-        save_model(model, self.pretrained, self._checkpoint(i), plugin=self.cfg.plugin,
+        folder = self._checkpoint(i)
+        if self.cfg.fill == "best_edits" and self.acquisition is not None:
+            # before the model (whose index is written last): a round's checkpoint is complete or absent
+            from safetensors.torch import save_file
+
+            folder.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().contiguous().cpu() for k, v in self.acquisition.model.state_dict().items()}
+            save_file(state, str(folder / f".{_REWARD_MODEL_FILE}.tmp"))
+            os.replace(folder / f".{_REWARD_MODEL_FILE}.tmp", folder / _REWARD_MODEL_FILE)
+        save_model(model, self.pretrained, folder, plugin=self.cfg.plugin,
                    process=self.process_spec, extra={"method": self.method, "round": i})
 
     # ------------------------------------------------------------------ rounds
@@ -423,11 +454,23 @@ class _MethodRun:
         if not self.cfg.unique_designs:
             return propose(self.schedule[i])
         taken = {self.key(r.design) for r in self.store.records() if r.round < i}
-        edit = None
-        if self.cfg.fill == "edits" and _mutates(self.domain):
+        edit = rank = None
+        if self.cfg.fill != "repeats" and _mutates(self.domain):
             g = torch.Generator().manual_seed(self._round_seed(i, 7))
             edit = lambda x, k: self.domain.mutate(x, generator=g, count=k)  # noqa: E731
-        x, self.repeated, self.edited = unique_batch(propose, self.schedule[i], taken, edit=edit, key=self.key)
+            if self.cfg.fill == "best_edits" and self.acquisition is not None:
+                # the edits of the best answers so far join those of the proposals, and the
+                # acquisition fit on the answers before this round picks among them
+                acquisition = self.acquisition
+                answered, values = self.store.training_data(before_round=i)
+                if answered.shape[0]:
+                    order = torch.argsort(values, descending=True, stable=True)[: self.schedule[i]]
+                    best = answered[order].to(torch.float32)
+                    edit = lambda x, k: self.domain.mutate(torch.cat([x, best.to(x)]),  # noqa: E731
+                                                           generator=g, count=k)
+                rank = lambda x: acquisition(x.to(torch.float32)).value  # noqa: E731
+        x, self.repeated, self.edited = unique_batch(propose, self.schedule[i], taken, edit=edit, key=self.key,
+                                                     rank=rank)
         return x
 
     def _evolve(self, i: int) -> Tensor:
@@ -522,11 +565,13 @@ class _MethodRun:
 
 
 _KL_SAMPLES = 256  # samples of the per-round KL-to-pretrained diagnostic
+_REWARD_MODEL_FILE = "reward_model.safetensors"  # in a round's checkpoint, with fill: best_edits
 
 
 def unique_batch(propose: Callable[[int], Tensor], n: int, taken: set[bytes], max_draws: int = 32,
                  min_new_fraction: float = 0.01, edit: Callable[[Tensor, int], Tensor] | None = None,
-                 max_edits: int = 3, key: Callable[[Tensor], bytes] | None = None) -> tuple[Tensor, int, int]:
+                 max_edits: int = 3, key: Callable[[Tensor], bytes] | None = None,
+                 rank: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, int, int]:
     """``n`` designs from ``propose(n)`` that are not in ``taken`` and not repeated.
 
     Designs in ``taken`` (their ``key``, default :func:`design_key`), or already kept, are dropped and
@@ -538,10 +583,13 @@ def unique_batch(propose: Callable[[int], Tensor], n: int, taken: set[bytes], ma
     ``edit(x, k)`` changes ``k`` positions of each of the last draw's designs ``x`` (the
     proposer's most likely designs, as often as it proposes them), for ``k = 1, 2, ...,
     max_edits``, each ``k`` drawn again while a draw brings at least ``min_new_fraction * n``
-    new ones. Only then are repeats used: the last draw's first designs fill the batch.
+    new ones. With ``rank`` (``(m, *event_shape) -> (m,)`` scores, e.g. the acquisition),
+    each ``k``'s edits are first pooled over those draws, and the best-scoring of the
+    pool fill the batch instead of the first drawn. Only then are repeats used: the last
+    draw's first designs fill the batch.
 
-    Deterministic given ``propose`` and ``edit``, so a resumed round regenerates the same
-    designs. ``taken`` is updated.
+    Deterministic given ``propose``, ``edit`` and ``rank``, so a resumed round regenerates
+    the same designs. ``taken`` is updated.
 
     Returns:
         ``(designs, repeated, edited)``: ``(n, *event_shape)``, how many of them are
@@ -551,32 +599,44 @@ def unique_batch(propose: Callable[[int], Tensor], n: int, taken: set[bytes], ma
     key = key or design_key
     keep: list[Tensor] = []
 
-    def take(x: Tensor) -> int:
-        before = len(keep)
+    def take(x: Tensor, into: list[Tensor], limit: int) -> int:
+        before = len(into)
         for row in x:
             k = key(row)
             if k not in taken:
                 taken.add(k)
-                keep.append(row)
-                if len(keep) == n:
+                into.append(row)
+                if len(into) == limit:
                     break
-        return len(keep) - before
+        return len(into) - before
 
     for draw in range(max_draws):
         x = propose(n)
-        got = take(x)
+        got = take(x, keep, n)
         if len(keep) == n:
             return torch.stack(keep), 0, 0
         if draw and got < min_new:
             break
     proposed = len(keep)
     for k in range(1, max_edits + 1) if edit is not None else ():
+        pool: list[Tensor] = []  # with rank: this k's unasked edits, the best of which are kept
+        into, limit = (keep, n) if rank is None else (pool, math.inf)
         for _ in range(max_draws):
-            got = take(edit(x, k))
+            got = take(edit(x, k), into, limit)
             if len(keep) == n:
                 return torch.stack(keep), 0, n - proposed
             if got < min_new:
                 break
+        if pool:
+            with torch.no_grad():
+                scores = rank(torch.stack(pool)).reshape(-1)
+            order = torch.argsort(scores, descending=True, stable=True).tolist()
+            need = n - len(keep)
+            keep.extend(pool[j] for j in order[:need])
+            for j in order[need:]:  # not asked after all: free for a later draw or round
+                taken.discard(key(pool[j]))
+            if len(keep) == n:
+                return torch.stack(keep), 0, n - proposed
     repeated = n - len(keep)
     return (torch.cat([torch.stack(keep), x[:repeated]]) if keep else x), repeated, len(keep) - proposed
 

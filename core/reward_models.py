@@ -162,6 +162,15 @@ class RewardModel(nn.Module, ABC):
             self.y_std = y.float().std().clamp_min(1e-6)
             return (phi - self.phi_mean) / self.phi_std, (y.float() - self.y_mean) / self.y_std
 
+    def load_fitted(self, state: dict[str, Tensor]) -> "RewardModel":
+        """Restore a fitted model from its ``state_dict()`` (the feature statistics, empty
+        before a fit, take their sizes from it)."""
+        self.phi_mean = torch.empty_like(state["phi_mean"])
+        self.phi_std = torch.empty_like(state["phi_std"])
+        self.load_state_dict(state)
+        self.fitted = True
+        return self
+
     @abstractmethod
     def fit(self, x: Tensor, y: Tensor, seed: int = 0) -> dict[str, float]:
         """Fit on designs ``x`` ``(n, *event_shape)`` and observed values ``y`` ``(n,)``."""

@@ -216,6 +216,33 @@ def test_unique_batch_fills_a_dry_proposer_with_the_nearest_unasked_edits():
     assert (repeated, edited) == (4, 0)
 
 
+def test_unique_batch_with_rank_fills_with_the_best_scoring_edits():
+    import torch
+
+    from difftilt.core.online import design_key, unique_batch
+
+    def edit(x, k):  # designs are integers; the k-position edits of 0 are 10 ** (k - 1) * (1..7)
+        return (x[:1] + 10 ** (k - 1) * torch.arange(1, 8.0)[:, None]).float()
+
+    def collapsed(n):
+        return torch.zeros(n, 1)
+
+    taken = {design_key(torch.tensor([0.0]))}
+    # the pooled single edits are 1..7; the score prefers the largest, so 7, 6, 5 are asked, in that order
+    x, repeated, edited = unique_batch(collapsed, 3, taken, edit=edit, rank=lambda x: x[:, 0])
+    assert x.flatten().tolist() == [7.0, 6.0, 5.0] and (repeated, edited) == (0, 3)
+    # the edits not chosen were not asked: they are still free for a later round
+    assert design_key(torch.tensor([4.0])) not in taken and design_key(torch.tensor([7.0])) in taken
+    x, _, _ = unique_batch(collapsed, 3, taken, edit=edit, rank=lambda x: -x[:, 0])
+    assert x.flatten().tolist() == [1.0, 2.0, 3.0]
+    # when one k's pool is too small, it is taken whole, then the best of the next k's
+    x, _, edited = unique_batch(collapsed, 3, taken, edit=edit, rank=lambda x: x[:, 0])
+    assert x.flatten().tolist() == [4.0, 70.0, 60.0] and edited == 3
+    # without rank, the first drawn are taken
+    x, _, _ = unique_batch(collapsed, 2, taken, edit=edit)
+    assert x.flatten().tolist() == [10.0, 20.0]
+
+
 def test_stop_at_leaves_the_rest_of_the_budget_unspent_and_a_resume_does_not_spend_it(tmp_path):
     from difftilt.core.online import run_online
 

@@ -264,3 +264,56 @@ def test_ga_and_hill_climber_spend_the_budget_in_the_same_harness(tiny_tfbind_mo
         last = results["hill_climb"][2]
         assert last["repeated"] == 0 and last["edited"] >= 30 - 24 and len(set(seen)) == 54
         assert results["hill_climb"][1]["repeated"] == 0
+
+
+def test_best_edits_fill_a_dry_round_with_the_acquisitions_favourites_and_resume_exactly(tiny_tfbind_model, tmp_path,
+                                                                                          monkeypatch):
+    import shutil
+    import sqlite3
+
+    from difftilt.core.online import run_online
+    from difftilt.core.process import Process
+    from difftilt.core.store import SQLiteFeedbackStore
+
+    # A collapsed model: every sample is one of four 8-mers, so from round 1 on every design is an edit.
+    modes = _one_hot(torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3], [3, 3, 2, 2, 1, 1, 0, 0],
+                                   [0, 0, 0, 0, 3, 3, 3, 3], [1, 2, 1, 2, 1, 2, 1, 2]]), 4)
+    monkeypatch.setattr(Process, "sample", lambda self, n, generator=None, x0=None: modes[torch.arange(n) % 4])
+    cfg = {"plugin": "sequences", "seed": 0, "process": {"name": "pretrained", "path": str(tiny_tfbind_model)},
+           "oracle": {"reward": {"name": "tfbind8"}, "batch_size": 16}, "methods": ["ucb"], "schedule": [16, 16, 16],
+           "alpha": 0.1, "finetune": {"iterations": 2, "batch_size": 8, "lr": 1e-3, "value_refit_iterations": 0},
+           "reward_model": {"epochs": 20}, "eval_samples": 8}
+    runs = {fill: run_online({**cfg, "fill": fill}, output_dir=str(tmp_path), name=fill, progress=False).path
+            for fill in ("edits", "best_edits")}
+
+    def designs(path, rnd):
+        with SQLiteFeedbackStore(path / "ucb" / "feedback.sqlite", readonly=True) as store:
+            return torch.stack([r.design for r in store.records(round=rnd)])
+
+    assert torch.equal(designs(runs["edits"], 0), designs(runs["best_edits"], 0))  # no acquisition before round 1
+    rows = json.loads((runs["best_edits"] / "results.json").read_text())["methods"]["ucb"]
+    assert [r["edited"] for r in rows] == [12, 16, 16] and all(r["repeated"] == 0 for r in rows)
+    # round 1 asks the edits that round 0's acquisition (saved with its checkpoint) rates highest, not random ones
+    from safetensors.torch import load_file
+
+    from difftilt.core.reward_models import UCB, LastLayerUCBRewardModel
+
+    domain = load_plugin("sequences")
+    phi = domain.featurizer(domain.make_process(cfg["process"]))
+    model = LastLayerUCBRewardModel(phi, phi(modes).shape[-1])
+    model.load_fitted(load_file(str(runs["best_edits"] / "ucb" / "checkpoints" / "round_0" / "reward_model.safetensors")))
+    ucb = lambda x: UCB(1.0).from_posterior(model.posterior(x))  # noqa: E731
+    assert ucb(designs(runs["best_edits"], 1)).mean() > ucb(designs(runs["edits"], 1)).mean()
+    assert ucb(designs(runs["best_edits"], 1)).min() > ucb(designs(runs["edits"], 1)).median()
+    # a crash after round 1: the resume restores round 1's reward model and asks round 2's designs again, the same
+    crashed = tmp_path / "crashed"
+    shutil.copytree(runs["best_edits"], crashed)
+    with sqlite3.connect(crashed / "ucb" / "feedback.sqlite") as db:
+        db.execute("DELETE FROM queries WHERE round = 2")
+    shutil.rmtree(crashed / "ucb" / "checkpoints" / "round_2")
+    lines = (crashed / "ucb" / "rounds.jsonl").read_text().splitlines()
+    (crashed / "ucb" / "rounds.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    (crashed / "ucb" / "state.json").write_text(json.dumps({"rounds_done": 2}) + "\n")
+    (crashed / "status.json").write_text(json.dumps({"state": "running"}) + "\n")
+    run_online(resume=crashed, progress=False)
+    assert torch.equal(designs(crashed, 2), designs(runs["best_edits"], 2))

@@ -25,6 +25,8 @@ Usage::
 
     python -m difftilt.benchmarks.sequences --runs runs/seq                    # everything
     python -m difftilt.benchmarks.sequences --tasks ehrlich-20-32-2-4 tfbind8 --budget 2000 --runs runs/seq
+    python -m difftilt.benchmarks.sequences --tasks tfbind8 --methods ucb --budget 1000 --first-seed 3 --seeds 12 \
+        --set fill=edits --runs runs/seq-random-edits                           # held-out seeds, an ablation
 
 Run folders under ``--runs`` are reused: a finished arm is read back, an interrupted
 one resumed.
@@ -44,6 +46,7 @@ from difftilt.core.config import load_yaml
 from difftilt.core.plotting import save_figure
 from difftilt.core.online import METHODS, design_key
 from difftilt.core.plugins import load_plugin
+from difftilt.core.run import read_config
 from difftilt.core.store import COUNTED, SQLiteFeedbackStore
 
 from .common import fmt, run_or_reuse
@@ -138,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m difftilt.benchmarks.sequences", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="online-config override for every arm, e.g. fill=edits (use another --runs)")
     parser.add_argument("--budget", type=int, default=5000, help="oracle calls per run (rounds cut here)")
     parser.add_argument("--runs", default=None,
                         help="keep run folders (and pretrained task models) here; finished arms are reused")
@@ -159,12 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         results[task] = {}
         for method in args.methods:
             arms = []
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 cfg = {**base, "process": process, "methods": [method], "seed": seed, "schedule": schedule,
                        "stop_at": None,  # every arm spends the whole budget
                        "oracle": {**base["oracle"], "reward": spec["reward"]}}
                 for key, value in spec.get("set", {}).items():
                     cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+                cfg = read_config(cfg, args.set)
                 path = runs / task / f"{method}-seed{seed}"
                 rows = run_or_reuse(cfg, path)
                 failed = rows.pop() if rows and "failed_round" in rows[-1] else None

@@ -599,7 +599,7 @@ def unique_batch(propose: Callable[[int], Tensor], n: int, taken: set[bytes], ma
     key = key or design_key
     keep: list[Tensor] = []
 
-    def take(x: Tensor, into: list[Tensor], limit: int) -> int:
+    def take(x: Tensor, into: list[Tensor], limit: float) -> int:
         before = len(into)
         for row in x:
             k = key(row)

@@ -8,7 +8,9 @@ pretrained model's first round of samples:
   ``(num_states, length, seed)`` only, so ``difftilt pretrain`` makes the same model for
   both --, (20, 64, 4, 4) -- a model pretrained here on first use with the default's
   settings but 2,000 steps, kept under ``<runs>/models`` --, and TFBind8 (embedded default);
-* methods: SEIKO-UCB, SEIKO-bootstrap, greedy, non-adaptive, GA, hill climber;
+* methods: SEIKO-UCB, SEIKO-UCB with a quarter of each round given to its acquisition's
+  favourite edits of the best answers (``ucb_edits``: ``edit_share: 0.25``), SEIKO-bootstrap,
+  greedy, non-adaptive, GA, hill climber;
 * budget: up to 5,000 oracle calls, in each task's rounds: the rounds of its online
   config (``configs/online_ehrlich.yaml``: 250 each; ``online_tfbind8.yaml``: 100 each)
   repeated up to the budget. Ehrlich (20, 32, 4, 4) keeps the rounds and alpha its
@@ -53,7 +55,11 @@ from .common import fmt, run_or_reuse
 
 EARLIER_ROUNDS = [250, 250, 500, 1000, 1500, 1500]  # Ehrlich (20, 32, 4, 4)'s table (README)
 CHECKPOINTS = [500, 1000, 2000, 5000]
-DEFAULT_METHODS = ["ucb", "bootstrap", "greedy", "nonadaptive", "ga", "hill_climb"]
+# Arms that are a method with a config change, each in its own run folders: SEIKO-UCB with a
+# quarter of each round (from the second) given to the edits of the best answers that its
+# acquisition rates highest (``edit_share``), beside the tilted model's samples.
+VARIANTS = {"ucb_edits": ("ucb", {"edit_share": 0.25})}
+DEFAULT_METHODS = ["ucb", "ucb_edits", "bootstrap", "greedy", "nonadaptive", "ga", "hill_climb"]
 
 
 def _ehrlich(num_states: int, length: int, num_motifs: int, motif_length: int) -> dict:
@@ -120,6 +126,21 @@ def _pretrained_process(task: str, models: Path) -> dict | str:
     return {"name": "pretrained", "path": str(folder)}
 
 
+def arm_config(task: str, label: str, seed: int, schedule: list[int], process: dict | str,
+               overrides: list[str] = (), base: dict | None = None) -> dict:
+    """The online config of one arm: the task's config (``base``, else read from its file)
+    with the task's and the variant's changes, then ``overrides`` (``key=value`` strings)."""
+    spec = TASKS[task]
+    method, change = VARIANTS.get(label, (label, {}))
+    base = base if base is not None else load_yaml(_configs_dir() / spec["config"])
+    cfg = {**base, "process": process, "methods": [method], "seed": seed, "schedule": schedule,
+           "stop_at": None,  # every arm spends the whole budget
+           "oracle": {**base["oracle"], "reward": spec["reward"]}}
+    for key, value in {**spec.get("set", {}), **change}.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+    return read_config(cfg, list(overrides))
+
+
 def store_curve(folder: Path, checkpoints: list[int]) -> dict[int, dict]:
     """Best and top-10 true score among the distinct designs in the first ``c`` calls, for each
     checkpoint ``c``."""
@@ -141,7 +162,8 @@ def store_curve(folder: Path, checkpoints: list[int]) -> dict[int, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m difftilt.benchmarks.sequences", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=[*METHODS, *VARIANTS],
+                        help="methods, and variants: " + "; ".join(f"{k}: {m} with {c}" for k, (m, c) in VARIANTS.items()))
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -164,26 +186,22 @@ def main(argv: list[str] | None = None) -> int:
         process = _pretrained_process(task, runs / "models")
         schedule = schedules[task] = schedule_for(args.budget, spec.get("rounds", base["schedule"]))
         results[task] = {}
-        for method in args.methods:
+        for label in args.methods:
+            method = VARIANTS.get(label, (label,))[0]
             arms = []
             for seed in range(args.first_seed, args.first_seed + args.seeds):
-                cfg = {**base, "process": process, "methods": [method], "seed": seed, "schedule": schedule,
-                       "stop_at": None,  # every arm spends the whole budget
-                       "oracle": {**base["oracle"], "reward": spec["reward"]}}
-                for key, value in spec.get("set", {}).items():
-                    cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
-                cfg = read_config(cfg, args.set)
-                path = runs / task / f"{method}-seed{seed}"
+                cfg = arm_config(task, label, seed, schedule, process, args.set, base=base)
+                path = runs / task / f"{label}-seed{seed}"
                 rows = run_or_reuse(cfg, path)
                 failed = rows.pop() if rows and "failed_round" in rows[-1] else None
                 arm = {"seed": seed, "curve": store_curve(path / method, checkpoints) if rows else {},
                        "last": rows[-1] if rows else {}, "failed": failed}
                 arms.append(arm)
                 best = {c: round(v["best"], 3) for c, v in arm["curve"].items()}
-                print(f"  {task} {method:<12} seed {seed}: best {best}"
+                print(f"  {task} {label:<12} seed {seed}: best {best}"
                       + (f"  FAILED in round {failed['failed_round']}: {failed['error']}" if failed else "")
                       + f"  ({time.time() - t0:.0f} s)", flush=True)
-            results[task][method] = arms
+            results[task][label] = arms
     _print_tables(results, checkpoints, schedules, args.seeds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"schedules": schedules, "checkpoints": checkpoints, "results": results},

@@ -170,6 +170,14 @@ class OnlineRunConfig:
             on the acquisition where the model has no new design to offer; or
             ``repeats`` only. A repeat of a noise-free oracle teaches nothing. Plugins
             without ``mutate`` get repeats.
+        edit_share: share of each round (from the second, for methods with a reward model)
+            given to the edits of the best answers so far that the last fitted acquisition
+            rates highest (1, then 2, then 3 positions changed, as ``fill: best_edits``
+            picks them), the rest sampled from the model: a local search on the acquisition
+            beside the tilted model, for a model that has collapsed onto one level of the
+            reward but still varies what does not matter (it never runs dry, so ``fill``
+            never acts). ``0`` (the default) is SEIKO's rule: every query a sample of the
+            model. Below 1.
         eval_samples: samples of each round's model scored with the ground truth outside
             the budget (a simulation-only diagnostic; ``0`` to skip).
         stop_at: stop a method once an answer's observed value reaches this (a known
@@ -198,6 +206,7 @@ class OnlineRunConfig:
     fit_infeasible: bool = False
     unique_designs: bool = True
     fill: Literal["edits", "best_edits", "repeats"] = "best_edits"
+    edit_share: float = 0.0
     eval_samples: int = 256
     stop_at: float | None = None
     seed: int = 0
@@ -216,6 +225,8 @@ def _validate(raw: dict) -> OnlineRunConfig:
             raise ConfigError(f"config.methods: unknown method '{m}' (known: {', '.join(METHODS)})")
     if len(set(cfg.methods)) != len(cfg.methods):
         raise ConfigError("config.methods: each method may appear once")
+    if not 0.0 <= cfg.edit_share < 1.0:
+        raise ConfigError(f"config.edit_share: a share of each round in [0, 1), got {cfg.edit_share}")
     if not cfg.schedule or any(b < 1 for b in cfg.schedule):
         raise ConfigError("config.schedule: a non-empty list of positive query counts")
     alphas = cfg.alpha if isinstance(cfg.alpha, list) else [cfg.alpha] * len(cfg.schedule)
@@ -289,6 +300,8 @@ class _MethodRun:
             self.phi_dim = int(self.featurizer(pretrained.initial(1)).shape[-1])
         self.alphas = cfg.alpha if isinstance(cfg.alpha, list) else [cfg.alpha] * len(cfg.schedule)
         self.schedule = [sum(cfg.schedule)] if method in ("nonadaptive", "best_of_n") else list(cfg.schedule)
+        # the last fitted acquisition ranks edits (kept with each round's checkpoint)
+        self._ranks_edits = cfg.fill == "best_edits" or cfg.edit_share > 0
 
     # ------------------------------------------------------------------ persistence
     @property
@@ -384,7 +397,7 @@ class _MethodRun:
 
     def _load(self, i: int) -> Process:
         path = self._checkpoint(i) / _REWARD_MODEL_FILE
-        if self.cfg.fill == "best_edits" and path.is_file():  # it ranks round i + 1's edits
+        if self._ranks_edits and path.is_file():  # it ranks round i + 1's edits
             from safetensors.torch import load_file
 
             self.acquisition = self._acquisition_reward(self._reward_model().load_fitted(load_file(str(path))), i)
@@ -392,7 +405,7 @@ class _MethodRun:
 
     def _save(self, i: int, model: Process) -> None:
         folder = self._checkpoint(i)
-        if self.cfg.fill == "best_edits" and self.acquisition is not None:
+        if self._ranks_edits and self.acquisition is not None:
             # before the model (whose index is written last): a round's checkpoint is complete or absent
             from safetensors.torch import save_file
 
@@ -450,27 +463,35 @@ class _MethodRun:
 
     def _fresh(self, i: int, propose: Callable[[int], Tensor]) -> Tensor:
         """Round ``i``'s ``schedule[i]`` designs from ``propose(n)``: with ``unique_designs``,
-        none asked in an earlier round and none twice (see :func:`unique_batch`)."""
+        none asked in an earlier round and none twice (see :func:`unique_batch`); the last
+        ``edit_share`` of them the acquisition's favourite edits of the best answers."""
+        n = self.schedule[i]
         if not self.cfg.unique_designs:
-            return propose(self.schedule[i])
+            return propose(n)
         taken = {self.key(r.design) for r in self.store.records() if r.round < i}
-        edit = rank = None
-        if self.cfg.fill != "repeats" and _mutates(self.domain):
-            g = torch.Generator().manual_seed(self._round_seed(i, 7))
-            edit = lambda x, k: self.domain.mutate(x, generator=g, count=k)  # noqa: E731
-            if self.cfg.fill == "best_edits" and self.acquisition is not None:
-                # the edits of the best answers so far join those of the proposals, and the
-                # acquisition fit on the answers before this round picks among them
-                acquisition = self.acquisition
-                answered, values = self.store.training_data(before_round=i)
-                if answered.shape[0]:
-                    order = torch.argsort(values, descending=True, stable=True)[: self.schedule[i]]
-                    best = answered[order].to(torch.float32)
-                    edit = lambda x, k: self.domain.mutate(torch.cat([x, best.to(x)]),  # noqa: E731
-                                                           generator=g, count=k)
-                rank = lambda x: acquisition(x.to(torch.float32)).value  # noqa: E731
-        x, self.repeated, self.edited = unique_batch(propose, self.schedule[i], taken, edit=edit, key=self.key,
-                                                     rank=rank)
+        mutates = _mutates(self.domain)
+        g = torch.Generator().manual_seed(self._round_seed(i, 7))
+        mutate = lambda x, k: self.domain.mutate(x, generator=g, count=k)  # noqa: E731
+        best = rank = None
+        if mutates and self.acquisition is not None and self._ranks_edits:
+            # the acquisition fit on the answers before this round ranks edits of the best answers
+            acquisition = self.acquisition
+            rank = lambda x: acquisition(x.to(torch.float32)).value  # noqa: E731
+            answered, values = self.store.training_data(before_round=i)
+            if answered.shape[0]:
+                best = answered[torch.argsort(values, descending=True, stable=True)[:n]].to(torch.float32)
+        edit = None
+        if self.cfg.fill != "repeats" and mutates:
+            edit = mutate
+            if self.cfg.fill == "best_edits" and best is not None:  # edits of the proposals and of the best
+                edit = lambda x, k: mutate(torch.cat([x, best.to(x)]), k)  # noqa: E731
+        shared = int(self.cfg.edit_share * n) if best is not None else 0
+        local = ranked_edits(best, shared, taken, mutate, key=self.key, rank=rank) if shared else []
+        x, self.repeated, self.edited = unique_batch(propose, n - len(local), taken, edit=edit, key=self.key,
+                                                     rank=rank if self.cfg.fill == "best_edits" else None)
+        if local:
+            x = torch.cat([x, torch.stack(local).to(x)])
+            self.edited += len(local)
         return x
 
     def _evolve(self, i: int) -> Tensor:
@@ -598,34 +619,45 @@ def unique_batch(propose: Callable[[int], Tensor], n: int, taken: set[bytes], ma
     min_new = max(1, math.ceil(min_new_fraction * n))
     key = key or design_key
     keep: list[Tensor] = []
-
-    def take(x: Tensor, into: list[Tensor], limit: float) -> int:
-        before = len(into)
-        for row in x:
-            k = key(row)
-            if k not in taken:
-                taken.add(k)
-                into.append(row)
-                if len(into) == limit:
-                    break
-        return len(into) - before
-
     for draw in range(max_draws):
         x = propose(n)
-        got = take(x, keep, n)
+        got = _take(x, keep, n, taken, key)
         if len(keep) == n:
             return torch.stack(keep), 0, 0
         if draw and got < min_new:
             break
     proposed = len(keep)
-    for k in range(1, max_edits + 1) if edit is not None else ():
+    if edit is not None:
+        keep.extend(ranked_edits(x, n - len(keep), taken, edit, max_draws=max_draws, max_edits=max_edits,
+                                 min_new=min_new, key=key, rank=rank))
+    if len(keep) == n:
+        return torch.stack(keep), 0, n - proposed
+    repeated = n - len(keep)
+    return (torch.cat([torch.stack(keep), x[:repeated]]) if keep else x), repeated, len(keep) - proposed
+
+
+def ranked_edits(x: Tensor, n: int, taken: set[bytes], edit: Callable[[Tensor, int], Tensor], max_draws: int = 32,
+                 max_edits: int = 3, min_new: int = 1, key: Callable[[Tensor], bytes] | None = None,
+                 rank: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
+    """Up to ``n`` edits of ``x`` not in ``taken`` (which is updated), nearest first.
+
+    ``edit(x, k)`` changes ``k`` positions of each design of ``x``, for ``k = 1, 2, ...,
+    max_edits``; each ``k`` is drawn again (at most ``max_draws`` times) while a draw brings
+    at least ``min_new`` designs not yet taken. Without ``rank`` the first drawn are kept;
+    with ``rank`` (``(m, *event_shape) -> (m,)`` scores, e.g. the acquisition) each ``k``'s
+    edits are pooled over its draws and the best-scoring kept (those not kept are released
+    from ``taken``). Fewer than ``n`` when the edits run out.
+    """
+    key = key or design_key
+    keep: list[Tensor] = []
+    for k in range(1, max_edits + 1):
+        if len(keep) >= n:
+            break
         pool: list[Tensor] = []  # with rank: this k's unasked edits, the best of which are kept
         into, limit = (keep, n) if rank is None else (pool, math.inf)
         for _ in range(max_draws):
-            got = take(edit(x, k), into, limit)
-            if len(keep) == n:
-                return torch.stack(keep), 0, n - proposed
-            if got < min_new:
+            got = _take(edit(x, k), into, limit, taken, key)
+            if len(keep) == n or got < min_new:
                 break
         if pool:
             with torch.no_grad():
@@ -635,10 +667,21 @@ def unique_batch(propose: Callable[[int], Tensor], n: int, taken: set[bytes], ma
             keep.extend(pool[j] for j in order[:need])
             for j in order[need:]:  # not asked after all: free for a later draw or round
                 taken.discard(key(pool[j]))
-            if len(keep) == n:
-                return torch.stack(keep), 0, n - proposed
-    repeated = n - len(keep)
-    return (torch.cat([torch.stack(keep), x[:repeated]]) if keep else x), repeated, len(keep) - proposed
+    return keep
+
+
+def _take(rows: Tensor, into: list[Tensor], limit: float, taken: set[bytes], key: Callable[[Tensor], bytes]) -> int:
+    """Append the rows of ``rows`` not in ``taken`` to ``into`` (and their keys to ``taken``)
+    until ``into`` holds ``limit``; returns how many were appended."""
+    before = len(into)
+    for row in rows:
+        k = key(row)
+        if k not in taken:
+            taken.add(k)
+            into.append(row)
+            if len(into) == limit:
+                break
+    return len(into) - before
 
 
 def _mutates(domain: Domain) -> bool:

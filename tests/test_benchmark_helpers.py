@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from difftilt.benchmarks.sequences import EARLIER_ROUNDS, schedule_for, store_curve
+from difftilt.benchmarks.sequences import EARLIER_ROUNDS, arm_config, schedule_for, store_curve
 from difftilt.core.oracle import Oracle
 from difftilt.core.reward import RewardOutput
 from difftilt.core.store import SQLiteFeedbackStore
@@ -37,3 +37,14 @@ def test_store_curve_reads_best_and_top10_in_the_order_designs_were_asked(tmp_pa
     # ten queries of one design are one design: top-10 is 200 and the nine best others
     assert curve[40]["best"] == 200.0 and curve[40]["top10"] == (200 + sum(range(101, 110))) / 10
     assert 50 not in curve  # more calls than were spent
+
+
+def test_an_arm_is_its_tasks_config_with_the_tasks_then_the_variants_then_the_command_lines_changes():
+    plain = arm_config("ehrlich-20-32-4-4", "ucb", 1, [250, 250], "ehrlich")
+    assert (plain["methods"], plain["seed"], plain["schedule"], plain["stop_at"]) == (["ucb"], 1, [250, 250], None)
+    assert plain["alpha"] == 0.005 and plain["fill"] == "edits" and plain["finetune"]["batch_size"] == 32
+    assert plain["oracle"]["reward"]["num_motifs"] == 4 and plain.get("edit_share", 0.0) == 0.0
+    variant = arm_config("ehrlich-20-32-4-4", "ucb_edits", 1, [250, 250], "ehrlich")
+    assert variant["methods"] == ["ucb"] and variant["edit_share"] == 0.25
+    assert {k: v for k, v in variant.items() if k != "edit_share"} == {k: v for k, v in plain.items() if k != "edit_share"}
+    assert arm_config("tfbind8", "ucb_edits", 0, [100], "tfbind8", ["edit_share=0.5"])["edit_share"] == 0.5

@@ -268,9 +268,6 @@ def test_ga_and_hill_climber_spend_the_budget_in_the_same_harness(tiny_tfbind_mo
 
 def test_best_edits_fill_a_dry_round_with_the_acquisitions_favourites_and_resume_exactly(tiny_tfbind_model, tmp_path,
                                                                                           monkeypatch):
-    import shutil
-    import sqlite3
-
     from difftilt.core.online import run_online
     from difftilt.core.process import Process
     from difftilt.core.store import SQLiteFeedbackStore
@@ -306,14 +303,78 @@ def test_best_edits_fill_a_dry_round_with_the_acquisitions_favourites_and_resume
     assert ucb(designs(runs["best_edits"], 1)).mean() > ucb(designs(runs["edits"], 1)).mean()
     assert ucb(designs(runs["best_edits"], 1)).min() > ucb(designs(runs["edits"], 1)).median()
     # a crash after round 1: the resume restores round 1's reward model and asks round 2's designs again, the same
-    crashed = tmp_path / "crashed"
-    shutil.copytree(runs["best_edits"], crashed)
-    with sqlite3.connect(crashed / "ucb" / "feedback.sqlite") as db:
-        db.execute("DELETE FROM queries WHERE round = 2")
-    shutil.rmtree(crashed / "ucb" / "checkpoints" / "round_2")
-    lines = (crashed / "ucb" / "rounds.jsonl").read_text().splitlines()
-    (crashed / "ucb" / "rounds.jsonl").write_text("\n".join(lines[:2]) + "\n")
-    (crashed / "ucb" / "state.json").write_text(json.dumps({"rounds_done": 2}) + "\n")
-    (crashed / "status.json").write_text(json.dumps({"state": "running"}) + "\n")
+    crashed = _crash_before_last_round(runs["best_edits"], tmp_path / "crashed", 2)
     run_online(resume=crashed, progress=False)
     assert torch.equal(designs(crashed, 2), designs(runs["best_edits"], 2))
+
+
+def _crash_before_last_round(run, into, last: int, method: str = "ucb"):
+    """A copy of a finished run folder as a crash right after round ``last - 1`` left it."""
+    import shutil
+    import sqlite3
+
+    shutil.copytree(run, into)
+    with sqlite3.connect(into / method / "feedback.sqlite") as db:
+        db.execute("DELETE FROM queries WHERE round = ?", (last,))
+    shutil.rmtree(into / method / "checkpoints" / f"round_{last}")
+    lines = (into / method / "rounds.jsonl").read_text().splitlines()
+    (into / method / "rounds.jsonl").write_text("\n".join(lines[:last]) + "\n")
+    (into / method / "state.json").write_text(json.dumps({"rounds_done": last}) + "\n")
+    (into / "status.json").write_text(json.dumps({"state": "running"}) + "\n")
+    return into
+
+
+@pytest.mark.slow
+def test_edit_share_asks_the_acquisitions_favourite_edits_of_the_best_answers_beside_the_models_samples(
+        tiny_tfbind_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from difftilt.core.online import run_online
+    from difftilt.core.reward_models import UCB, LastLayerUCBRewardModel
+    from difftilt.core.store import SQLiteFeedbackStore
+
+    # a model that does not run dry, with random edits as its fill: only edit_share brings edits
+    cfg = {"plugin": "sequences", "seed": 2, "process": {"name": "pretrained", "path": str(tiny_tfbind_model)},
+           "oracle": {"reward": {"name": "tfbind8"}, "batch_size": 16}, "methods": ["ucb"], "schedule": [16, 16, 16],
+           "alpha": 0.1, "finetune": {"iterations": 2, "batch_size": 8, "lr": 1e-3, "value_refit_iterations": 0},
+           "reward_model": {"epochs": 20}, "eval_samples": 8, "fill": "edits", "edit_share": 0.3}
+    run = run_online(cfg, output_dir=str(tmp_path), name="share", progress=False).path
+    rows = json.loads((run / "results.json").read_text())["methods"]["ucb"]
+    assert [r["edited"] for r in rows] == [0, 4, 4] and all(r["repeated"] == 0 for r in rows)  # int(0.3 * 16)
+    with SQLiteFeedbackStore(run / "ucb" / "feedback.sqlite", readonly=True) as store:
+        first = store.records(round=0)
+        second = [r.design for r in store.records(round=1)]
+        asked = [tuple(r.design.argmax(-1).tolist()) for r in store.records()]
+    assert len(set(asked)) == 48  # still never a design twice
+    # round 1's last 4 are single edits of round 0's answers, among the best the acquisition rates of all of them
+    domain = load_plugin("sequences")
+    phi = domain.featurizer(domain.make_process(cfg["process"]))
+    model = LastLayerUCBRewardModel(phi, phi(second[0][None]).shape[-1])
+    model.load_fitted(load_file(str(run / "ucb" / "checkpoints" / "round_0" / "reward_model.safetensors")))
+    ucb = lambda x: UCB(1.0).from_posterior(model.posterior(x))  # noqa: E731
+    parents = torch.stack([r.design for r in first if r.feasible]).argmax(-1)
+    letters = {tuple(p.tolist()) for p in parents}
+    mutants = {m for p in parents.tolist() for i in range(8) for a in range(4) if a != p[i]
+               for m in [tuple(p[:i] + [a] + p[i + 1:])] if m not in letters}
+    every = _one_hot(torch.tensor(sorted(mutants)), 4)
+    edits = torch.stack(second[12:])
+    assert {tuple(e.argmax(-1).tolist()) for e in edits} <= mutants
+    assert ucb(edits).min() >= ucb(every).quantile(0.95)
+    assert ucb(torch.stack(second[:12])).mean() < ucb(edits).mean()  # the model's own samples, rated lower
+    # its reward model is kept with each round's checkpoint, so a resumed round asks the same edits
+    crashed = _crash_before_last_round(run, tmp_path / "crashed", 2)
+    run_online(resume=crashed, progress=False)
+    with SQLiteFeedbackStore(crashed / "ucb" / "feedback.sqlite", readonly=True) as a, \
+            SQLiteFeedbackStore(run / "ucb" / "feedback.sqlite", readonly=True) as b:
+        assert torch.equal(torch.stack([r.design for r in a.records(round=2)]),
+                           torch.stack([r.design for r in b.records(round=2)]))
+
+
+def test_edit_share_must_leave_the_model_a_share():
+    from difftilt.core.online import _validate
+
+    base = {"plugin": "sequences", "oracle": {"reward": {"name": "tfbind8"}}}
+    assert _validate({**base, "edit_share": 0.25}).edit_share == 0.25
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match=r"config.edit_share: a share of each round in \[0, 1\)"):
+            _validate({**base, "edit_share": bad})

@@ -875,8 +875,10 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
         _plot(results, run.path / "reward_vs_queries.png")
         run.write_json("results.json", results)
         run.set_status("complete")
-    except KeyboardInterrupt:
-        run.set_status("interrupted", error="interrupted by the user; continue with --resume")
+    except (KeyboardInterrupt, SystemExit) as err:
+        # Ctrl-C, or SIGTERM (which Lightning turns into a SystemExit during fine-tuning):
+        # the run was stopped, not broken, and --resume (or a benchmark's reuse) continues it
+        run.set_status("interrupted", error=f"stopped ({type(err).__name__}); continue with --resume")
         raise
     except BaseException as err:
         run.set_status("failed", error=f"{type(err).__name__}: {err}")

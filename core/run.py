@@ -309,9 +309,9 @@ def run_finetune(
                        extra={"reward": cfg.reward})
         run.write_json("summary.json", summary)
         run.set_status("complete", seconds=round(time.time() - t0, 2))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as err:  # Ctrl-C, or SIGTERM (Lightning raises a SystemExit)
         run.write_metric_tables()
-        run.set_status("interrupted", error="interrupted by the user")
+        run.set_status("interrupted", error=f"stopped ({type(err).__name__})")
         raise
     except BaseException as err:
         run.write_metric_tables()

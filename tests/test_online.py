@@ -274,3 +274,28 @@ def test_stop_at_leaves_the_rest_of_the_budget_unspent_and_a_resume_does_not_spe
     run = run_online({**raw, "stop_at": first_best + 1e-6}, output_dir=str(tmp_path), name="go", progress=False)
     rows = run.read_json("results.json")["methods"]["ucb"]
     assert len(rows) > 1 and "stopped" not in rows[0]
+
+
+def test_a_sigterm_during_fine_tuning_leaves_the_run_interrupted_and_resumable(tmp_path, monkeypatch):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from difftilt.benchmarks.common import run_or_reuse
+    from difftilt.core.finetune import Finetuner
+    from difftilt.core.online import run_online
+
+    raw = yaml.safe_load(_tiny(tmp_path).read_text())
+    real_fit = Finetuner.fit
+
+    def stopped(self, *a, **k):  # what Lightning raises when the process gets SIGTERM mid-fit
+        raise SIGTERMException()
+
+    monkeypatch.setattr(Finetuner, "fit", stopped)
+    with pytest.raises(SystemExit):
+        run_online(raw, output_dir=str(tmp_path / "r"), name="run", progress=False)
+    status = json.loads((tmp_path / "r" / "run" / "status.json").read_text())
+    assert status["state"] == "interrupted" and "SIGTERMException" in status["error"]
+    # a benchmark's reuse resumes it (a "failed" run would be reported as failed, not continued)
+    monkeypatch.setattr(Finetuner, "fit", real_fit)
+    rows = run_or_reuse({**raw, "output_dir": str(tmp_path / "r"), "name": "run"}, tmp_path / "r" / "run")
+    assert [r["queries_used"] for r in rows] == [8, 16]
+    assert json.loads((tmp_path / "r" / "run" / "status.json").read_text())["state"] == "complete"

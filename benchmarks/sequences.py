@@ -194,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                 path = runs / task / f"{label}-seed{seed}"
                 rows = run_or_reuse(cfg, path)
                 failed = rows.pop() if rows and "failed_round" in rows[-1] else None
+                # a reused run with a larger budget is described as it stood at this budget
+                within = [r for r in rows if r["queries_used"] <= args.budget]
                 arm = {"seed": seed, "curve": store_curve(path / method, checkpoints) if rows else {},
-                       "last": rows[-1] if rows else {}, "failed": failed}
+                       "last": within[-1] if within else {}, "failed": failed}
                 arms.append(arm)
                 best = {c: round(v["best"], 3) for c, v in arm["curve"].items()}
                 print(f"  {task} {label:<12} seed {seed}: best {best}"

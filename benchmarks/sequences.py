@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m difftilt.benchmarks.sequences", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=[*METHODS, *VARIANTS],
-                        help="methods, and variants: " + "; ".join(f"{k}: {m} with {c}" for k, (m, c) in VARIANTS.items()))
+                        help="methods, and variants: "
+                        + "; ".join(f"{k}: {m} with {c}" for k, (m, c) in VARIANTS.items()))
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -187,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         schedule = schedules[task] = schedule_for(args.budget, spec.get("rounds", base["schedule"]))
         results[task] = {}
         for label in args.methods:
-            method = VARIANTS.get(label, (label,))[0]
             arms = []
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 cfg = arm_config(task, label, seed, schedule, process, args.set, base=base)
+                method = cfg["methods"][0]  # a variant's method
                 path = runs / task / f"{label}-seed{seed}"
                 rows = run_or_reuse(cfg, path)
                 failed = rows.pop() if rows and "failed_round" in rows[-1] else None

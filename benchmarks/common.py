@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import sys
 from pathlib import Path
 
-from difftilt.core.errors import DifftiltError
-from difftilt.core.online import run_online
+from difftilt.core.config import load_yaml
+from difftilt.core.errors import ConfigError, DifftiltError
+from difftilt.core.online import EVOLUTION, config_differences, run_online
 from difftilt.core.run import RunFolder
 
-__all__ = ["fmt", "run_or_reuse"]
+__all__ = ["fmt", "main_exit", "run_or_reuse"]
 
 
 def fmt(values: list[float]) -> str:
@@ -23,10 +26,21 @@ def fmt(values: list[float]) -> str:
     return f"{m:{spec}} ± {s:{spec}}"
 
 
+def main_exit(main) -> int:
+    """``main()``'s exit status; a difftilt error (a bad option, a run folder that does not
+    match) ends with one line and status 2 instead of a traceback."""
+    try:
+        return main()
+    except DifftiltError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 def run_or_reuse(cfg: dict, path: Path) -> list[dict]:
     """Run one arm (one method, one seed) and return its per-round rows, or reuse it from
     ``--runs``: a complete run folder is read back and an interrupted one resumed, so a
-    benchmark stopped half-way loses no finished arm.
+    benchmark stopped half-way loses no finished arm. A folder made with another config is
+    refused with a :class:`ConfigError` naming the fields.
 
     An arm that fails (without a KL term the fine-tuned sampler can run off to infinity,
     and the reward model then sees non-finite designs) returns the rounds it finished and
@@ -35,6 +49,8 @@ def run_or_reuse(cfg: dict, path: Path) -> list[dict]:
     method = cfg["methods"][0]
     status = path / "status.json"
     state = json.loads(status.read_text()).get("state") if status.is_file() else None
+    if state is not None:
+        _check_same_arm(cfg, path, complete=state == "complete")
     try:
         if state == "complete":
             return RunFolder(path).read_json("results.json")["methods"][method]
@@ -49,3 +65,26 @@ def run_or_reuse(cfg: dict, path: Path) -> list[dict]:
         rounds = path / method / "rounds.jsonl"
         rows = [json.loads(line) for line in rounds.read_text().splitlines() if line.strip()] if rounds.is_file() else []
         return rows + [{"failed_round": len(rows), "error": str(err)}]
+
+
+def _check_same_arm(cfg: dict, path: Path, *, complete: bool) -> None:
+    """Refuse to reuse a run folder made with another config (say, before a task's settings
+    changed). A complete run with more rounds is fine: it is read at this budget."""
+    saved = load_yaml(path / "config.yaml")
+    differ = config_differences(_resolved(cfg), _resolved(saved))
+    if complete and "schedule" in differ and saved["schedule"][: len(cfg["schedule"])] == list(cfg["schedule"]):
+        differ.remove("schedule")
+    if differ:
+        raise ConfigError(f"{path} was run with another config ({', '.join(differ)}): give another --runs, "
+                          "or delete that folder")
+
+
+def _resolved(cfg: dict) -> dict:
+    """``cfg`` with what does not change an arm made equal: the model path resolved, and
+    for the GA and the hill climber (no acquisition to rank edits) best_edits is edits."""
+    process = cfg.get("process")
+    if isinstance(process, dict) and "path" in process:
+        cfg = {**cfg, "process": {**process, "path": os.path.realpath(process["path"])}}
+    if all(m in EVOLUTION for m in cfg["methods"]) and cfg.get("fill", "best_edits") == "best_edits":
+        cfg = {**cfg, "fill": "edits"}
+    return cfg

@@ -32,7 +32,7 @@ from difftilt.core.config import load_yaml
 from difftilt.core.plotting import save_figure
 from difftilt.core.online import METHODS
 
-from .common import fmt, run_or_reuse
+from .common import fmt, main_exit, run_or_reuse
 
 COLUMNS = [("top10_true", "top-10 true"), ("best_true", "best true"), ("eval_mean_true", "model mean"),
            ("eval_feasible", "feasible"), ("min_feasible", "min feasible"), ("eval_diversity", "diversity"),
@@ -132,4 +132,4 @@ def _plot(curves: dict[str, list[list[dict]]], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main_exit(main))

@@ -59,7 +59,7 @@ from .run import RunFolder, read_config
 from .store import COUNTED, SQLiteFeedbackStore
 from .strategies import PolicyGradient, UpdateContext
 
-__all__ = ["METHODS", "OnlineRunConfig", "run_online", "OracleSpec", "PPOSpec", "RewardGradientControl", "unique_batch",
+__all__ = ["METHODS", "OnlineRunConfig", "config_differences", "run_online", "OracleSpec", "PPOSpec", "RewardGradientControl", "unique_batch",
            "design_key", "design_keys"]
 
 METHODS = ("ucb", "bootstrap", "thompson", "greedy", "nonadaptive", "ppo", "guidance", "best_of_n", "ga", "hill_climb")
@@ -237,6 +237,25 @@ def _validate(raw: dict) -> OnlineRunConfig:
     cfg.evolution = EvolutionSpec(**validate_kwargs(EvolutionSpec, cfg.evolution, "evolution"))
     validate_kwargs(Finetuner, cfg.finetune, "finetune", skip=_FT_SKIP)
     return cfg
+
+
+_RUN_PLACE = ("output_dir", "name")  # where a run folder is, not what it ran
+
+
+def config_differences(config: dict | str | os.PathLike, other: dict | str | os.PathLike) -> list[str]:
+    """The fields in which two online configs differ once validated, sections to one level
+    (``["alpha", "finetune.lr"]``); ``output_dir`` and ``name`` are not compared."""
+    a, b = (asdict(_validate(read_config(c))) for c in (config, other))
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if key in _RUN_PLACE or x == y:
+            continue
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [f"{key}.{k}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+        else:
+            out.append(key)
+    return out
 
 
 # --------------------------------------------------------------------------- guidance
@@ -828,10 +847,10 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
             raise CheckpointError(f"{run.path} is not an online run folder (no config.yaml)")
         cfg = _validate(load_yaml(saved))
         if config is not None:
-            given = _validate(read_config(config, overrides))
-            ignore = {"output_dir": None, "name": None}
-            if {**asdict(given), **ignore} != {**asdict(cfg), **ignore}:
-                raise ConfigError(f"the config differs from the one {run.path} was started with; resume it unchanged")
+            differ = config_differences(read_config(config, overrides), saved)
+            if differ:
+                raise ConfigError(f"the config differs from the one {run.path} was started with "
+                                  f"({', '.join(differ)}); resume it unchanged")
     else:
         if config is None:
             raise ConfigError("give a config file (or --resume RUN_DIR)")

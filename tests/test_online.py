@@ -299,3 +299,20 @@ def test_a_sigterm_during_fine_tuning_leaves_the_run_interrupted_and_resumable(t
     rows = run_or_reuse({**raw, "output_dir": str(tmp_path / "r"), "name": "run"}, tmp_path / "r" / "run")
     assert [r["queries_used"] for r in rows] == [8, 16]
     assert json.loads((tmp_path / "r" / "run" / "status.json").read_text())["state"] == "complete"
+
+
+def test_config_differences_name_the_fields_and_a_resume_under_another_config_is_refused(tmp_path):
+    from difftilt.core.errors import ConfigError
+    from difftilt.core.online import config_differences, run_online
+
+    base = _tiny(tmp_path)
+    assert config_differences(base, base) == []
+    raw = yaml.safe_load(base.read_text())
+    other = {**raw, "alpha": 0.25, "finetune": {**raw["finetune"], "iterations": 4}, "output_dir": "x", "name": "y"}
+    assert config_differences(other, base) == ["alpha", "finetune.iterations"]  # not where the run is kept
+    assert config_differences({**raw, "edit_share": 0.0}, base) == []  # a default written out is no difference
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(base.read_text())
+    with pytest.raises(ConfigError, match=r"differs from the one .* started with \(alpha, finetune.iterations\)"):
+        run_online(other, resume=run)

@@ -179,7 +179,8 @@ class OnlineRunConfig:
             never acts). ``0`` (the default) is SEIKO's rule: every query a sample of the
             model. Below 1.
         eval_samples: samples of each round's model scored with the ground truth outside
-            the budget (a simulation-only diagnostic; ``0`` to skip).
+            the budget (a simulation-only diagnostic; ``0`` to skip, which an oracle that is
+            a real experiment, ``simulated = False``, requires).
         stop_at: stop a method once an answer's observed value reaches this (a known
             maximum, or the level a hit must meet) and leave the rest of its budget
             unspent; ``None``: spend the whole budget. The round whose answers reach
@@ -868,6 +869,10 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
                           f"which plugin '{cfg.plugin}' does not provide")
     pretrained = freeze(domain.make_process(cfg.process))
     truth = domain.make_reward(cfg.oracle["reward"], pretrained)
+    if cfg.eval_samples > 0 and not truth.simulated:
+        raise ConfigError(f"eval_samples: the oracle '{truth.name}' is a real experiment, and eval_samples would "
+                          f"score {cfg.eval_samples} of each round's model samples with it outside the budget; "
+                          "set eval_samples: 0")
     options = validate_kwargs(domain.featurizer, cfg.features, "features", skip=("reference",))
     featurizer = domain.featurizer(pretrained, **options) or Flatten(tuple(pretrained.event_shape))
     process_spec = cfg.process if isinstance(cfg.process, dict) else {"name": cfg.process or next(iter(domain.processes))}

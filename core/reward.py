@@ -49,11 +49,15 @@ class Reward(nn.Module):
         differentiable: whether ``value`` is differentiable in ``x`` (direct reward
             backpropagation needs it; policy gradients do not).
         infeasible_value: the value objectives use for infeasible designs.
+        simulated: whether it may be evaluated outside an oracle's budget, as the online
+            loop's per-round diagnostics do (``eval_samples``); a reward that is a real
+            experiment sets it ``False``.
         name: a short name used in messages and logs.
     """
 
     differentiable: bool = False
     infeasible_value: float = 0.0
+    simulated: bool = True
 
     @property
     def name(self) -> str:
@@ -148,6 +152,7 @@ class WeightedSumReward(Reward):
         self.weights = [w for w, _ in flat]
         self.parts = nn.ModuleList([r for _, r in flat])
         self.differentiable = all(r.differentiable for r in self.parts)
+        self.simulated = all(r.simulated for r in self.parts)
         self.infeasible_value = sum(w * r.infeasible_value for w, r in flat)
 
     @property

@@ -34,6 +34,7 @@ from difftilt.core.reward import Reward, RewardOutput
 from .alphabets import DNA, PROTEIN, default_alphabet, to_strings
 from .descriptors import DescriptorConstraint, ProteinDescriptor
 from .ehrlich import EhrlichFunction
+from .function_reward import FunctionReward
 from .mdlm import MaskedDiffusionProcess
 from .plm import ESMReward
 from .pretrain import load_pretrained
@@ -224,10 +225,11 @@ class SequencesDomain(Domain):
     """Masked discrete diffusion over biological sequences (proteins, DNA)."""
 
     name = "sequences"
-    description = "masked discrete diffusion over proteins/DNA (Ehrlich, TFBind8 rewards)"
+    description = "masked discrete diffusion over proteins/DNA (Ehrlich, TFBind8, ESM-2, your own function)"
     processes = {"ehrlich": load_ehrlich, "tfbind8": load_tfbind8, "pretrained": load_from_path}
     rewards = {"ehrlich": EhrlichReward, "tfbind8": TFBind8Reward, "esm": ESMReward,
-               "protein_descriptor": ProteinDescriptor, "descriptor_constraint": DescriptorConstraint}
+               "protein_descriptor": ProteinDescriptor, "descriptor_constraint": DescriptorConstraint,
+               "function": FunctionReward}
 
     def make_policy(self, reference: Process, hidden: int = 64, depth: int = 2) -> Process | None:
         """Fine-tune a full copy of the denoiser (as DRAKES does)."""

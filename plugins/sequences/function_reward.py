@@ -1,0 +1,149 @@
+"""Your own oracle: a Python function of sequence strings as the reward.
+
+An assay wrapper, a structure predictor's confidence, a docking score: anything that
+scores a batch of sequences can be the ground truth of ``difftilt online`` without a
+plugin of its own::
+
+    oracle:
+      reward: {name: function, target: "my_assay.py:score"}   # or "my_package.assay:score"
+
+``score`` is called with a list of strings (one letter per position, in the model's
+alphabet) and returns one number per sequence, or ``None`` for a sequence that has no
+score (infeasible: it failed expression, it could not be synthesized). A NaN is recorded
+as that design's failure; a list of the wrong length, something not a number, or an
+exception fails the batch: it is recorded in the feedback store and reported in one line,
+and ``oracle.retries``, ``timeout`` and ``on_error`` apply. A design with a position still masked is infeasible
+and never reaches the function.
+
+It is taken to be a real experiment: it is only called within the oracle's budget, so an
+online config needs ``eval_samples: 0`` (the per-round diagnostic that scores the model's
+samples outside the budget), unless the reward says ``cheap: true`` (a simulator).
+
+``target`` is ``module:attribute`` (imported as usual, so the module must be importable)
+or ``path/to/file.py:attribute`` (a path relative to the working directory). The function
+is found when the reward is built, so a typo fails before any run folder is made.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import numbers
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from difftilt.core.errors import ConfigError, RewardError
+from difftilt.core.process import Process
+from difftilt.core.reward import Reward, RewardOutput
+
+from .alphabets import default_alphabet, to_strings
+from .mdlm import MaskedDiffusionProcess
+
+__all__ = ["FunctionReward", "load_target"]
+
+
+def load_target(target: str) -> Callable:
+    """The callable named by ``"module:attribute"`` or ``"path/to/file.py:attribute"``."""
+    where, sep, attr = str(target).rpartition(":")
+    if not sep or not where or not attr:
+        raise ConfigError(f"target: expected 'module:function' or 'file.py:function', got {target!r}")
+    if where.endswith(".py"):
+        path = Path(where).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"target: no file {str(path)!r} (relative paths are read from {Path.cwd()})")
+        name = f"_difftilt_oracle_{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # so that pickling and dataclasses inside it work
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[name]
+            raise ConfigError(f"target: importing {str(path)!r} failed: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ConfigError(f"target: cannot import module {where!r}: {e}") from e
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ConfigError(f"target: {where!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise ConfigError(f"target: {where}:{attr} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+class FunctionReward(Reward):
+    """A user's function of sequence strings as a reward (not differentiable).
+
+    Args:
+        target: ``"module:function"`` or ``"file.py:function"``; the function maps a list
+            of ``b`` strings to ``b`` numbers or ``None`` (no score: infeasible).
+        letters: the alphabet, token ``i`` is ``letters[i]``; by default the model's
+            (``process``), else proteins for 20 tokens and DNA for 4.
+        cheap: ``False`` (the default): the function is a real experiment, called only
+            within the oracle's budget, so the online loop needs ``eval_samples: 0`` (its
+            per-round diagnostic scores model samples outside the budget). ``True``: a
+            simulator, which the diagnostics may call.
+        process: the chain, whose alphabet decodes the designs.
+
+    ``evaluate(x)``: ``x`` is ``(b, L, V + 1)`` one-hot; returns values ``(b,)`` (float64)
+    and feasibility.
+    """
+
+    differentiable = False
+
+    def __init__(self, target: str, letters: str | None = None, cheap: bool = False,
+                 process: Process | None = None):
+        super().__init__()
+        self.target, self.simulated = str(target), bool(cheap)
+        self.fn = load_target(self.target)
+        model = process.alphabet if isinstance(process, MaskedDiffusionProcess) else None
+        if letters is not None:
+            if not letters or len(set(letters)) != len(letters):
+                raise ConfigError(f"letters must be distinct characters, got {letters!r}")
+            if isinstance(process, MaskedDiffusionProcess) and len(letters) != process.vocab_size:
+                raise ConfigError(f"letters has {len(letters)} characters, but the process makes sequences over "
+                                  f"{process.vocab_size} tokens")
+        self.letters = letters or model
+        if self.letters is None and isinstance(process, MaskedDiffusionProcess):
+            self.letters = default_alphabet(process.vocab_size)
+
+    @property
+    def name(self) -> str:
+        return self.target
+
+    def evaluate(self, x: Tensor) -> RewardOutput:
+        if x.ndim != 3 or x.shape[-1] < 2:
+            raise RewardError(f"{self.target}: expects one-hot sequences (b, L, V + 1), got shape {tuple(x.shape)}")
+        V = x.shape[-1] - 1
+        letters = self.letters or default_alphabet(V)
+        if len(letters) != V:
+            raise RewardError(f"{self.target}: designs have {V} letters, the alphabet {letters!r} {len(letters)}")
+        ids = x.detach().argmax(-1)
+        masked = (ids >= V).any(-1)
+        strings = to_strings(ids.tolist(), letters)
+        ask = [s for s, m in zip(strings, masked.tolist()) if not m]
+        answers = list(self.fn(ask)) if ask else []
+        if len(answers) != len(ask):
+            raise RewardError(f"{self.target} returned {len(answers)} values for {len(ask)} sequences")
+        values = torch.zeros(len(strings), dtype=torch.float64)
+        feasible = ~masked.cpu()
+        rows = [i for i, m in enumerate(masked.tolist()) if not m]
+        for i, a in zip(rows, answers):
+            if a is None:
+                feasible[i] = False
+            elif (isinstance(a, numbers.Real) and not isinstance(a, bool)) or _is_scalar_tensor(a):
+                values[i] = float(a)  # a NaN is the oracle's to record (as failed)
+            else:
+                raise RewardError(f"{self.target} returned {type(a).__name__} {a!r} for {strings[i]!r}; "
+                                  "expected a number or None")
+        return RewardOutput(values.to(x.device), feasible.to(x.device))
+
+
+def _is_scalar_tensor(a) -> bool:
+    return hasattr(a, "shape") and hasattr(a, "__float__") and tuple(a.shape) == ()

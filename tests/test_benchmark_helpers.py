@@ -3,16 +3,17 @@
 import pytest
 import torch
 
-from difftilt.benchmarks.sequences import EARLIER_ROUNDS, arm_config, schedule_for, store_curve
+from difftilt.benchmarks.sequences import TASKS, arm_config, schedule_for, store_curve
 from difftilt.core.oracle import Oracle
 from difftilt.core.reward import RewardOutput
 from difftilt.core.store import SQLiteFeedbackStore
 
 
 def test_schedule_is_cut_at_the_budget_and_repeats_its_last_round():
-    assert schedule_for(5000, EARLIER_ROUNDS) == [250, 250, 500, 1000, 1500, 1500]
-    assert schedule_for(2000, EARLIER_ROUNDS) == [250, 250, 500, 1000]
-    assert schedule_for(600, EARLIER_ROUNDS) == [250, 250, 100]
+    earlier = [250, 250, 500, 1000, 1500, 1500]
+    assert schedule_for(5000, earlier) == [250, 250, 500, 1000, 1500, 1500]
+    assert schedule_for(2000, earlier) == [250, 250, 500, 1000]
+    assert schedule_for(600, earlier) == [250, 250, 100]
     assert schedule_for(1000, [100] * 10) == [100] * 10
     assert schedule_for(5000, [250] * 8) == [250] * 20
     assert schedule_for(1100, [500, 300]) == [500, 300, 300]
@@ -39,12 +40,49 @@ def test_store_curve_reads_best_and_top10_in_the_order_designs_were_asked(tmp_pa
     assert 50 not in curve  # more calls than were spent
 
 
-def test_an_arm_is_its_tasks_config_with_the_tasks_then_the_variants_then_the_command_lines_changes():
+def test_an_arm_is_its_tasks_config_with_the_tasks_then_the_variants_then_the_command_lines_changes(monkeypatch):
     plain = arm_config("ehrlich-20-32-4-4", "ucb", 1, [250, 250], "ehrlich")
     assert (plain["methods"], plain["seed"], plain["schedule"], plain["stop_at"]) == (["ucb"], 1, [250, 250], None)
-    assert plain["alpha"] == 0.005 and plain["fill"] == "edits" and plain["finetune"]["batch_size"] == 32
+    assert plain["alpha"] == 0.0035 and "fill" not in plain and plain["finetune"]["batch_size"] == 16
+    # (no fill: the online default, best_edits)
     assert plain["oracle"]["reward"]["num_motifs"] == 4 and plain.get("edit_share", 0.0) == 0.0
     variant = arm_config("ehrlich-20-32-4-4", "ucb_edits", 1, [250, 250], "ehrlich")
     assert variant["methods"] == ["ucb"] and variant["edit_share"] == 0.25
     assert {k: v for k, v in variant.items() if k != "edit_share"} == {k: v for k, v in plain.items() if k != "edit_share"}
     assert arm_config("tfbind8", "ucb_edits", 0, [100], "tfbind8", ["edit_share=0.5"])["edit_share"] == 0.5
+    # a mapping in a task's changes updates the config's section, keeping its other fields
+    monkeypatch.setitem(TASKS, "batch-32", {**TASKS["ehrlich-20-32-4-4"], "set": {"finetune": {"batch_size": 32}}})
+    wide = arm_config("batch-32", "ucb", 1, [250], "ehrlich")
+    assert wide["finetune"]["batch_size"] == 32 and wide["finetune"]["iterations"] == plain["finetune"]["iterations"]
+
+
+def test_a_run_folder_made_with_another_config_is_not_reused(tmp_path):
+    import json
+
+    import yaml
+
+    from difftilt.benchmarks.common import run_or_reuse
+    from difftilt.core.errors import ConfigError
+
+    models = tmp_path / "models"
+    (models / "m").mkdir(parents=True)
+    (tmp_path / "linked").symlink_to(models)
+    cfg = arm_config("tfbind8", "ucb", 0, [100] * 4, {"name": "pretrained", "path": str(models / "m")})
+    done = tmp_path / "ucb-seed0"  # a finished arm, as run_online leaves it
+    done.mkdir()
+    (done / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (done / "status.json").write_text(json.dumps({"state": "complete"}))
+    rows = [{"round": i, "queries_used": 100 * (i + 1)} for i in range(4)]
+    (done / "results.json").write_text(json.dumps({"methods": {"ucb": rows}}))
+
+    assert run_or_reuse(cfg, done) == rows
+    shorter = arm_config("tfbind8", "ucb", 0, [100] * 2, {"name": "pretrained", "path": str(tmp_path / "linked" / "m")})
+    assert run_or_reuse(shorter, done) == rows  # a longer run of the same arm, through a symlink: read at the budget
+    with pytest.raises(ConfigError, match=r"ucb-seed0 was run with another config \(alpha, edit_share\)"):
+        run_or_reuse(arm_config("tfbind8", "ucb_edits", 0, [100] * 4, cfg["process"], ["alpha=0.2"]), done)
+    with pytest.raises(ConfigError, match=r"another config \(schedule\)"):
+        run_or_reuse(arm_config("tfbind8", "ucb", 0, [100] * 5, cfg["process"]), done)
+    ga = arm_config("tfbind8", "ga", 0, [100] * 4, cfg["process"])
+    (done / "config.yaml").write_text(yaml.safe_dump({**ga, "fill": "edits"}))  # the same thing for a GA
+    (done / "results.json").write_text(json.dumps({"methods": {"ga": rows}}))
+    assert run_or_reuse(ga, done) == rows

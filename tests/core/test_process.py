@@ -41,6 +41,32 @@ def test_frozen_policy_is_a_copy_sharing_the_base_and_next_round_kl_is_zero_at_s
     assert torch.all(traj.kl == 0)
 
 
+def test_train_mode_reaches_each_module_of_a_chain_of_rounds_once_and_leaves_references_in_eval(monkeypatch):
+    """SEIKO's round-i model is controlled against round i - 1's: a chain of references.
+    ``train()`` used to visit each reference twice (2^i visits in all)."""
+    ref = BrownianProcess((2,), 4)
+    model = ref
+    for _ in range(16):
+        model = ControlledProcess(model, ResidualControlProcess(ref, ConstantControl(4, 2, init=0.5)))
+    visits = []
+    plain = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: visits.append(self) or plain(self, mode))
+    monkeypatch.setattr(ControlledProcess, "train", lambda self, mode=True: visits.append(self) or
+                        _controlled_train(self, mode))
+    model.train()
+    # each module once, but the shared base once per round that reaches it (linear, not 2^16)
+    assert len({id(m) for m in visits}) == len(list(model.modules()))
+    assert len(visits) <= 2 * len(list(model.modules()))
+    assert model.training and model.policy.training
+    inner = model.reference
+    while isinstance(inner, ControlledProcess):
+        assert not inner.training and not inner.policy.training
+        inner = inner.reference
+
+
+_controlled_train = ControlledProcess.train
+
+
 def test_controlled_process_rejects_mismatched_chains():
     with pytest.raises(ShapeError):
         ControlledProcess(BrownianProcess((2,), 4), BrownianProcess((2,), 5))

@@ -194,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                 failed = rows.pop() if rows and "failed_round" in rows[-1] else None
                 # a reused run with a larger budget is described as it stood at this budget
                 within = [r for r in rows if r["queries_used"] <= args.budget]
-                arm = {"seed": seed, "curve": store_curve(path / method, checkpoints) if rows else {},
-                       # after each round, for the plot
-                       "rounds": store_curve(path / method, list(itertools.accumulate(schedule))) if rows else {},
+                ends = list(itertools.accumulate(schedule))  # after each round, for the plot
+                read = store_curve(path / method, sorted({*checkpoints, *ends})) if rows else {}
+                arm = {"seed": seed, "curve": {c: read[c] for c in checkpoints if c in read},
+                       "rounds": {c: read[c] for c in ends if c in read},
                        "last": within[-1] if within else {}, "failed": failed}
                 arms.append(arm)
                 best = {c: round(v["best"], 3) for c, v in arm["curve"].items()}

@@ -59,8 +59,8 @@ from .run import RunFolder, read_config
 from .store import COUNTED, SQLiteFeedbackStore
 from .strategies import PolicyGradient, UpdateContext
 
-__all__ = ["METHODS", "OnlineRunConfig", "config_differences", "run_online", "OracleSpec", "PPOSpec", "RewardGradientControl", "unique_batch",
-           "design_key", "design_keys"]
+__all__ = ["METHODS", "OnlineRunConfig", "config_differences", "run_online", "OracleSpec", "PPOSpec",
+           "RewardGradientControl", "unique_batch", "design_key", "design_keys"]
 
 METHODS = ("ucb", "bootstrap", "thompson", "greedy", "nonadaptive", "ppo", "guidance", "best_of_n", "ga", "hill_climb")
 #: Model-free baselines: they edit queried designs with the domain's mutation/crossover.

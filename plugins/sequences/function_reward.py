@@ -123,17 +123,17 @@ class FunctionReward(Reward):
         V = x.shape[-1] - 1
         letters = self.letters or default_alphabet(V)
         if len(letters) != V:
-            raise RewardError(f"{self.target}: designs have {V} letters, the alphabet {letters!r} {len(letters)}")
+            raise RewardError(f"{self.target}: designs have {V} letters, the alphabet {letters!r} has "
+                              f"{len(letters)}")
         ids = x.detach().argmax(-1)
         masked = (ids >= V).any(-1)
         strings = to_strings(ids.tolist(), letters)
-        ask = [s for s, m in zip(strings, masked.tolist()) if not m]
-        answers = list(self.fn(ask)) if ask else []
-        if len(answers) != len(ask):
-            raise RewardError(f"{self.target} returned {len(answers)} values for {len(ask)} sequences")
+        rows = [i for i, m in enumerate(masked.tolist()) if not m]  # the designs the function is asked
+        answers = list(self.fn([strings[i] for i in rows])) if rows else []
+        if len(answers) != len(rows):
+            raise RewardError(f"{self.target} returned {len(answers)} values for {len(rows)} sequences")
         values = torch.zeros(len(strings), dtype=torch.float64)
         feasible = ~masked.cpu()
-        rows = [i for i, m in enumerate(masked.tolist()) if not m]
         for i, a in zip(rows, answers):
             if a is None:
                 feasible[i] = False

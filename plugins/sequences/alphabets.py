@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["PROTEIN", "DNA", "default_alphabet", "to_strings"]
+from torch import Tensor
+
+__all__ = ["PROTEIN", "DNA", "default_alphabet", "to_strings", "token_ids"]
 
 #: The 20 standard amino acids (token ``i`` is ``PROTEIN[i]``).
 PROTEIN = "ACDEFGHIKLMNPQRSTVWY"
@@ -20,3 +22,10 @@ def to_strings(ids: list[list[int]], letters: str) -> list[str]:
     """Token ids (``len(letters)`` is the mask) as strings, ``?`` for a masked position."""
     table = letters + "?"
     return ["".join(table[i] for i in row) for row in ids]
+
+
+def token_ids(x: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """Token ids ``(b, L)`` of one-hot states ``(b, L, V + 1)`` (a masked position read as
+    letter ``V - 1``) and whether each sequence still has a masked position ``(b,)``."""
+    ids = x.detach().argmax(-1)
+    return ids.clamp(max=vocab - 1), (ids >= vocab).any(-1)

@@ -31,7 +31,7 @@ from difftilt.core.plugins import Domain
 from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
-from .alphabets import DNA, PROTEIN, default_alphabet, to_strings
+from .alphabets import DNA, PROTEIN, default_alphabet, to_strings, token_ids
 from .descriptors import DescriptorConstraint, ProteinDescriptor
 from .ehrlich import EhrlichFunction
 from .function_reward import FunctionReward
@@ -69,12 +69,6 @@ def load_from_path(path: str, num_steps: int | None = None) -> MaskedDiffusionPr
     return load_pretrained(path, num_steps)
 
 
-def _tokens(x: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
-    """Token ids ``(b, L)`` of one-hot states ``(b, L, V + 1)`` and whether any position is still masked."""
-    ids = x.argmax(-1)
-    return ids.clamp(max=vocab - 1), (ids >= vocab).any(-1)
-
-
 def _check_process(process: Process | None, length: int, vocab: int, what: str) -> None:
     if isinstance(process, MaskedDiffusionProcess) and (process.length, process.vocab_size) != (length, vocab):
         raise ConfigError(f"{what} scores sequences of length {length} over {vocab} letters, but the process makes "
@@ -94,7 +88,7 @@ class EhrlichReward(Reward):
         _check_process(process, length, num_states, f"Ehrlich{(num_states, length, num_motifs, motif_length)}")
 
     def evaluate(self, x: Tensor) -> RewardOutput:
-        ids, masked = _tokens(x, self.function.num_states)
+        ids, masked = token_ids(x, self.function.num_states)
         value, feasible = self.function(ids)
         return RewardOutput(value.to(x.dtype), feasible & ~masked)
 
@@ -108,7 +102,7 @@ class TFBind8Reward(Reward):
         _check_process(process, 8, 4, "TFBind8")
 
     def evaluate(self, x: Tensor) -> RewardOutput:
-        ids, masked = _tokens(x, 4)
+        ids, masked = token_ids(x, 4)
         return RewardOutput(self.table(ids).to(x.dtype), ~masked)
 
 

@@ -40,7 +40,7 @@ from difftilt.core.errors import ConfigError, RewardError
 from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
-from .alphabets import default_alphabet, to_strings
+from .alphabets import default_alphabet, to_strings, token_ids
 from .mdlm import MaskedDiffusionProcess
 
 __all__ = ["FunctionReward", "load_target"]
@@ -125,8 +125,7 @@ class FunctionReward(Reward):
         if len(letters) != V:
             raise RewardError(f"{self.target}: designs have {V} letters, the alphabet {letters!r} has "
                               f"{len(letters)}")
-        ids = x.detach().argmax(-1)
-        masked = (ids >= V).any(-1)
+        ids, masked = token_ids(x, V)  # a masked design is not asked
         strings = to_strings(ids.tolist(), letters)
         rows = [i for i, m in enumerate(masked.tolist()) if not m]  # the designs the function is asked
         answers = list(self.fn([strings[i] for i in rows])) if rows else []

@@ -60,7 +60,7 @@ from .store import COUNTED, SQLiteFeedbackStore
 from .strategies import PolicyGradient, UpdateContext
 
 __all__ = ["METHODS", "OnlineRunConfig", "config_differences", "run_online", "OracleSpec", "PPOSpec",
-           "RewardGradientControl", "unique_batch", "design_key", "design_keys"]
+           "RewardGradientControl", "retune_round", "unique_batch", "design_key", "design_keys"]
 
 METHODS = ("ucb", "bootstrap", "thompson", "greedy", "nonadaptive", "ppo", "guidance", "best_of_n", "ga", "hill_climb")
 #: Model-free baselines: they edit queried designs with the domain's mutation/crossover.
@@ -828,6 +828,99 @@ def _plot(results: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def _setup(cfg: OnlineRunConfig) -> tuple[Domain, Process, Reward, nn.Module, dict]:
+    """The plugin, the frozen pretrained model, the ground truth, the reward models'
+    featurizer and the process spec of a validated config."""
+    domain = load_plugin(cfg.plugin)
+    needs_mutation = [m for m in cfg.methods if m in EVOLUTION]
+    if needs_mutation and not _mutates(domain):
+        raise ConfigError(f"config.methods: {', '.join(needs_mutation)} need a mutation operator, "
+                          f"which plugin '{cfg.plugin}' does not provide")
+    pretrained = freeze(domain.make_process(cfg.process))
+    truth = domain.make_reward(cfg.oracle["reward"], pretrained)
+    options = validate_kwargs(domain.featurizer, cfg.features, "features", skip=("reference",))
+    featurizer = domain.featurizer(pretrained, **options) or Flatten(tuple(pretrained.event_shape))
+    process_spec = cfg.process if isinstance(cfg.process, dict) else {"name": cfg.process or next(iter(domain.processes))}
+    return domain, pretrained, truth, featurizer, process_spec
+
+
+def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alphas: list[float],
+                 samples: int | None = None, progress: bool = False) -> list[dict]:
+    """Round ``round_index`` of a finished (or interrupted) run's fine-tuning again, at other alphas.
+
+    How far one round's tilt moves the model is what alpha sets, and it is hard to guess
+    in reward units. This refits the round's reward model (the same answers and seed as the
+    run), fine-tunes from the model the round started from (the pretrained one for round 0)
+    with the run's settings and seed but each ``alpha``, and describes each result: its KL
+    to that starting model and to the pretrained one, the acquisition's mean over its
+    samples, and -- for a simulated oracle, outside any budget -- the ground truth's mean,
+    feasible fraction and diversity. The samples and the KL estimate use the run's
+    diagnostic seeds, so at the run's own alpha the row repeats the run's
+    (``eval_mean_true``, ``kl_to_pretrained``) on the same machine and thread count. The run
+    folder is only read.
+
+    Args:
+        run_dir: an online run folder.
+        method: one of its SEIKO-family methods (``ucb``, ``bootstrap``, ``thompson``,
+            ``greedy``, ``nonadaptive``).
+        round_index: a round it has finished.
+        alphas: the KL weights to try.
+        samples: samples of each fine-tuned model (default: the run's ``eval_samples``, else 256).
+        progress: show fine-tuning progress bars.
+
+    Returns:
+        One dict per alpha: ``alpha``, ``kl_to_start``, ``kl_to_pretrained``,
+        ``acquisition_mean``, ``seconds`` and, for a simulated oracle, ``mean_true``,
+        ``top10_true``, ``feasible``, ``diversity``.
+    """
+    folder = Path(run_dir)
+    if not (folder / "config.yaml").is_file():
+        raise CheckpointError(f"{folder} is not an online run folder (no config.yaml)")
+    cfg = _validate(load_yaml(folder / "config.yaml"))
+    if method not in cfg.methods:
+        raise ConfigError(f"{folder} has no method '{method}' (it ran {', '.join(cfg.methods)})")
+    if method not in SEIKO_FAMILY:
+        raise ConfigError(f"retune_round needs a method that fits a reward model and fine-tunes "
+                          f"({', '.join(SEIKO_FAMILY)}), not '{method}'")
+    if not alphas or any(not math.isfinite(a) or a <= 0 for a in alphas):
+        raise ConfigError(f"alphas: one or more positive numbers, got {alphas}")
+    if not (folder / method / "state.json").is_file():
+        raise CheckpointError(f"{folder / method} has no finished round")
+    domain, pretrained, truth, featurizer, _ = _setup(cfg)
+    mrun = _MethodRun(cfg, method, domain, pretrained, truth, featurizer, folder / method, progress)
+    try:
+        done = mrun.state()["rounds_done"]
+        if not 0 <= round_index < done:
+            raise ConfigError(f"{folder / method} has finished rounds 0..{done - 1}; round {round_index} is not one")
+        start = mrun._restore(round_index)
+        acquisition = mrun._fit_reward(round_index)
+        n = samples or cfg.eval_samples or 256
+        rows = []
+        for alpha in alphas:
+            t0 = time.time()
+            mrun.alphas = [float(alpha)] * len(mrun.schedule)
+            model = mrun._finetune(round_index, start, acquisition)
+            with torch.no_grad():
+                x = model.sample(n, generator=step_generator(mrun._round_seed(round_index, 4), -8, model.device))
+                row = {"alpha": float(alpha),
+                       "kl_to_start": estimate_path_kl(model, start, n=_KL_SAMPLES,
+                                                       seed=mrun._round_seed(round_index, 5))["total"],
+                       "kl_to_pretrained": estimate_path_kl(model, pretrained, n=_KL_SAMPLES,
+                                                            seed=mrun._round_seed(round_index, 5))["total"],
+                       "acquisition_mean": float(acquisition(x).value.mean())}
+                if truth.simulated:
+                    out = truth(x)
+                    v = out.masked(truth.infeasible_value)
+                    row.update({"mean_true": float(v.mean()), "top10_true": _top_mean(v.tolist()),
+                                "feasible": float(out.feasible.float().mean()),
+                                "diversity": float(domain.diversity(x))})
+            row["seconds"] = round(time.time() - t0, 2)
+            rows.append(row)
+        return rows
+    finally:
+        mrun.store.close()
+
+
 def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | os.PathLike | None = None,
                overrides: list[str] | None = None, output_dir: str | None = None, name: str | None = None,
                progress: bool = True) -> RunFolder:
@@ -862,20 +955,11 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
             cfg.name = name
 
     torch.manual_seed(cfg.seed)
-    domain = load_plugin(cfg.plugin)
-    needs_mutation = [m for m in cfg.methods if m in EVOLUTION]
-    if needs_mutation and not _mutates(domain):
-        raise ConfigError(f"config.methods: {', '.join(needs_mutation)} need a mutation operator, "
-                          f"which plugin '{cfg.plugin}' does not provide")
-    pretrained = freeze(domain.make_process(cfg.process))
-    truth = domain.make_reward(cfg.oracle["reward"], pretrained)
+    domain, pretrained, truth, featurizer, process_spec = _setup(cfg)
     if cfg.eval_samples > 0 and not truth.simulated:
         raise ConfigError(f"eval_samples: the oracle '{truth.name}' is a real experiment, and eval_samples would "
                           f"score {cfg.eval_samples} of each round's model samples with it outside the budget; "
                           "set eval_samples: 0")
-    options = validate_kwargs(domain.featurizer, cfg.features, "features", skip=("reference",))
-    featurizer = domain.featurizer(pretrained, **options) or Flatten(tuple(pretrained.event_shape))
-    process_spec = cfg.process if isinstance(cfg.process, dict) else {"name": cfg.process or next(iter(domain.processes))}
 
     if resume is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -316,3 +316,37 @@ def test_config_differences_name_the_fields_and_a_resume_under_another_config_is
     (run / "config.yaml").write_text(base.read_text())
     with pytest.raises(ConfigError, match=r"differs from the one .* started with \(alpha, finetune.iterations\)"):
         run_online(other, resume=run)
+
+
+def test_retune_round_at_the_runs_alpha_repeats_the_round_and_a_larger_alpha_moves_less(tmp_path):
+    from difftilt.benchmarks.round_alpha import main
+    from difftilt.core.errors import CheckpointError, ConfigError
+    from difftilt.core.online import retune_round, run_online
+
+    raw = yaml.safe_load(_tiny(tmp_path, methods=["ucb", "best_of_n"], alpha=0.5, schedule=[8, 8, 8]).read_text())
+    run = run_online(raw, output_dir=str(tmp_path), name="run", progress=False).path
+    rows = [json.loads(line) for line in (run / "ucb" / "rounds.jsonl").read_text().splitlines()]
+    before = sorted(p.name for p in (run / "ucb").rglob("*"))
+    for i in (0, 1):  # round 0 starts from the pretrained model, round 1 from round 0's checkpoint
+        same, stiff = retune_round(run, "ucb", i, [0.5, 50.0])
+        assert same["mean_true"] == pytest.approx(rows[i]["eval_mean_true"], rel=1e-5, abs=1e-7)
+        assert same["kl_to_pretrained"] == pytest.approx(rows[i]["kl_to_pretrained"], rel=1e-5, abs=1e-7)
+        assert 0.0 <= stiff["kl_to_start"] < same["kl_to_start"]
+        assert set(same) >= {"acquisition_mean", "feasible", "diversity", "seconds"}
+    if_round0 = retune_round(run, "ucb", 0, [0.5])[0]
+    assert if_round0["kl_to_start"] == pytest.approx(if_round0["kl_to_pretrained"])  # round 0 starts at the pretrained
+    assert sorted(p.name for p in (run / "ucb").rglob("*")) == before  # the run folder is only read
+    with pytest.raises(ConfigError, match="fits a reward model"):
+        retune_round(run, "best_of_n", 0, [0.5])
+    with pytest.raises(ConfigError, match="round 3 is not one"):
+        retune_round(run, "ucb", 3, [0.5])
+    with pytest.raises(ConfigError, match="positive"):
+        retune_round(run, "ucb", 0, [0.0])
+    with pytest.raises(ConfigError, match="no method 'greedy'"):
+        retune_round(run, "greedy", 0, [0.5])
+    with pytest.raises(CheckpointError, match="not an online run folder"):
+        retune_round(tmp_path, "ucb", 0, [0.5])
+    out = tmp_path / "alpha.json"
+    assert main([str(run), "--round", "1", "--alphas", "0.5", "5", "--samples", "8", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["run_alpha"] == 0.5 and [r["alpha"] for r in saved["rows"]] == [0.5, 5.0]

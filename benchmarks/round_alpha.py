@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from difftilt.core.config import load_yaml
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=None, help="samples per model (default: the run's eval_samples)")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
-    rows = retune_round(args.run, args.method, args.round, args.alphas, samples=args.samples, progress=True)
+    rows = retune_round(args.run, args.method, args.round, args.alphas, samples=args.samples,
+                        progress=sys.stderr.isatty())  # no progress bars in a log file
     alpha = load_yaml(Path(args.run) / "config.yaml")["alpha"]
     run_alpha = alpha[min(args.round, len(alpha) - 1)] if isinstance(alpha, list) else alpha
     print(f"{args.run}: {args.method} round {args.round} re-tuned (the run's alpha: {run_alpha:g}, marked *)")

@@ -395,8 +395,9 @@ class _MethodRun:
         self.acquisition = self._acquisition_reward(model, i)
         return self.acquisition
 
-    def _finetune(self, i: int, prev: Process, reward: Reward) -> Process:
-        """Fine-tune from ``prev`` (frozen) with KL to it; the new policy starts as a copy."""
+    def _finetune(self, i: int, prev: Process, reward: Reward, alpha: float | None = None) -> Process:
+        """Fine-tune from ``prev`` (frozen) with KL to it (weight ``alpha``, by default round
+        ``i``'s); the new policy starts as a copy."""
         policy = initial_policy = None
         prev_trans = transitions_of(prev)
         if prev_trans is not self.pretrained and isinstance(prev_trans, ResidualControlProcess):
@@ -410,7 +411,8 @@ class _MethodRun:
             aux = prev.initial_chain
             initial_policy = ResidualControlProcess(aux.base, copy.deepcopy(aux.control).requires_grad_(True),
                                                     aux.control_input)
-        ft = Finetuner(freeze(prev), reward, alpha=self.alphas[min(i, len(self.alphas) - 1)], policy=policy,
+        alpha = self.alphas[min(i, len(self.alphas) - 1)] if alpha is None else alpha
+        ft = Finetuner(freeze(prev), reward, alpha=alpha, policy=policy,
                        initial_policy=initial_policy, value_net=self.domain.make_value_net(self.pretrained),
                        seed=self._round_seed(i, 3), **{"progress": self.progress, **self.cfg.finetune})
         return ft.fit().model
@@ -588,21 +590,23 @@ class _MethodRun:
                             "eval_diversity": float(self.domain.diversity(x))})
             return row
         if n > 0:
-            x = model.sample(n, generator=step_generator(self._round_seed(i, 4), -8, model.device))
-            out = self.truth(x)
-            v = out.masked(self.truth.infeasible_value)
-            row.update({
-                "eval_mean_true": float(v.mean()),
-                "eval_top10_true": _top_mean(v.tolist()),
-                "eval_feasible": float(out.feasible.float().mean()),
-                "eval_diversity": float(self.domain.diversity(x)),
-            })
-        if self.method not in ("best_of_n",):
-            row["kl_to_pretrained"] = estimate_path_kl(model, self.pretrained, n=_KL_SAMPLES,
-                                                       seed=self._round_seed(i, 5))["total"]
-        else:
-            row["kl_to_pretrained"] = 0.0
+            row.update(self._true_summary(self._eval_samples(i, model, n)))
+        row["kl_to_pretrained"] = self._kl(i, model, self.pretrained) if self.method != "best_of_n" else 0.0
         return row
+
+    # the per-round diagnostics, on their own seeds (retune_round repeats them)
+    def _eval_samples(self, i: int, model: Process, n: int) -> Tensor:
+        return model.sample(n, generator=step_generator(self._round_seed(i, 4), -8, model.device))
+
+    def _true_summary(self, x: Tensor) -> dict[str, float]:
+        """The ground truth on the samples ``x`` (outside the budget: simulated oracles only)."""
+        out = self.truth(x)
+        v = out.masked(self.truth.infeasible_value)
+        return {"eval_mean_true": float(v.mean()), "eval_top10_true": _top_mean(v.tolist()),
+                "eval_feasible": float(out.feasible.float().mean()), "eval_diversity": float(self.domain.diversity(x))}
+
+    def _kl(self, i: int, model: Process, reference: Process) -> float:
+        return estimate_path_kl(model, reference, n=_KL_SAMPLES, seed=self._round_seed(i, 5))["total"]
 
 
 _KL_SAMPLES = 256  # samples of the per-round KL-to-pretrained diagnostic
@@ -898,22 +902,16 @@ def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alph
         rows = []
         for alpha in alphas:
             t0 = time.time()
-            mrun.alphas = [float(alpha)] * len(mrun.schedule)
-            model = mrun._finetune(round_index, start, acquisition)
+            model = mrun._finetune(round_index, start, acquisition, alpha=float(alpha))
             with torch.no_grad():
-                x = model.sample(n, generator=step_generator(mrun._round_seed(round_index, 4), -8, model.device))
-                row = {"alpha": float(alpha),
-                       "kl_to_start": estimate_path_kl(model, start, n=_KL_SAMPLES,
-                                                       seed=mrun._round_seed(round_index, 5))["total"],
-                       "kl_to_pretrained": estimate_path_kl(model, pretrained, n=_KL_SAMPLES,
-                                                            seed=mrun._round_seed(round_index, 5))["total"],
+                x = mrun._eval_samples(round_index, model, n)
+                kl_start = mrun._kl(round_index, model, start)
+                row = {"alpha": float(alpha), "kl_to_start": kl_start,
+                       # round 0 starts at the pretrained model: the same estimate
+                       "kl_to_pretrained": kl_start if start is pretrained else mrun._kl(round_index, model, pretrained),
                        "acquisition_mean": float(acquisition(x).value.mean())}
                 if truth.simulated:
-                    out = truth(x)
-                    v = out.masked(truth.infeasible_value)
-                    row.update({"mean_true": float(v.mean()), "top10_true": _top_mean(v.tolist()),
-                                "feasible": float(out.feasible.float().mean()),
-                                "diversity": float(domain.diversity(x))})
+                    row.update({k.removeprefix("eval_"): v for k, v in mrun._true_summary(x).items()})
             row["seconds"] = round(time.time() - t0, 2)
             rows.append(row)
         return rows

@@ -342,6 +342,10 @@ class _MethodRun:
         with open(self.folder / "rounds.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def alpha(self, i: int) -> float:
+        """Round ``i``'s KL weight (the last one for rounds past the config's list)."""
+        return self.alphas[min(i, len(self.alphas) - 1)]
+
     def _checkpoint(self, i: int) -> Path:
         return self.folder / "checkpoints" / f"round_{i}"
 
@@ -411,7 +415,7 @@ class _MethodRun:
             aux = prev.initial_chain
             initial_policy = ResidualControlProcess(aux.base, copy.deepcopy(aux.control).requires_grad_(True),
                                                     aux.control_input)
-        alpha = self.alphas[min(i, len(self.alphas) - 1)] if alpha is None else alpha
+        alpha = self.alpha(i) if alpha is None else alpha
         ft = Finetuner(freeze(prev), reward, alpha=alpha, policy=policy,
                        initial_policy=initial_policy, value_net=self.domain.make_value_net(self.pretrained),
                        seed=self._round_seed(i, 3), **{"progress": self.progress, **self.cfg.finetune})
@@ -792,7 +796,7 @@ class _PPO:
             opt.zero_grad(set_to_none=True)
             return float(norm)
 
-        alpha = run.alphas[min(i, len(run.alphas) - 1)]
+        alpha = run.alpha(i)
         budget, bs = run.schedule[i], self.spec["batch_size"]
         for j, start in enumerate(range(0, budget, bs)):
             n = min(bs, budget - start)

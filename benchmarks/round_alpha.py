@@ -10,10 +10,19 @@ samples and, for a simulated oracle (outside any budget), their true mean, top-1
 feasible fraction and diversity. The run's own alpha repeats the run's round (its
 ``eval_mean_true`` and ``kl_to_pretrained``) on the same machine and thread count.
 
+With ``--tilt-samples N`` it also says how close the fine-tuning came to the round's own
+target, the tilt ``p_start * exp(acquisition / alpha)``: it weights N samples of the
+starting model by ``exp(acquisition / alpha)`` (self-normalized importance sampling) and
+prints the target's objective ``J* = alpha * log E[exp(acquisition / alpha)]``, KL and true
+mean beside the fine-tuned model's ``J = acquisition mean - alpha * KL``, and the share of
+the gain from the starting model's ``J`` that the fine-tuning reached. With few effective
+samples (ESS) the target's figures are biased low.
+
 Usage::
 
     python -m difftilt.benchmarks.round_alpha runs/seq/ehrlich-20-64-4-4/ucb-seed1 --method ucb --round 0 \\
         --alphas 0.0001 0.001 0.002 0.0035 --out round_alpha.json
+    python -m difftilt.benchmarks.round_alpha runs/seq/ehrlich-20-32-4-4/ucb-seed1 --alphas 0.0035 --tilt-samples 4096
 """
 
 from __future__ import annotations
@@ -30,7 +39,9 @@ from .common import main_exit
 
 _COLUMNS = [("alpha", "alpha"), ("kl_to_start", "KL to start"), ("kl_to_pretrained", "KL to pretrained"),
             ("acquisition_mean", "acquisition"), ("mean_true", "true mean"), ("top10_true", "true top-10"),
-            ("feasible", "feasible"), ("diversity", "diversity"), ("seconds", "seconds")]
+            ("feasible", "feasible"), ("diversity", "diversity"), ("objective", "J"),
+            ("tilt_objective", "exact J"), ("solver_share", "share of gain"), ("tilt_kl", "exact KL"),
+            ("tilt_mean_true", "exact true mean"), ("tilt_ess", "ESS"), ("seconds", "seconds")]
 
 
 def table(rows: list[dict], run_alpha: float | None = None) -> str:
@@ -56,10 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--round", type=int, default=0, help="which finished round (default: 0)")
     ap.add_argument("--alphas", type=float, nargs="+", required=True, help="the KL weights to try")
     ap.add_argument("--samples", type=int, default=None, help="samples per model (default: the run's eval_samples)")
+    ap.add_argument("--tilt-samples", type=int, default=0,
+                    help="also estimate the round's exact target from this many samples of its starting model "
+                         "(e.g. 4096): its objective J*, KL and true mean, and the share of J*'s gain the "
+                         "fine-tuning reached")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     rows = retune_round(args.run, args.method, args.round, args.alphas, samples=args.samples,
-                        progress=sys.stderr.isatty())  # no progress bars in a log file
+                        progress=sys.stderr.isatty(),  # no progress bars in a log file
+                        tilt_samples=args.tilt_samples)
     alpha = load_yaml(Path(args.run) / "config.yaml")["alpha"]
     run_alpha = alpha[min(args.round, len(alpha) - 1)] if isinstance(alpha, list) else alpha
     print(f"{args.run}: {args.method} round {args.round} re-tuned (the run's alpha: {run_alpha:g}, marked *)")

@@ -48,7 +48,7 @@ from .strategies import Strategy, make_strategy
 from .system import EntropyRegularizedSystem
 
 __all__ = ["Finetuner", "FinetuneResult", "ValueReward", "default_policy", "make_trainer", "estimate_kl",
-           "estimate_path_kl"]
+           "estimate_path_kl", "tilt_weights", "estimate_tilt"]
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,40 @@ def estimate_kl(result: FinetuneResult, n: int = 4096, seed: int = 0) -> dict[st
     traj = sample_trajectories(result.transitions, n, x0=x0, seed=seed + 1, kl=True)
     trans_kl = float(traj.kl.sum(1).mean())
     return {"initial": init_kl, "transitions": trans_kl, "total": init_kl + trans_kl}
+
+
+def tilt_weights(values: Tensor, alpha: float) -> Tensor:
+    """Self-normalized importance weights ``w_i ∝ exp(r_i / alpha)`` of the exact tilt.
+
+    ``values`` are the rewards ``r(x_i)`` of samples ``x_i ~ P``; weighting them by ``w``
+    estimates expectations under ``J``'s maximizer ``p*(x) ∝ p(x) exp(r(x) / alpha)``.
+    """
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ConfigError(f"alpha must be a positive number, got {alpha}")
+    if values.ndim != 1 or values.numel() == 0 or not torch.isfinite(values).all():
+        raise ValueError("values: a non-empty 1-D tensor of finite rewards")
+    return torch.softmax(values.double() / alpha, dim=0)
+
+
+def estimate_tilt(values: Tensor, alpha: float) -> dict[str, float]:
+    """What the exact maximizer of ``J`` would reach, from rewards ``values`` of samples of ``P``.
+
+    Self-normalized importance sampling with :func:`tilt_weights`: ``reward`` is
+    ``E_{p*}[r]``, ``kl`` is ``KL(p* || P) = E_{p*}[log(w_i n)]``, and ``objective`` is
+    ``J* = E_{p*}[r] - alpha * KL(p* || P) = alpha * log E_P[exp(r / alpha)]``, the most any
+    fine-tuned chain can reach (its path KL is at least its terminal KL). ``ess`` is the
+    effective sample size ``1 / sum_i w_i^2``. Consistent as ``n`` grows; with few effective
+    samples (``ess`` a handful) ``kl`` and ``objective`` are biased low, so they are lower
+    bounds in practice. Compare a fine-tuned model's ``E_Q[r] - alpha * KL(Q || P)`` with
+    ``objective`` to see how far its solver got.
+    """
+    w = tilt_weights(values, alpha)
+    v = values.double()
+    n = v.numel()
+    log_mean_exp = float(torch.logsumexp(v / alpha, 0)) - math.log(n)
+    nz = w > 0
+    return {"reward": float((w * v).sum()), "kl": float((w[nz] * (w[nz].log() + math.log(n))).sum()),
+            "objective": alpha * log_mean_exp, "ess": float(1.0 / (w ** 2).sum())}
 
 
 class Finetuner:

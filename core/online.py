@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from .checkpoint import load_finetuned, save_model
 from .config import atomic_write_text, load_yaml, validate_kwargs
 from .errors import CheckpointError, ConfigError, InputDataError
-from .finetune import Finetuner, estimate_path_kl, quiet_lightning
+from .finetune import Finetuner, estimate_path_kl, estimate_tilt, quiet_lightning, tilt_weights
 from .oracle import Oracle, OracleAnswer
 from .plotting import save_figure
 from .plugins import Domain, load_plugin
@@ -853,7 +853,7 @@ def _setup(cfg: OnlineRunConfig) -> tuple[Domain, Process, Reward, nn.Module, di
 
 
 def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alphas: list[float],
-                 samples: int | None = None, progress: bool = False) -> list[dict]:
+                 samples: int | None = None, progress: bool = False, tilt_samples: int = 0) -> list[dict]:
     """Round ``round_index`` of a finished (or interrupted) run's fine-tuning again, at other alphas.
 
     How far one round's tilt moves the model is what alpha sets, and it is hard to guess
@@ -875,11 +875,21 @@ def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alph
         alphas: the KL weights to try.
         samples: samples of each fine-tuned model (default: the run's ``eval_samples``, else 256).
         progress: show fine-tuning progress bars.
+        tilt_samples: if positive, also estimate from this many samples of the starting
+            model what the round's exact target ``p_start * exp(acquisition / alpha)`` would
+            reach (:func:`~difftilt.core.finetune.estimate_tilt`), to compare with what the
+            fine-tuning reached.
 
     Returns:
         One dict per alpha: ``alpha``, ``kl_to_start``, ``kl_to_pretrained``,
-        ``acquisition_mean``, ``seconds`` and, for a simulated oracle, ``mean_true``,
-        ``top10_true``, ``feasible``, ``diversity``.
+        ``acquisition_mean``, ``objective`` (``acquisition_mean - alpha * kl_to_start``),
+        ``seconds`` and, for a simulated oracle, ``mean_true``, ``top10_true``,
+        ``feasible``, ``diversity``. With ``tilt_samples``: ``start_objective`` (the
+        acquisition's mean over the starting model's samples), the exact target's
+        ``tilt_objective``, ``tilt_kl``, ``tilt_acquisition``, ``tilt_ess``, ``solver_share``
+        (``(objective - start_objective) / (tilt_objective - start_objective)``: the share of
+        the reachable gain the fine-tuning got) and, for a simulated oracle,
+        ``tilt_mean_true``.
     """
     folder = Path(run_dir)
     if not (folder / "config.yaml").is_file():
@@ -892,6 +902,8 @@ def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alph
                           f"({', '.join(SEIKO_FAMILY)}), not '{method}'")
     if not alphas or any(not math.isfinite(a) or a <= 0 for a in alphas):
         raise ConfigError(f"alphas: one or more positive numbers, got {alphas}")
+    if tilt_samples < 0:
+        raise ConfigError(f"tilt_samples must be >= 0, got {tilt_samples}")
     if not (folder / method / "state.json").is_file():
         raise CheckpointError(f"{folder / method} has no finished round")
     domain, pretrained, truth, featurizer, _ = _setup(cfg)
@@ -903,6 +915,17 @@ def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alph
         start = mrun._restore(round_index)
         acquisition = mrun._fit_reward(round_index)
         n = samples or cfg.eval_samples or 256
+
+        def acquire(x: Tensor) -> Tensor:
+            return acquisition(x).masked(acquisition.infeasible_value).double()
+
+        if tilt_samples:
+            with torch.no_grad():
+                gen = step_generator(mrun._round_seed(round_index, 8), -8, start.device)
+                xs = torch.cat([start.sample(min(512, tilt_samples - k), generator=gen)
+                                for k in range(0, tilt_samples, 512)])
+                start_values = acquire(xs)
+                true_values = truth(xs).masked(truth.infeasible_value).double() if truth.simulated else None
         rows = []
         for alpha in alphas:
             t0 = time.time()
@@ -910,12 +933,22 @@ def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alph
             with torch.no_grad():
                 x = mrun._eval_samples(round_index, model, n)
                 kl_start = mrun._kl(round_index, model, start)
+                acq_mean = float(acquire(x).mean())
                 row = {"alpha": float(alpha), "kl_to_start": kl_start,
                        # round 0 starts at the pretrained model: the same estimate
                        "kl_to_pretrained": kl_start if start is pretrained else mrun._kl(round_index, model, pretrained),
-                       "acquisition_mean": float(acquisition(x).value.mean())}
+                       "acquisition_mean": acq_mean, "objective": acq_mean - float(alpha) * kl_start}
                 if truth.simulated:
                     row.update({k.removeprefix("eval_"): v for k, v in mrun._true_summary(x).items()})
+                if tilt_samples:
+                    tilt = estimate_tilt(start_values, float(alpha))
+                    base = float(start_values.mean())
+                    gain = tilt["objective"] - base
+                    row.update({"start_objective": base, "tilt_objective": tilt["objective"], "tilt_kl": tilt["kl"],
+                                "tilt_acquisition": tilt["reward"], "tilt_ess": tilt["ess"],
+                                "solver_share": (row["objective"] - base) / gain if gain > 0 else float("nan")})
+                    if true_values is not None:
+                        row["tilt_mean_true"] = float((tilt_weights(start_values, float(alpha)) * true_values).sum())
             row["seconds"] = round(time.time() - t0, 2)
             rows.append(row)
         return rows

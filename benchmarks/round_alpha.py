@@ -16,13 +16,16 @@ starting model by ``exp(acquisition / alpha)`` (self-normalized importance sampl
 prints the target's objective ``J* = alpha * log E[exp(acquisition / alpha)]``, KL and true
 mean beside the fine-tuned model's ``J = acquisition mean - alpha * KL``, and the share of
 the gain from the starting model's ``J`` that the fine-tuning reached. With few effective
-samples (ESS) the target's figures are biased low.
+samples (ESS) the target's figures are biased low. ``--finetune KEY=VALUE`` changes the
+run's fine-tuning settings for the re-tune (more updates, another learning rate, policy
+gradient instead of backprop), to see whether another solver gets closer.
 
 Usage::
 
     python -m difftilt.benchmarks.round_alpha runs/seq/ehrlich-20-64-4-4/ucb-seed1 --method ucb --round 0 \\
         --alphas 0.0001 0.001 0.002 0.0035 --out round_alpha.json
-    python -m difftilt.benchmarks.round_alpha runs/seq/ehrlich-20-32-4-4/ucb-seed1 --alphas 0.0035 --tilt-samples 4096
+    python -m difftilt.benchmarks.round_alpha runs/seq/ehrlich-20-32-4-4/ucb-seed1 --alphas 0.0035 --tilt-samples 4096 \\
+        --finetune iterations=240
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import yaml
 
 from difftilt.core.config import load_yaml
 from difftilt.core.online import retune_round
@@ -60,6 +65,20 @@ def table(rows: list[dict], run_alpha: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def _setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with a YAML value, for ``--finetune``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return key.strip(), parsed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m difftilt.benchmarks.round_alpha", description=__doc__.split("\n")[0])
     ap.add_argument("run", help="an online run folder (difftilt online, or a benchmark arm under --runs)")
@@ -71,19 +90,24 @@ def main(argv: list[str] | None = None) -> int:
                     help="also estimate the round's exact target from this many samples of its starting model "
                          "(e.g. 4096): its objective J*, KL and true mean, and the share of J*'s gain the "
                          "fine-tuning reached")
+    ap.add_argument("--finetune", metavar="KEY=VALUE", action="append", default=[], type=_setting,
+                    help="change one of the run's finetune fields for these fine-tunes (a YAML value, e.g. "
+                         "iterations=240 or 'strategy={name: policy_gradient}'); repeatable")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     rows = retune_round(args.run, args.method, args.round, args.alphas, samples=args.samples,
                         progress=sys.stderr.isatty(),  # no progress bars in a log file
-                        tilt_samples=args.tilt_samples)
+                        tilt_samples=args.tilt_samples, finetune=dict(args.finetune))
     alpha = load_yaml(Path(args.run) / "config.yaml")["alpha"]
     run_alpha = alpha[min(args.round, len(alpha) - 1)] if isinstance(alpha, list) else alpha
-    print(f"{args.run}: {args.method} round {args.round} re-tuned (the run's alpha: {run_alpha:g}, marked *)")
+    changed = "".join(f", finetune.{k}={v}" for k, v in args.finetune)
+    print(f"{args.run}: {args.method} round {args.round} re-tuned{changed} (the run's alpha: {run_alpha:g}, marked *)")
     print(table(rows, run_alpha))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"run": str(args.run), "method": args.method, "round": args.round,
-                                        "run_alpha": run_alpha, "rows": rows}, indent=1) + "\n")
+                                        "run_alpha": run_alpha, "finetune": dict(args.finetune), "rows": rows},
+                                       indent=1) + "\n")
     return 0
 
 

@@ -853,7 +853,8 @@ def _setup(cfg: OnlineRunConfig) -> tuple[Domain, Process, Reward, nn.Module, di
 
 
 def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alphas: list[float],
-                 samples: int | None = None, progress: bool = False, tilt_samples: int = 0) -> list[dict]:
+                 samples: int | None = None, progress: bool = False, tilt_samples: int = 0,
+                 finetune: dict | None = None) -> list[dict]:
     """Round ``round_index`` of a finished (or interrupted) run's fine-tuning again, at other alphas.
 
     How far one round's tilt moves the model is what alpha sets, and it is hard to guess
@@ -879,6 +880,9 @@ def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alph
             model what the round's exact target ``p_start * exp(acquisition / alpha)`` would
             reach (:func:`~difftilt.core.finetune.estimate_tilt`), to compare with what the
             fine-tuning reached.
+        finetune: changes to the run's ``finetune`` fields for these fine-tunes (e.g.
+            ``{"iterations": 240}`` or ``{"strategy": {"name": "policy_gradient"}}``), to
+            see whether another solver setting gets closer to the target.
 
     Returns:
         One dict per alpha: ``alpha``, ``kl_to_start``, ``kl_to_pretrained``,
@@ -904,6 +908,9 @@ def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alph
         raise ConfigError(f"alphas: one or more positive numbers, got {alphas}")
     if tilt_samples < 0:
         raise ConfigError(f"tilt_samples must be >= 0, got {tilt_samples}")
+    if finetune:
+        cfg.finetune = {**cfg.finetune, **finetune}
+        validate_kwargs(Finetuner, cfg.finetune, "finetune", skip=_FT_SKIP)
     if not (folder / method / "state.json").is_file():
         raise CheckpointError(f"{folder / method} has no finished round")
     domain, pretrained, truth, featurizer, _ = _setup(cfg)

@@ -86,3 +86,16 @@ def test_a_run_folder_made_with_another_config_is_not_reused(tmp_path):
     (done / "config.yaml").write_text(yaml.safe_dump({**ga, "fill": "edits"}))  # the same thing for a GA
     (done / "results.json").write_text(json.dumps({"methods": {"ga": rows}}))
     assert run_or_reuse(ga, done) == rows
+
+
+def test_round_alpha_reads_finetune_settings_as_yaml_values():
+    import argparse
+
+    from difftilt.benchmarks.round_alpha import _setting
+
+    assert _setting("iterations=240") == ("iterations", 240)
+    assert _setting("lr=1e-3") == ("lr", 1e-3)  # a float, though YAML 1.1 reads it as a string
+    assert _setting("strategy={name: policy_gradient, epochs: 2}") == ("strategy", {"name": "policy_gradient", "epochs": 2})
+    assert _setting("lr_schedule=cosine") == ("lr_schedule", "cosine")
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+        _setting("iterations")

@@ -100,9 +100,13 @@ def main(argv: list[str] | None = None) -> int:
                         tilt_samples=args.tilt_samples, finetune=dict(args.finetune))
     alpha = load_yaml(Path(args.run) / "config.yaml")["alpha"]
     run_alpha = alpha[min(args.round, len(alpha) - 1)] if isinstance(alpha, list) else alpha
-    changed = "".join(f", finetune.{k}={v}" for k, v in args.finetune)
-    print(f"{args.run}: {args.method} round {args.round} re-tuned{changed} (the run's alpha: {run_alpha:g}, marked *)")
-    print(table(rows, run_alpha))
+    if args.finetune:  # another solver: no row repeats the run's round
+        changed = "".join(f", finetune.{k}={v}" for k, v in args.finetune)
+        print(f"{args.run}: {args.method} round {args.round} re-tuned{changed} (the run's alpha: {run_alpha:g})")
+        print(table(rows))
+    else:
+        print(f"{args.run}: {args.method} round {args.round} re-tuned (the run's alpha: {run_alpha:g}, marked *)")
+        print(table(rows, run_alpha))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"run": str(args.run), "method": args.method, "round": args.round,

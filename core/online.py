@@ -892,8 +892,8 @@ def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alph
         acquisition's mean over the starting model's samples), the exact target's
         ``tilt_objective``, ``tilt_kl``, ``tilt_acquisition``, ``tilt_ess``, ``solver_share``
         (``(objective - start_objective) / (tilt_objective - start_objective)``: the share of
-        the reachable gain the fine-tuning got) and, for a simulated oracle,
-        ``tilt_mean_true``.
+        the reachable gain the fine-tuning got; ``None`` when there is none) and, for a
+        simulated oracle, ``tilt_mean_true``.
     """
     folder = Path(run_dir)
     if not (folder / "config.yaml").is_file():
@@ -953,7 +953,7 @@ def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alph
                     gain = tilt["objective"] - base
                     row.update({"start_objective": base, "tilt_objective": tilt["objective"], "tilt_kl": tilt["kl"],
                                 "tilt_acquisition": tilt["reward"], "tilt_ess": tilt["ess"],
-                                "solver_share": (row["objective"] - base) / gain if gain > 0 else float("nan")})
+                                "solver_share": (row["objective"] - base) / gain if gain > 0 else None})
                     if true_values is not None:
                         row["tilt_mean_true"] = float((tilt_weights(start_values, float(alpha)) * true_values).sum())
             row["seconds"] = round(time.time() - t0, 2)

@@ -35,9 +35,7 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
-from difftilt.core.config import load_yaml
+from difftilt.core.config import load_yaml, parse_yaml
 from difftilt.core.online import retune_round
 
 from .common import main_exit
@@ -70,13 +68,7 @@ def _setting(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    parsed = yaml.safe_load(value)
-    if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 as a string
-        try:
-            parsed = float(parsed)
-        except ValueError:
-            pass
-    return key.strip(), parsed
+    return key.strip(), parse_yaml(value)  # 1e-3 read as a number, as in --set
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -245,7 +245,7 @@ def tilt_weights(values: Tensor, alpha: float) -> Tensor:
     return torch.softmax(values.double() / alpha, dim=0)
 
 
-def estimate_tilt(values: Tensor, alpha: float) -> dict[str, float]:
+def estimate_tilt(values: Tensor, alpha: float, others: dict[str, Tensor] | None = None) -> dict[str, float]:
     """What the exact maximizer of ``J`` would reach, from rewards ``values`` of samples of ``P``.
 
     Self-normalized importance sampling with :func:`tilt_weights`: ``reward`` is
@@ -255,15 +255,21 @@ def estimate_tilt(values: Tensor, alpha: float) -> dict[str, float]:
     effective sample size ``1 / sum_i w_i^2``. Consistent as ``n`` grows; with few effective
     samples (``ess`` a handful) ``kl`` and ``objective`` are biased low, so they are lower
     bounds in practice. Compare a fine-tuned model's ``E_Q[r] - alpha * KL(Q || P)`` with
-    ``objective`` to see how far its solver got.
+    ``objective`` to see how far its solver got. ``others`` (name -> per-sample values, e.g.
+    a ground truth) adds each one's mean under ``p*`` under its name.
     """
     w = tilt_weights(values, alpha)
     v = values.double()
     n = v.numel()
     log_mean_exp = float(torch.logsumexp(v / alpha, 0)) - math.log(n)
     nz = w > 0
-    return {"reward": float((w * v).sum()), "kl": float((w[nz] * (w[nz].log() + math.log(n))).sum()),
-            "objective": alpha * log_mean_exp, "ess": float(1.0 / (w ** 2).sum())}
+    out = {"reward": float((w * v).sum()), "kl": float((w[nz] * (w[nz].log() + math.log(n))).sum()),
+           "objective": alpha * log_mean_exp, "ess": float(1.0 / (w ** 2).sum())}
+    for name, other in (others or {}).items():
+        if other.shape != v.shape:
+            raise ValueError(f"others[{name!r}]: {tuple(other.shape)} values for {n} samples")
+        out[name] = float((w * other.double()).sum())
+    return out
 
 
 class Finetuner:

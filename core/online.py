@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from .checkpoint import load_finetuned, save_model
 from .config import atomic_write_text, load_yaml, validate_kwargs
 from .errors import CheckpointError, ConfigError, InputDataError
-from .finetune import Finetuner, estimate_path_kl, estimate_tilt, quiet_lightning, tilt_weights
+from .finetune import Finetuner, estimate_path_kl, estimate_tilt, quiet_lightning
 from .oracle import Oracle, OracleAnswer
 from .plotting import save_figure
 from .plugins import Domain, load_plugin
@@ -948,14 +948,15 @@ def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alph
                 if truth.simulated:
                     row.update({k.removeprefix("eval_"): v for k, v in mrun._true_summary(x).items()})
                 if tilt_samples:
-                    tilt = estimate_tilt(start_values, float(alpha))
+                    tilt = estimate_tilt(start_values, float(alpha),
+                                         others=None if true_values is None else {"mean_true": true_values})
                     base = float(start_values.mean())
                     gain = tilt["objective"] - base
                     row.update({"start_objective": base, "tilt_objective": tilt["objective"], "tilt_kl": tilt["kl"],
                                 "tilt_acquisition": tilt["reward"], "tilt_ess": tilt["ess"],
                                 "solver_share": (row["objective"] - base) / gain if gain > 0 else None})
                     if true_values is not None:
-                        row["tilt_mean_true"] = float((tilt_weights(start_values, float(alpha)) * true_values).sum())
+                        row["tilt_mean_true"] = tilt["mean_true"]
             row["seconds"] = round(time.time() - t0, 2)
             rows.append(row)
         return rows

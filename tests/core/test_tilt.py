@@ -25,6 +25,9 @@ def test_samples_that_are_the_support_in_proportion_give_the_exact_tilt(alpha):
     for key in ("reward", "kl", "objective"):
         assert est[key] == pytest.approx(exact[key], rel=1e-9, abs=1e-12)
     assert est["reward"] - alpha * est["kl"] == pytest.approx(est["objective"], rel=1e-9)
+    truth = estimate_tilt(torch.tensor([0.0, 0.0, 1.0, 2.5]), alpha, others={"t": torch.tensor([1.0, 1.0, 0.0, 3.0])})
+    z = 0.5 + 0.25 * math.exp(1.0 / alpha) + 0.25 * math.exp(2.5 / alpha)
+    assert truth["t"] == pytest.approx((0.5 + 0.75 * math.exp(2.5 / alpha)) / z, rel=1e-9)  # E_{p*}[t]
     w = tilt_weights(torch.tensor([0.0, 0.0, 1.0, 2.5]), alpha)
     assert float(w.sum()) == pytest.approx(1.0) and est["ess"] == pytest.approx(float(1 / (w ** 2).sum()))
 
@@ -53,3 +56,5 @@ def test_bad_input_is_refused():
         estimate_tilt(torch.tensor([0.0, float("nan")]), 1.0)
     with pytest.raises(ValueError, match="1-D"):
         estimate_tilt(torch.zeros(2, 2), 1.0)
+    with pytest.raises(ValueError, match=r"others\['t'\]: \(2,\) values for 3 samples"):
+        estimate_tilt(torch.zeros(3), 1.0, others={"t": torch.zeros(2)})

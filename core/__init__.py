@@ -31,7 +31,7 @@ from .reward_models import (AcquisitionReward, EnsembleRewardModel, Greedy, Last
                             Posterior, RewardModel, Thompson, UCB)
 from .store import FeedbackStore, SQLiteFeedbackStore
 from .rollout import Trajectory, differentiable_rollout, sample_trajectories
-from .strategies import DirectBackprop, PolicyGradient, Strategy, UpdateContext, UpdateOutput, make_strategy
+from .strategies import DirectBackprop, PathCrossEntropy, PolicyGradient, Strategy, UpdateContext, UpdateOutput, make_strategy
 from .system import EntropyRegularizedSystem
 
 __all__ = [
@@ -47,6 +47,6 @@ __all__ = [
     "Process", "ResidualControlProcess", "ControlledProcess", "BrownianProcess", "ChainedProcess", "freeze",
     "Reward", "RewardOutput", "FunctionReward", "WeightedSumReward",
     "Trajectory", "sample_trajectories", "differentiable_rollout",
-    "Strategy", "DirectBackprop", "PolicyGradient", "UpdateContext", "UpdateOutput", "make_strategy",
+    "Strategy", "DirectBackprop", "PolicyGradient", "PathCrossEntropy", "UpdateContext", "UpdateOutput", "make_strategy",
     "EntropyRegularizedSystem",
 ]

@@ -283,7 +283,7 @@ class Finetuner:
         reward: the reward on final states.
         alpha: KL weight. ``0`` is plain reward maximization (no KL; ``learn_initial`` must
             then be off).
-        strategy: ``"backprop"``, ``"policy_gradient"``, a mapping ``{name: ..., **options}``
+        strategy: ``"backprop"``, ``"policy_gradient"``, ``"cross_entropy"``, a mapping ``{name: ..., **options}``
             or a :class:`~difftilt.core.strategies.Strategy`.
         learn_initial: learn the optimal initial law (full ELEGANT); ``False`` is drift-only.
         iterations: policy updates in step 1.
@@ -377,6 +377,10 @@ class Finetuner:
             raise ConfigError(
                 f"strategy '{type(self.strategy).__name__}' needs a differentiable reward and '{reward.name}' is not; "
                 "use strategy: policy_gradient"
+            )
+        if self.strategy.requires_positive_alpha and self.alpha == 0:
+            raise ConfigError(
+                f"strategy '{type(self.strategy).__name__}' fits the tilt p * exp(r / alpha) and needs alpha > 0"
             )
         self.learn_initial = bool(learn_initial)
         self.iterations, self.batch_size, self.lr = iterations, batch_size, lr

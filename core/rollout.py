@@ -42,6 +42,8 @@ class Trajectory:
         kl: ``(b, K)`` per-step ``KL(q_k || p_k)`` at the visited states (``None`` if not asked).
         log_prob: ``(b, K)`` log-probability of each taken transition under the sampling chain.
         states: ``[x_0, ..., x_K]`` if asked.
+        ref_log_prob: ``(b, K)`` log-probability of each taken transition under the reference
+            (a :class:`ControlledProcess`'s; ``None`` if not asked).
     """
 
     x0: Tensor
@@ -49,6 +51,7 @@ class Trajectory:
     kl: Tensor | None = None
     log_prob: Tensor | None = None
     states: list[Tensor] | None = None
+    ref_log_prob: Tensor | None = None
 
 
 @torch.no_grad()
@@ -61,6 +64,7 @@ def sample_trajectories(
     kl: bool = True,
     log_prob: bool = False,
     states: bool = False,
+    ref_log_prob: bool = False,
 ) -> Trajectory:
     """Sample chains without gradients.
 
@@ -73,6 +77,9 @@ def sample_trajectories(
         kl: record per-step KL to the reference.
         log_prob: record the log-probability of each transition taken.
         states: keep every intermediate state.
+        ref_log_prob: record the log-probability of each transition taken under the
+            reference of a :class:`ControlledProcess` (with ``log_prob``, the path's
+            likelihood ratio to the reference).
     """
     device = process.device
     if x0 is None:
@@ -81,17 +88,22 @@ def sample_trajectories(
         x0 = process.initial(batch_size, generator=step_generator(seed, -1, device))
     process.check_state(x0, "x0")
     want_kl = kl and isinstance(process, ControlledProcess)
+    if ref_log_prob and not isinstance(process, ControlledProcess):
+        raise TypeError(f"ref_log_prob needs a ControlledProcess, got {type(process).__name__}")
     x = x0
-    kls, lps, xs = [], [], [x0] if states else None
+    kls, lps, rlps, xs = [], [], [], [x0] if states else None
     for k in range(process.num_steps):
-        if want_kl:
+        if want_kl or ref_log_prob:
             q, p = process.step_pair(x, k)
-            kls.append(q.kl(p))
         else:
             q = process.step(x, k)
+        if want_kl:
+            kls.append(q.kl(p))
         x_next = q.sample(step_generator(seed, k, device))
         if log_prob:
             lps.append(q.log_prob(x_next))
+        if ref_log_prob:
+            rlps.append(p.log_prob(x_next))
         x = x_next
         if xs is not None:
             xs.append(x)
@@ -101,6 +113,7 @@ def sample_trajectories(
         kl=torch.stack(kls, 1) if want_kl else None,
         log_prob=torch.stack(lps, 1) if log_prob else None,
         states=xs,
+        ref_log_prob=torch.stack(rlps, 1) if ref_log_prob else None,
     )
 
 

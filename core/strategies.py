@@ -12,6 +12,9 @@ and in a plain loop.
   (differentiable rewards), with DRaFT-K truncation and gradient checkpointing.
 * :class:`PolicyGradient` -- score-function gradient for black-box rewards with the KL
   as a per-step cost (DPOK) and the clipped importance ratio of PPO/DDPO.
+* :class:`PathCrossEntropy` -- weighted maximum likelihood of the policy's own paths,
+  weighted toward ``J``'s optimal path law (path integral cross-entropy): no reward
+  gradient, no backprop through the chain.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from .process import ControlledProcess
 from .reward import Reward
 from .rollout import differentiable_rollout, sample_trajectories, step_generator
 
-__all__ = ["UpdateContext", "UpdateOutput", "Strategy", "DirectBackprop", "PolicyGradient", "make_strategy"]
+__all__ = ["UpdateContext", "UpdateOutput", "Strategy", "DirectBackprop", "PolicyGradient", "PathCrossEntropy",
+           "make_strategy"]
 
 
 @dataclass
@@ -77,6 +81,8 @@ class Strategy(ABC):
 
     #: Whether the strategy needs ``reward.differentiable``.
     requires_differentiable_reward: bool = False
+    #: Whether the strategy needs ``alpha > 0``.
+    requires_positive_alpha: bool = False
 
     @abstractmethod
     def update(self, ctx: UpdateContext) -> UpdateOutput:
@@ -207,11 +213,102 @@ class PolicyGradient(Strategy):
         return UpdateOutput(ctx.x0.detach(), objective.detach(), metrics)
 
 
-STRATEGIES: dict[str, type[Strategy]] = {"backprop": DirectBackprop, "policy_gradient": PolicyGradient}
+class PathCrossEntropy(Strategy):
+    """Path integral cross-entropy (Kappen & Ruiz 2016): fit the policy to ``J``'s optimal
+    path law by weighted maximum likelihood of its own samples.
+
+    ``J``'s maximizer over path laws is ``Q*(tau) ∝ P(tau) exp(r(x_K) / alpha)``, whose end
+    law is the tilt ``p*(x) ∝ p(x) exp(r(x) / alpha)``. This strategy lowers the cross-entropy
+    ``-E_{Q*}[log Q(tau)]`` (``KL(Q* || Q)`` up to a constant), estimated by importance
+    sampling from the current policy: for paths ``tau_i ~ Q``,
+    ``w_i ∝ exp(r_i / alpha) P(tau_i) / Q(tau_i)``, normalized over the batch (the path
+    likelihood ratio is exact: the sum of the steps' log-probability differences), and the
+    loss is ``-sum_i w_i log Q(tau_i)``. The reward is only evaluated, never differentiated,
+    and each step's log-probability is differentiated at the sampled states, so memory does
+    not grow with ``K``. At ``Q = Q*`` the weights are equal and the expected gradient is
+    zero, whatever the batch size. The weights' effective sample size ``1 / sum_i w_i^2`` is
+    reported as ``ess``: near 1 the update fits little more than the batch's best path,
+    near the batch size ``Q`` is close to ``Q*``.
+
+    The weights do not depend on the policy being trained, only on the one that sampled the
+    paths, so one batch serves several updates (``reuse``): weighted maximum likelihood on
+    a fixed sample. Sampling a batch costs two chains' forward passes per step, far more than
+    the gradient on a few resampled paths, so reuse is cheap; but with a small ``ess`` the
+    reused updates fit the batch's few heavy paths (on an Ehrlich round, ``reuse: 10`` took
+    the model to KL 15 where the target has 3.7: benchmarks/sequences.md).
+
+    Args:
+        resample: take the gradient on this many paths drawn with probabilities ``w`` (with
+            replacement; a path drawn ``m`` times counts ``m`` times but is evaluated once)
+            instead of on every path with its weight. Cheaper when few weights count, which
+            is the rule far from ``Q*``. ``None``: every path.
+        reuse: updates per sampled batch (a fresh batch every ``reuse`` updates; each update
+            resamples from it anew). The metrics of an update are its batch's.
+    """
+
+    requires_differentiable_reward = False
+    requires_positive_alpha = True
+
+    def __init__(self, resample: int | None = None, reuse: int = 1):
+        if resample is not None and resample < 1:
+            raise ConfigError("strategy.resample must be >= 1 (or null for every path)")
+        if reuse < 1:
+            raise ConfigError("strategy.reuse must be >= 1")
+        if reuse > 1 and resample is None:
+            raise ConfigError("strategy.reuse > 1 needs resample: with every path at its weight, each reuse "
+                              "would repeat the same gradient")
+        self.resample = resample
+        self.reuse = reuse
+        self._batch: tuple | None = None  # (process, updates served, traj, w, UpdateOutput)
+
+    @staticmethod
+    def weights(reward: Tensor, log_q: Tensor, log_p: Tensor, alpha: float) -> Tensor:
+        """Normalized ``w_i ∝ exp(r_i / alpha) P(tau_i) / Q(tau_i)`` from final rewards ``(b,)``
+        and the paths' per-step log-probabilities under ``Q`` and ``P`` ``(b, K)``."""
+        if not alpha > 0:
+            raise ConfigError(f"strategy 'cross_entropy' needs alpha > 0 (its target is exp(r / alpha)), got {alpha}")
+        return torch.softmax(reward / alpha + (log_p - log_q).sum(1), dim=0)
+
+    def _sample(self, ctx: UpdateContext) -> tuple:
+        traj = sample_trajectories(ctx.process, x0=ctx.x0, seed=ctx.seed, kl=True, log_prob=True,
+                                   ref_log_prob=True, states=True)
+        with torch.no_grad():
+            out = ctx.reward(traj.x)
+        r = out.masked(ctx.reward.infeasible_value)
+        path_kl = traj.kl.sum(1)
+        objective = r - ctx.alpha * path_kl
+        w = self.weights(r, traj.log_prob, traj.ref_log_prob, ctx.alpha)
+        metrics = _summaries(r, path_kl, objective, out.feasible)
+        metrics["ess"] = float(1.0 / (w ** 2).sum())
+        return traj, w, UpdateOutput(ctx.x0.detach(), objective.detach(), metrics)
+
+    def update(self, ctx: UpdateContext) -> UpdateOutput:
+        proc = ctx.process
+        held = self._batch
+        if held is None or held[0] is not proc or held[1] >= self.reuse:
+            held = (proc, 0, *self._sample(ctx))
+        _, served, traj, w, batch_out = held
+        self._batch = (proc, served + 1, traj, w, batch_out)
+        if self.resample is None:
+            idx, coef = torch.arange(w.numel(), device=w.device), w
+        else:
+            gen = step_generator(ctx.seed, -2, "cpu")  # this update's seed: each reuse draws anew
+            draws = torch.multinomial(w.cpu(), self.resample, replacement=True, generator=gen)
+            idx, counts = torch.unique(draws, return_counts=True)
+            idx, coef = idx.to(w.device), (counts.to(w) / self.resample).to(w.device)
+        for k in range(proc.num_steps):
+            log_q = proc.step(traj.states[k][idx], k).log_prob(traj.states[k + 1][idx])
+            ctx.backward(-(coef * log_q).sum())  # per step: memory does not grow with K
+        metrics = {**batch_out.metrics, "grad_norm": ctx.optimizer_step()}
+        return UpdateOutput(batch_out.x0, batch_out.returns, metrics)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {"backprop": DirectBackprop, "policy_gradient": PolicyGradient,
+                                         "cross_entropy": PathCrossEntropy}
 
 
 def make_strategy(spec: "str | dict | Strategy", where: str = "strategy") -> Strategy:
-    """Build a strategy from a name (``"backprop"``, ``"policy_gradient"``), a mapping
+    """Build a strategy from a name (``"backprop"``, ``"policy_gradient"``, ``"cross_entropy"``), a mapping
     ``{"name": ..., **options}``, or pass an instance through."""
     from .config import validate_kwargs
 

@@ -135,6 +135,18 @@ class DirectBackprop(Strategy):
         return UpdateOutput(ctx.x0.detach(), objective.detach(), metrics)
 
 
+def _sampled_paths(ctx: UpdateContext, ref_log_prob: bool = False) -> tuple:
+    """Paths sampled from the policy without gradients, for the strategies that only evaluate
+    the reward: ``(trajectory, reward output, masked reward, path KL, objective)``."""
+    traj = sample_trajectories(ctx.process, x0=ctx.x0, seed=ctx.seed, kl=True, log_prob=True, states=True,
+                               ref_log_prob=ref_log_prob)
+    with torch.no_grad():
+        out = ctx.reward(traj.x)
+    r = out.masked(ctx.reward.infeasible_value)
+    path_kl = traj.kl.sum(1)
+    return traj, out, r, path_kl, r - ctx.alpha * path_kl
+
+
 class PolicyGradient(Strategy):
     """Policy gradient for black-box rewards, the KL as a per-step cost.
 
@@ -178,12 +190,7 @@ class PolicyGradient(Strategy):
 
     def update(self, ctx: UpdateContext) -> UpdateOutput:
         proc = ctx.process
-        traj = sample_trajectories(proc, x0=ctx.x0, seed=ctx.seed, kl=True, log_prob=True, states=True)
-        with torch.no_grad():
-            out = ctx.reward(traj.x)
-        r = out.masked(ctx.reward.infeasible_value)
-        path_kl = traj.kl.sum(1)
-        objective = r - ctx.alpha * path_kl
+        traj, out, r, path_kl, objective = _sampled_paths(ctx)
         adv = self.advantages(r, traj.kl, ctx.alpha, self.normalize_advantages)
         b, K = adv.shape
         mb_size = math.ceil(b / self.minibatches)
@@ -270,13 +277,7 @@ class PathCrossEntropy(Strategy):
         return torch.softmax(reward / alpha + (log_p - log_q).sum(1), dim=0)
 
     def _sample(self, ctx: UpdateContext) -> tuple:
-        traj = sample_trajectories(ctx.process, x0=ctx.x0, seed=ctx.seed, kl=True, log_prob=True,
-                                   ref_log_prob=True, states=True)
-        with torch.no_grad():
-            out = ctx.reward(traj.x)
-        r = out.masked(ctx.reward.infeasible_value)
-        path_kl = traj.kl.sum(1)
-        objective = r - ctx.alpha * path_kl
+        traj, out, r, path_kl, objective = _sampled_paths(ctx, ref_log_prob=True)
         w = self.weights(r, traj.log_prob, traj.ref_log_prob, ctx.alpha)
         metrics = _summaries(r, path_kl, objective, out.feasible)
         metrics["ess"] = float(1.0 / (w ** 2).sum())

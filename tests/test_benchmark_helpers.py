@@ -1,12 +1,18 @@
 """The sequences benchmark's bookkeeping: rounds cut at the budget, best-so-far read in asking order."""
 
+import copy
+
 import pytest
 import torch
 
+from difftilt.benchmarks.order_consistency import consistency
 from difftilt.benchmarks.sequences import TASKS, arm_config, schedule_for, store_curve
+from difftilt.core import ControlledProcess
 from difftilt.core.oracle import Oracle
 from difftilt.core.reward import RewardOutput
+from difftilt.core.rollout import sample_trajectories
 from difftilt.core.store import SQLiteFeedbackStore
+from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, SequenceDenoiser
 
 
 def test_schedule_is_cut_at_the_budget_and_repeats_its_last_round():
@@ -99,3 +105,22 @@ def test_round_alpha_reads_finetune_settings_as_yaml_values():
     assert _setting("lr_schedule=cosine") == ("lr_schedule", "cosine")
     with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
         _setting("iterations")
+
+
+def test_order_consistency_of_a_model_with_itself_is_zero_and_the_path_ratio_is_the_sampled_kl():
+    torch.manual_seed(0)
+    p = MaskedDiffusionProcess(SequenceDenoiser(3, 4, dim=16, depth=1, heads=2), sampler="first_hit")
+    same = consistency(p, p, samples=8, orders=3)
+    for row in same:
+        assert row["path_log_ratio"] == 0 and row["design_log_ratio"] == 0
+        assert row["order_std_q"] == row["order_std_p"] > 0
+    policy = copy.deepcopy(p)
+    with torch.no_grad():
+        for w in policy.denoiser.parameters():
+            w.add_(0.5 * torch.randn_like(w))
+    q = ControlledProcess(p, policy)
+    rows = consistency(q, p, samples=64, orders=3)
+    # q's own paths, sampled with the same seed: their log-ratio is the chain's per-step log-ratio summed
+    traj = sample_trajectories(q, 64, seed=0, kl=False, log_prob=True, ref_log_prob=True)
+    assert rows[0]["path_log_ratio"] == pytest.approx(float((traj.log_prob - traj.ref_log_prob).sum(1).mean()), abs=1e-4)
+    assert rows[0]["path_log_ratio"] > 0 > rows[1]["path_log_ratio"]

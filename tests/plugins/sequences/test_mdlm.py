@@ -221,3 +221,69 @@ def test_first_hit_steps_unmask_one_position_each_with_the_mean_per_position_kl(
         MaskedDiffusionProcess(p.denoiser, num_steps=8, sampler="first_hit")
     with pytest.raises(ConfigError, match="sampler"):
         MaskedDiffusionProcess(p.denoiser, sampler="greedy")
+
+
+def _all_orders(b, L):
+    import itertools
+    perms = torch.tensor(list(itertools.permutations(range(L))))
+    return perms[None].expand(b, *perms.shape)
+
+
+def test_likelihood_over_every_reveal_order_is_the_chains_exact_law():
+    from difftilt.plugins.sequences.mdlm import order_log_likelihoods
+    V, L = 2, 3
+    p = MaskedDiffusionProcess(SequenceDenoiser(V, L, dim=16, depth=1, heads=2), sampler="first_hit")
+    q = copy.deepcopy(p)
+    with torch.no_grad():
+        for w in q.denoiser.parameters():
+            w.add_(0.5 * torch.randn_like(w))
+    seqs = torch.cartesian_prod(*[torch.arange(V)] * L)
+    for model in (p, ControlledProcess(p, q)):  # a fine-tuned copy, read through its controlled chain
+        ll = order_log_likelihoods(model, seqs, _all_orders(len(seqs), L), chunk=5)  # chunks across sequences
+        exact = torch.logsumexp(ll, 1) - math.log(ll.shape[1])
+        law = _sampler_law(q if model is not p else p, seqs)  # every path enumerated step by step
+        assert torch.allclose(exact.exp(), law.double(), atol=1e-6)
+        assert exact.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
+        assert ll.std(1).max() > 1e-3  # a random denoiser's conditionals are not one joint law's
+    # one sampled path's value is that path's own log-probability (times L!)
+    traj = sample_trajectories(p, 4, seed=3, kl=False, log_prob=True, states=True)
+    order = torch.stack([(traj.states[k + 1].argmax(-1) != traj.states[k].argmax(-1)).float().argmax(-1)
+                         for k in range(L)], 1)
+    own = order_log_likelihoods(p, p.tokens(traj.x), order[:, None])[:, 0]
+    assert torch.allclose(own, traj.log_prob.sum(1).double() + math.lgamma(L + 1), atol=1e-5)
+
+
+def test_a_consistent_model_gives_every_order_the_same_likelihood_and_the_estimate_converges():
+    from difftilt.plugins.sequences.mdlm import log_likelihood, order_log_likelihoods
+    V, L = 2, 3
+    probs = torch.tensor([0.30, 0.0, 0.05, 0.15, 0.0, 0.25, 0.20, 0.05])
+    den = _ExactDenoiser(probs, V, L)
+    p = MaskedDiffusionProcess(den, sampler="first_hit")
+    seqs = den.seqs[probs > 0]
+    ll = order_log_likelihoods(p, seqs, _all_orders(len(seqs), L))
+    assert torch.allclose(ll, probs[probs > 0].log().double()[:, None].expand_as(ll), atol=1e-5)
+    rand = MaskedDiffusionProcess(SequenceDenoiser(V, L, dim=16, depth=1, heads=2), sampler="first_hit")
+    exact = _sampler_law(rand, den.seqs).double().log()
+    est = log_likelihood(rand, den.seqs, orders=400, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(est, exact, atol=0.03)
+    one = log_likelihood(rand, den.seqs, orders=1, generator=torch.Generator().manual_seed(0))
+    assert (one - exact).abs().max() > (est - exact).abs().max()
+
+
+def test_likelihood_refuses_bad_input():
+    from difftilt.plugins.sequences.mdlm import log_likelihood, order_log_likelihoods
+    V, L = 3, 4
+    fh = MaskedDiffusionProcess(SequenceDenoiser(V, L, dim=16, depth=1, heads=2), sampler="first_hit")
+    ok = torch.zeros(2, L, dtype=torch.long)
+    with pytest.raises(ConfigError, match="first_hit"):
+        log_likelihood(MaskedDiffusionProcess(fh.denoiser, num_steps=4), ok)
+    with pytest.raises(ShapeError, match="token ids"):
+        log_likelihood(fh, torch.zeros(2, L + 1, dtype=torch.long))
+    with pytest.raises(InputDataError, match="no masks"):
+        log_likelihood(fh, torch.full((2, L), V))
+    with pytest.raises(InputDataError, match="permutation"):
+        order_log_likelihoods(fh, ok, torch.zeros(2, 1, L, dtype=torch.long))
+    with pytest.raises(ShapeError, match="orders"):
+        order_log_likelihoods(fh, ok, torch.arange(L).expand(3, 1, L))
+    with pytest.raises(ConfigError, match="orders"):
+        log_likelihood(fh, ok, orders=0)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from difftilt.core import DirectBackprop, FunctionReward, PolicyGradient, make_strategy, ConfigError
+from difftilt.core import (ConfigError, DirectBackprop, Finetuner, FunctionReward, PathCrossEntropy, PolicyGradient,
+                          make_strategy)
 
 from ..helpers import brownian_controlled, plain_context
 
@@ -73,7 +74,6 @@ def test_make_strategy_from_names_and_mappings():
 
 
 def test_same_seed_same_finetuning_whatever_the_global_rng():
-    from difftilt.core import Finetuner
     from difftilt.plugins.toy import LinearReward, make_mixture_process
 
     def run(global_seed):
@@ -99,8 +99,6 @@ def _linear_gaussian(theta):
 def test_cross_entropy_gradient_matches_the_exact_one_on_linear_gaussian_chain():
     # Step k of the policy is N(x + s^2 theta_k, s^2), so E_{Q*}[-log q_k] = s^2 ||theta* - theta_k||^2 / 2
     # + const with theta* = c / alpha (J's maximizer), and the gradient is s^2 (theta_k - c / alpha).
-    from difftilt.core import PathCrossEntropy
-
     K, alpha = 3, 2.0
     c = torch.tensor([0.6, -0.4])
     theta = torch.tensor([[0.5, -0.3], [0.0, 0.2], [-0.4, 0.1]])
@@ -114,8 +112,6 @@ def test_cross_entropy_gradient_matches_the_exact_one_on_linear_gaussian_chain()
 
 
 def test_cross_entropy_weights_are_equal_at_the_optimum_and_resampling_estimates_the_same_gradient():
-    from difftilt.core import PathCrossEntropy
-
     K, alpha = 4, 0.5
     c = torch.tensor([1.0, 0.5])
     cp = _linear_gaussian((c / alpha).expand(K, 2).clone())
@@ -135,8 +131,6 @@ def test_cross_entropy_weights_are_equal_at_the_optimum_and_resampling_estimates
 
 
 def test_cross_entropy_finetuning_reaches_the_optimal_control_and_refuses_alpha_zero():
-    from difftilt.core import Finetuner
-
     K, alpha = 3, 0.5
     c = torch.tensor([1.0, -0.5])
     cp = brownian_controlled(K)
@@ -153,8 +147,6 @@ def test_cross_entropy_finetuning_reaches_the_optimal_control_and_refuses_alpha_
 
 
 def test_cross_entropy_reuses_each_batch_for_reuse_updates():
-    from difftilt.core import PathCrossEntropy
-
     calls = []
     c = torch.tensor([1.0, 0.5])
     reward = FunctionReward(lambda x: calls.append(x.shape[0]) or x @ c, differentiable=False)

@@ -7,7 +7,8 @@ import torch
 from difftilt.core import ControlledProcess
 from difftilt.core.errors import ConfigError, InputDataError, ShapeError
 from difftilt.core.rollout import differentiable_rollout, sample_trajectories
-from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, SequenceDenoiser, masked_diffusion_loss
+from difftilt.plugins.sequences.mdlm import (MaskedDiffusionProcess, SequenceDenoiser, log_likelihood, masked_diffusion_loss,
+                                             order_log_likelihoods)
 from difftilt.plugins.sequences.pretrain import load_pretrained, save_pretrained, train_masked_diffusion
 
 
@@ -230,7 +231,6 @@ def _all_orders(b, L):
 
 
 def test_likelihood_over_every_reveal_order_is_the_chains_exact_law():
-    from difftilt.plugins.sequences.mdlm import order_log_likelihoods
     V, L = 2, 3
     p = MaskedDiffusionProcess(SequenceDenoiser(V, L, dim=16, depth=1, heads=2), sampler="first_hit")
     q = copy.deepcopy(p)
@@ -254,7 +254,6 @@ def test_likelihood_over_every_reveal_order_is_the_chains_exact_law():
 
 
 def test_a_consistent_model_gives_every_order_the_same_likelihood_and_the_estimate_converges():
-    from difftilt.plugins.sequences.mdlm import log_likelihood, order_log_likelihoods
     V, L = 2, 3
     probs = torch.tensor([0.30, 0.0, 0.05, 0.15, 0.0, 0.25, 0.20, 0.05])
     den = _ExactDenoiser(probs, V, L)
@@ -271,7 +270,6 @@ def test_a_consistent_model_gives_every_order_the_same_likelihood_and_the_estima
 
 
 def test_likelihood_refuses_bad_input():
-    from difftilt.plugins.sequences.mdlm import log_likelihood, order_log_likelihoods
     V, L = 3, 4
     fh = MaskedDiffusionProcess(SequenceDenoiser(V, L, dim=16, depth=1, heads=2), sampler="first_hit")
     ok = torch.zeros(2, L, dtype=torch.long)

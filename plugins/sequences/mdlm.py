@@ -322,9 +322,9 @@ def order_log_likelihoods(process: Process, tokens: Tensor, orders: Tensor, chun
 
     A first-hitting chain makes a sequence ``x`` along one of ``L!`` paths, one per order in
     which its positions are revealed, so ``p(x) = sum_sigma P(path_sigma) = E_sigma[L! *
-    P(path_sigma)]`` for ``sigma`` uniform over the orders: each value returned is an
-    unbiased estimate of ``p(x)`` (in log space), and their mean over all ``L!`` orders is
-    exact. A model whose conditionals were one joint law's would give every order the same
+    P(path_sigma)]`` for ``sigma`` uniform over the orders: the exponential of each value
+    returned is an unbiased estimate of ``p(x)``, and their mean over all ``L!`` orders is
+    exact (also for a chain with learned position weights: ``P(path)`` includes the picks). A model whose conditionals were one joint law's would give every order the same
     value; how much they differ across orders is how inconsistent the denoiser is.
 
     Args:

@@ -34,14 +34,9 @@ import torch
 
 from difftilt.core.checkpoint import load_finetuned
 from difftilt.core.rollout import sample_trajectories
-from difftilt.plugins.sequences.mdlm import order_log_likelihoods
+from difftilt.plugins.sequences.mdlm import order_log_likelihoods, revealed_order
 
 from .common import main_exit
-
-
-def revealed_order(states: list[torch.Tensor]) -> torch.Tensor:
-    """``(b, L)``: the position each step of a first-hitting path revealed."""
-    return torch.stack([(b.argmax(-1) != a.argmax(-1)).float().argmax(-1) for a, b in zip(states, states[1:])], 1)
 
 
 @torch.no_grad()

@@ -54,7 +54,7 @@ from difftilt.core.process import Process
 from .alphabets import default_alphabet, to_strings
 
 __all__ = ["SequenceDenoiser", "MaskedDiffusionProcess", "masked_diffusion_loss", "alpha_schedule",
-           "order_log_likelihoods", "log_likelihood"]
+           "order_log_likelihoods", "log_likelihood", "revealed_order"]
 
 
 
@@ -314,6 +314,12 @@ def masked_diffusion_loss(denoiser: SequenceDenoiser, tokens: Tensor, schedule: 
     nll = nn.functional.cross_entropy(logits.reshape(b * L, V), tokens.reshape(-1), reduction="none").reshape(b, L)
     weight = neg_da / (1.0 - a)
     return ((nll * masked).sum(-1) * weight).mean() / L
+
+
+def revealed_order(states: list[Tensor]) -> Tensor:
+    """``(b, L)``: the position each step of first-hitting paths ``[x_0, ..., x_L]`` revealed
+    (``sample_trajectories(..., states=True).states``), an order for :func:`order_log_likelihoods`."""
+    return torch.stack([(b.argmax(-1) != a.argmax(-1)).float().argmax(-1) for a, b in zip(states, states[1:])], 1)
 
 
 @torch.no_grad()

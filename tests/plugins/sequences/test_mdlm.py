@@ -8,7 +8,7 @@ from difftilt.core import ControlledProcess
 from difftilt.core.errors import ConfigError, InputDataError, ShapeError
 from difftilt.core.rollout import differentiable_rollout, sample_trajectories
 from difftilt.plugins.sequences.mdlm import (MaskedDiffusionProcess, SequenceDenoiser, log_likelihood, masked_diffusion_loss,
-                                             order_log_likelihoods)
+                                             order_log_likelihoods, revealed_order)
 from difftilt.plugins.sequences.pretrain import load_pretrained, save_pretrained, train_masked_diffusion
 
 
@@ -247,8 +247,7 @@ def test_likelihood_over_every_reveal_order_is_the_chains_exact_law():
         assert ll.std(1).max() > 1e-3  # a random denoiser's conditionals are not one joint law's
     # one sampled path's value is that path's own log-probability (times L!)
     traj = sample_trajectories(p, 4, seed=3, kl=False, log_prob=True, states=True)
-    order = torch.stack([(traj.states[k + 1].argmax(-1) != traj.states[k].argmax(-1)).float().argmax(-1)
-                         for k in range(L)], 1)
+    order = revealed_order(traj.states)
     own = order_log_likelihoods(p, p.tokens(traj.x), order[:, None])[:, 0]
     assert torch.allclose(own, traj.log_prob.sum(1).double() + math.lgamma(L + 1), atol=1e-5)
 

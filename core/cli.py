@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -86,7 +87,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     config = load_yaml(args.config)
     if "plugin" not in config:
         raise ConfigError(f"{args.config}: a pretraining config needs 'plugin'")
-    folder = load_plugin(str(config["plugin"])).pretrain(config, progress=not args.no_progress, output=args.out)
+    command = shlex.join(["difftilt", "pretrain", args.config, *(["--out", args.out] if args.out else [])])
+    folder = load_plugin(str(config["plugin"])).pretrain(config, progress=not args.no_progress, output=args.out,
+                                                         command=command)
     print(f"pretrained model: {folder}")
     return 0
 

@@ -124,9 +124,11 @@ class Domain:
         return torch.where(take_a.view(*a.shape[:2], *[1] * (a.dim() - 2)).to(a.device), a, b)
 
     # ------------------------------------------------------------------ pretraining
-    def pretrain(self, config: dict, progress: bool = True, output: str | None = None) -> "os.PathLike":
+    def pretrain(self, config: dict, progress: bool = True, output: str | None = None,
+                 command: str | None = None) -> "os.PathLike":
         """Train this domain's default model from a pretraining config (``difftilt pretrain``)
-        and return the folder written. Domains without a trainable default raise."""
+        and return the folder written; ``command``, the command that reproduces it, is
+        recorded there. Domains without a trainable default raise."""
         raise ConfigError(f"plugin '{self.name}' has no pretrain command")
 
     # ------------------------------------------------------------------ reading samples

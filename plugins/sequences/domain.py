@@ -275,7 +275,8 @@ class SequencesDomain(Domain):
         return {"feasible": float(out.feasible.float().mean()), "hamming_diversity": hamming_diversity(x)}
 
     # ------------------------------------------------------------------ pretraining
-    def pretrain(self, config: dict, progress: bool = True, output: str | None = None) -> Path:
+    def pretrain(self, config: dict, progress: bool = True, output: str | None = None,
+                 command: str | None = None) -> Path:
         from .pretrain_cli import pretrain_from_config
 
-        return pretrain_from_config(config, progress=progress, output=output)
+        return pretrain_from_config(config, progress=progress, output=output, command=command)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def save_pretrained(process: MaskedDiffusionProcess, directory: str | os.PathLik
         "train": train,
         "final_loss": losses[-1] if losses else None,
         "losses": [round(v, 5) for v in losses],
-        "command": command or " ".join(["difftilt", *sys.argv[1:]]),
+        "command": command or shlex.join(sys.orig_argv),
         "torch": torch.__version__,
     }
     atomic_write_text(directory / PROCESS_FILE, json.dumps(info, indent=2) + "\n")

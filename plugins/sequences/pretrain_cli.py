@@ -83,8 +83,12 @@ def file_corpus(path: str, alphabet: str = PROTEIN) -> tuple[torch.Tensor, str]:
 SOURCES = {"ehrlich": ehrlich_corpus, "tfbind8": tfbind8_corpus, "file": file_corpus}
 
 
-def pretrain_from_config(config: dict, progress: bool = True, output: str | None = None) -> Path:
-    """Train a masked-diffusion model as ``config`` says and write its folder; returns the folder."""
+def pretrain_from_config(config: dict, progress: bool = True, output: str | None = None,
+                         command: str | None = None) -> Path:
+    """Train a masked-diffusion model as ``config`` says and write its folder; returns the folder.
+
+    ``command`` is recorded in ``process.json`` as the command that made the model (by
+    default this process's own command line, ``sys.orig_argv``)."""
     known = {"plugin", "output", "data", "model", "process", "train"}
     unknown = set(config) - known
     if unknown:
@@ -109,6 +113,6 @@ def pretrain_from_config(config: dict, progress: bool = True, output: str | None
                            alphabet=alphabet, **proc_opts)
     net, losses = train_masked_diffusion(tokens, len(alphabet), progress=progress, **options)
     process = MaskedDiffusionProcess(net, alphabet=alphabet, **proc_opts)
-    command = "difftilt pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
+    command = command or shlex.join(sys.orig_argv)
     return save_pretrained(process, out, data={"name": name, **data, "num_sequences_used": int(tokens.shape[0])},
                            train={**model, **train}, losses=losses, command=command)

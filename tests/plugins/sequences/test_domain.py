@@ -34,8 +34,22 @@ def tiny_tfbind_model(tmp_path_factory):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     info = json.loads((root / "model" / "process.json").read_text())
-    assert info["data"]["num_sequences_used"] == 32768 and "difftilt pretrain" in info["command"]
+    assert info["data"]["num_sequences_used"] == 32768 and info["command"] == f"difftilt pretrain {path}"
     return root / "model"
+
+
+def test_pretraining_called_from_code_records_the_command_it_is_given_or_this_process_command_line(tmp_path):
+    import shlex
+
+    from difftilt.plugins.sequences.pretrain_cli import pretrain_from_config
+
+    cfg = {"data": {"name": "tfbind8"}, "model": {"dim": 8, "depth": 1, "heads": 1}, "process": {"num_steps": 4},
+           "train": {"steps": 2, "batch_size": 8, "warmup": 1, "seed": 0}}
+    given = pretrain_from_config(cfg, progress=False, output=str(tmp_path / "a"), command="make-it --seed 0")
+    default = pretrain_from_config(cfg, progress=False, output=str(tmp_path / "b"))
+    assert json.loads((given / "process.json").read_text())["command"] == "make-it --seed 0"
+    # not a made-up `difftilt pretrain ...` from another program's arguments
+    assert json.loads((default / "process.json").read_text())["command"] == shlex.join(sys.orig_argv)
 
 
 def test_ehrlich_reward_reads_one_hot_states_and_masks_are_infeasible():

@@ -6,8 +6,9 @@ pretrained model's first round of samples:
 * tasks: Ehrlich (20, 32, 2, 4) and (20, 32, 4, 4) -- both the embedded default model:
   an Ehrlich pretraining corpus is the feasible-sequence model, which depends on
   ``(num_states, length, seed)`` only, so ``difftilt pretrain`` makes the same model for
-  both --, (20, 64, 4, 4) -- a model pretrained here on first use with the default's
-  settings but 2,000 steps, kept under ``<runs>/models`` --, and TFBind8 (embedded default);
+  both --, (20, 64, 4, 4) -- its own model, the default's settings but 2,000 steps,
+  committed under ``benchmarks/models`` (pretrained into ``<runs>/models`` on first use
+  if that folder is missing) --, and TFBind8 (embedded default);
 * methods: SEIKO-UCB, SEIKO-UCB with a quarter of each round given to its acquisition's
   favourite edits of the best answers (``ucb_edits``: ``edit_share: 0.25``), SEIKO-bootstrap,
   greedy, non-adaptive, GA, hill climber;
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
 import statistics
 import tempfile
 import time
@@ -81,7 +83,7 @@ TASKS = {
     # is 0.023 here (250 samples of the model, seeds 0-2: 0.024 / 0.022 / 0.021), so 0.0035.
     "ehrlich-20-32-4-4": {"config": "online_ehrlich.yaml", "reward": _ehrlich(20, 32, 4, 4), "process": "ehrlich",
                           "set": {"alpha": 0.0035}},
-    # its own model, pretrained on first use; 2,000 steps (the default's 5,000 take an hour on
+    # its own model (committed, see committed_model); 2,000 steps (the default's 5,000 take an hour on
     # one core here; the default's loss had levelled off by step 2,000). alpha is in reward
     # units: the default's 0.01 times the ratio of the first round's answers' standard
     # deviations here and on (20, 32, 2, 4), 0.022 / 0.062. At 0.01 (and batch 32) the model
@@ -107,19 +109,36 @@ def schedule_for(budget: int, rounds: list[int]) -> list[int]:
     return out
 
 
+def committed_model(task: str) -> Path:
+    """Where a task's committed pretrained model lives (``benchmarks/models/<task>``)."""
+    return Path(str(resources.files("difftilt.benchmarks") / "models" / task))
+
+
+def pretrain_config(task: str) -> dict:
+    """The pretraining config of a task without an embedded default: the default's
+    (``pretrain_ehrlich.yaml``) with the task's function and its ``pretrain`` overrides."""
+    spec = TASKS[task]
+    cfg = load_yaml(_configs_dir() / "pretrain_ehrlich.yaml")
+    r = spec["reward"]
+    cfg["data"] = {**cfg["data"], **{k: r[k] for k in ("num_states", "length", "num_motifs", "motif_length", "seed")}}
+    cfg["train"] = {**cfg["train"], **spec.get("pretrain", {})}
+    return cfg
+
+
 def _pretrained_process(task: str, models: Path) -> dict | str:
-    """The task's pretrained model: the embedded default, or one pretrained here once."""
+    """The task's pretrained model: the embedded default, the committed model
+    (:func:`committed_model`), or else one pretrained into ``models`` once."""
     spec = TASKS[task]
     if spec["process"] is not None:
         return spec["process"]
-    folder = models / task
+    folder = committed_model(task)
     if not (folder / "process.json").is_file():
-        cfg = load_yaml(_configs_dir() / "pretrain_ehrlich.yaml")
-        r = spec["reward"]
-        cfg["data"] = {**cfg["data"], **{k: r[k] for k in ("num_states", "length", "num_motifs", "motif_length", "seed")}}
-        cfg["train"] = {**cfg["train"], **spec.get("pretrain", {})}
+        folder = models / task
+    if not (folder / "process.json").is_file():
         print(f"pretraining the {task} model into {folder} (once) ...", flush=True)
-        load_plugin("sequences").pretrain(cfg, progress=True, output=str(folder))
+        command = shlex.join(["python", "-m", "difftilt.benchmarks.sequences", "--tasks", task, "--runs",
+                              str(models.parent)])
+        load_plugin("sequences").pretrain(pretrain_config(task), progress=True, output=str(folder), command=command)
     return {"name": "pretrained", "path": str(folder)}
 
 

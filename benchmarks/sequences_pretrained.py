@@ -8,7 +8,7 @@
 Usage::
 
     python -m difftilt.benchmarks.sequences_pretrained            # 1,000 Ehrlich and 10,000 TFBind8 samples
-    python -m difftilt.benchmarks.sequences_pretrained --only ehrlich --ehrlich-model runs/seq/models/ehrlich-20-64-4-4
+    python -m difftilt.benchmarks.sequences_pretrained --only ehrlich --ehrlich-model benchmarks/models/ehrlich-20-64-4-4
 """
 
 from __future__ import annotations

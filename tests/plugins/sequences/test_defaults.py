@@ -76,3 +76,23 @@ def test_shipped_online_configs_run_end_to_end_at_tiny_size(config, tmp_path):
         assert [r["queries_used"] for r in rows] == [16, 32]
         assert 0.0 <= rows[-1]["best_true"] <= 1.0
     assert (run.path / "reward_vs_queries.png").is_file()
+
+
+def test_the_committed_ehrlich_64_benchmark_model_is_what_its_task_would_pretrain_and_its_samples_are_feasible():
+    from difftilt.benchmarks.sequences import _pretrained_process, committed_model, pretrain_config
+
+    task = "ehrlich-20-64-4-4"
+    folder = committed_model(task)
+    info = json.loads((folder / "process.json").read_text())
+    cfg = pretrain_config(task)
+    assert info["train"] == {**cfg["model"], **cfg["train"]} and info["train"]["steps"] == 2000
+    assert {k: v for k, v in info["data"].items() if k != "num_sequences_used"} == cfg["data"]
+    assert info["command"].startswith("python -m difftilt.benchmarks.sequences --tasks ehrlich-20-64-4-4")
+    # the benchmark reads it instead of pretraining (a missing --runs folder is never touched)
+    assert _pretrained_process(task, folder / "no-such-runs") == {"name": "pretrained", "path": str(folder)}
+    process = load_plugin("sequences").make_process({"name": "pretrained", "path": str(folder)})
+    f = EhrlichFunction(20, 64, 4, 4, seed=0)
+    ids = process.tokens(process.sample(100, generator=torch.Generator().manual_seed(0)))
+    value, feasible = f(ids)
+    assert ids.shape == (100, 64) and feasible.all()  # 1,000 of 1,000 in the benchmark's check
+    assert 0.0 < value.mean().item() < 0.2  # the pretrained level (0.034 on 1,000)

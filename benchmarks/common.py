@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
 import sys
 from pathlib import Path
 
-from difftilt.core.config import load_yaml
+from difftilt.core.config import load_yaml, parse_yaml
 from difftilt.core.errors import ConfigError, DifftiltError
 from difftilt.core.online import EVOLUTION, config_differences, run_online
 from difftilt.core.run import RunFolder
 
-__all__ = ["fmt", "main_exit", "run_or_reuse"]
+__all__ = ["fmt", "main_exit", "run_or_reuse", "yaml_setting"]
 
 
 def fmt(values: list[float]) -> str:
@@ -24,6 +25,14 @@ def fmt(values: list[float]) -> str:
     s = statistics.stdev(values) if len(values) > 1 else 0.0
     spec = ".3f" if max(abs(m), s) < 1000 else ".2g"
     return f"{m:{spec}} ± {s:{spec}}"
+
+
+def yaml_setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with a YAML value: an argparse ``type`` for options such as ``--finetune``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), parse_yaml(value)  # 1e-3 read as a number, as in --set
 
 
 def main_exit(main) -> int:

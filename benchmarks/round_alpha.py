@@ -35,10 +35,10 @@ import json
 import sys
 from pathlib import Path
 
-from difftilt.core.config import load_yaml, parse_yaml
+from difftilt.core.config import load_yaml
 from difftilt.core.online import retune_round
 
-from .common import main_exit
+from .common import main_exit, yaml_setting
 
 _COLUMNS = [("alpha", "alpha"), ("kl_to_start", "KL to start"), ("kl_to_pretrained", "KL to pretrained"),
             ("acquisition_mean", "acquisition"), ("mean_true", "true mean"), ("top10_true", "true top-10"),
@@ -63,14 +63,6 @@ def table(rows: list[dict], run_alpha: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def _setting(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with a YAML value, for ``--finetune``."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), parse_yaml(value)  # 1e-3 read as a number, as in --set
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m difftilt.benchmarks.round_alpha", description=__doc__.split("\n")[0])
     ap.add_argument("run", help="an online run folder (difftilt online, or a benchmark arm under --runs)")
@@ -82,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also estimate the round's exact target from this many samples of its starting model "
                          "(e.g. 4096): its objective J*, KL and true mean, and the share of J*'s gain the "
                          "fine-tuning reached")
-    ap.add_argument("--finetune", metavar="KEY=VALUE", action="append", default=[], type=_setting,
+    ap.add_argument("--finetune", metavar="KEY=VALUE", action="append", default=[], type=yaml_setting,
                     help="change one of the run's finetune fields for these fine-tunes (a YAML value, e.g. "
                          "iterations=240 or 'strategy={name: policy_gradient}'); repeatable")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_finetuned, save_model
 from .config import atomic_write_text, load_yaml, validate_kwargs
-from .errors import CheckpointError, ConfigError, InputDataError
+from .errors import CheckpointError, ConfigError, InputDataError, ShapeError
 from .finetune import Finetuner, estimate_path_kl, estimate_tilt, quiet_lightning
 from .oracle import Oracle, OracleAnswer
 from .plotting import save_figure
@@ -852,6 +852,98 @@ def _setup(cfg: OnlineRunConfig) -> tuple[Domain, Process, Reward, nn.Module, di
     return domain, pretrained, truth, featurizer, process_spec
 
 
+def _open_seiko_run(run_dir: str | os.PathLike, method: str, what: str, progress: bool = False,
+                    changes: dict[str, dict] | None = None) -> "_MethodRun":
+    """A finished (or interrupted) run's SEIKO-family method, rebuilt from its folder to be
+    read: its config with ``changes`` (``{"finetune": {...}}`` / ``{"reward_model": {...}}``,
+    each updating that section, checked), its store and its checkpoints."""
+    folder = Path(run_dir)
+    if not (folder / "config.yaml").is_file():
+        raise CheckpointError(f"{folder} is not an online run folder (no config.yaml)")
+    cfg = _validate(load_yaml(folder / "config.yaml"))
+    if method not in cfg.methods:
+        raise ConfigError(f"{folder} has no method '{method}' (it ran {', '.join(cfg.methods)})")
+    if method not in SEIKO_FAMILY:
+        raise ConfigError(f"{what} needs a method that fits a reward model and fine-tunes "
+                          f"({', '.join(SEIKO_FAMILY)}), not '{method}'")
+    changes = changes or {}
+    if changes.get("finetune"):
+        cfg.finetune = {**cfg.finetune, **changes["finetune"]}
+        validate_kwargs(Finetuner, cfg.finetune, "finetune", skip=_FT_SKIP)
+    if changes.get("reward_model"):
+        cfg.reward_model = {**cfg.reward_model, **changes["reward_model"]}
+    if not (folder / method / "state.json").is_file():
+        raise CheckpointError(f"{folder / method} has no finished round")
+    domain, pretrained, truth, featurizer, _ = _setup(cfg)
+    mrun = _MethodRun(cfg, method, domain, pretrained, truth, featurizer, folder / method, progress)
+    if changes.get("reward_model"):
+        try:
+            mrun._reward_model()  # its options checked before any work
+        except Exception:
+            mrun.store.close()
+            raise
+    return mrun
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman's rank correlation of two 1-d tensors (ties get their mean rank)."""
+    if a.dim() != 1 or a.shape != b.shape or a.numel() < 2:
+        raise ShapeError(f"spearman needs two 1-d tensors of the same length >= 2, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+    def ranks(v: Tensor) -> Tensor:
+        v = v.double()
+        less = (v[None, :] < v[:, None]).sum(1).double()
+        equal = (v[None, :] == v[:, None]).sum(1).double()
+        return less + (equal + 1) / 2
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
+
+
+def reward_model_ranks(run_dir: str | os.PathLike, method: str = "ucb",
+                       reward_model: dict | None = None) -> list[dict]:
+    """How well each round's reward model ranked the next round's answers, in a finished run.
+
+    For each finished round ``k >= 1`` it refits the reward model round ``k - 1`` fit (the
+    answers of rounds ``0..k-1``, the run's settings and seed, ``reward_model`` changes
+    applied) and scores it on round ``k``'s answers -- the designs it was then used to
+    choose, answered after the fit -- by the Spearman correlation of its posterior mean and
+    of its acquisition with the observed values, and by the observed mean of the 10
+    answers it ranks highest. Infeasible answers count at the oracle's infeasible value
+    when the run fits on them (``fit_infeasible``), as in the run. The folder is only read.
+
+    Returns:
+        One dict per round ``k``: ``round``, ``train`` and ``test`` (answers fit on and
+        scored), ``test_mean`` and ``test_best`` (observed), ``rho_mean``,
+        ``rho_acquisition``, ``top10_by_mean`` and ``top10`` (the observed top-10 mean).
+    """
+    mrun = _open_seiko_run(run_dir, method, "reward_model_ranks", changes={"reward_model": reward_model or {}})
+    try:
+        infeasible = mrun.truth.infeasible_value if mrun.cfg.fit_infeasible else None
+        done = mrun.state()["rounds_done"]
+        rows = []
+        for k in range(1, done):
+            x_all, y_all = mrun.store.training_data(infeasible, before_round=k + 1)
+            n_train = mrun.store.training_data(infeasible, before_round=k)[1].numel()
+            x, y = x_all[n_train:].to(torch.float32), y_all[n_train:].double()
+            if y.numel() < 2:
+                continue
+            acquisition = mrun._fit_reward(k - 1)
+            with torch.no_grad():
+                mean = acquisition.model.posterior(x).mean.double()
+                acq = acquisition(x).masked(acquisition.infeasible_value).double()
+            top = min(10, y.numel())
+            rows.append({"round": k, "train": n_train, "test": int(y.numel()), "test_mean": float(y.mean()),
+                         "test_best": float(y.max()), "rho_mean": spearman(mean, y), "rho_acquisition": spearman(acq, y),
+                         "top10_by_mean": float(y[mean.argsort(descending=True)[:top]].mean()),
+                         "top10": float(y.sort(descending=True).values[:top].mean())})
+        return rows
+    finally:
+        mrun.store.close()
+
+
 def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alphas: list[float],
                  samples: int | None = None, progress: bool = False, tilt_samples: int = 0,
                  finetune: dict | None = None) -> list[dict]:
@@ -895,26 +987,12 @@ def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alph
         the reachable gain the fine-tuning got; ``None`` when there is none) and, for a
         simulated oracle, ``tilt_mean_true``.
     """
-    folder = Path(run_dir)
-    if not (folder / "config.yaml").is_file():
-        raise CheckpointError(f"{folder} is not an online run folder (no config.yaml)")
-    cfg = _validate(load_yaml(folder / "config.yaml"))
-    if method not in cfg.methods:
-        raise ConfigError(f"{folder} has no method '{method}' (it ran {', '.join(cfg.methods)})")
-    if method not in SEIKO_FAMILY:
-        raise ConfigError(f"retune_round needs a method that fits a reward model and fine-tunes "
-                          f"({', '.join(SEIKO_FAMILY)}), not '{method}'")
     if not alphas or any(not math.isfinite(a) or a <= 0 for a in alphas):
         raise ConfigError(f"alphas: one or more positive numbers, got {alphas}")
     if tilt_samples < 0:
         raise ConfigError(f"tilt_samples must be >= 0, got {tilt_samples}")
-    if finetune:
-        cfg.finetune = {**cfg.finetune, **finetune}
-        validate_kwargs(Finetuner, cfg.finetune, "finetune", skip=_FT_SKIP)
-    if not (folder / method / "state.json").is_file():
-        raise CheckpointError(f"{folder / method} has no finished round")
-    domain, pretrained, truth, featurizer, _ = _setup(cfg)
-    mrun = _MethodRun(cfg, method, domain, pretrained, truth, featurizer, folder / method, progress)
+    mrun = _open_seiko_run(run_dir, method, "retune_round", progress, {"finetune": finetune or {}})
+    folder, cfg, pretrained, truth = Path(run_dir), mrun.cfg, mrun.pretrained, mrun.truth
     try:
         done = mrun.state()["rounds_done"]
         if not 0 <= round_index < done:

@@ -97,7 +97,7 @@ def test_a_run_folder_made_with_another_config_is_not_reused(tmp_path):
 def test_round_alpha_reads_finetune_settings_as_yaml_values():
     import argparse
 
-    from difftilt.benchmarks.round_alpha import _setting
+    from difftilt.benchmarks.common import yaml_setting as _setting
 
     assert _setting("iterations=240") == ("iterations", 240)
     assert _setting("lr=1e-3") == ("lr", 1e-3)  # a float, though YAML 1.1 reads it as a string

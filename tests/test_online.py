@@ -1,6 +1,7 @@
 """difftilt online: the whole loop, killed with SIGKILL mid-round and resumed."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from difftilt.core.store import COUNTED, SQLiteFeedbackStore
@@ -368,3 +370,59 @@ def test_retune_round_at_the_runs_alpha_repeats_the_round_and_a_larger_alpha_mov
     saved = json.loads(out.read_text())
     assert saved["run_alpha"] == 0.5 and [r["alpha"] for r in saved["rows"]] == [0.5, 5.0]
     assert all("tilt_objective" in r for r in saved["rows"]) and saved["finetune"] == {"lr": 1.0e-3}
+
+
+def test_spearman_is_the_correlation_of_ranks_with_ties_at_their_mean_rank():
+    from difftilt.core.errors import ShapeError
+    from difftilt.core.online import spearman
+
+    x = torch.tensor([0.3, 1.0, 2.0, 7.0])
+    assert spearman(x, x) == pytest.approx(1.0) and spearman(x, -x) == pytest.approx(-1.0)
+    assert spearman(x, x.exp() ** 3) == pytest.approx(1.0)  # any increasing map: ranks only
+    # ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4): 4.5 / sqrt(4.5 * 5)
+    assert spearman(torch.tensor([1.0, 2.0, 2.0, 3.0]), x) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert math.isnan(spearman(torch.ones(3), x[:3]))  # a constant has no ranking
+    with pytest.raises(ShapeError):
+        spearman(x, x[:3])
+
+
+def test_reward_model_ranks_refit_each_rounds_model_and_score_it_on_the_next_rounds_answers(tmp_path):
+    from difftilt.benchmarks.reward_model_rank import main
+    from difftilt.core.errors import ConfigError
+    from difftilt.core.online import reward_model_ranks, run_online, spearman
+
+    raw = yaml.safe_load(_tiny(tmp_path, methods=["ucb", "best_of_n"], schedule=[8, 8, 8]).read_text())
+    run = run_online(raw, output_dir=str(tmp_path), name="run", progress=False).path
+    before = sorted(p.name for p in (run / "ucb").rglob("*"))
+    rows = reward_model_ranks(run, "ucb")
+    assert [(r["round"], r["train"], r["test"]) for r in rows] == [(1, 8, 8), (2, 16, 8)]
+    with SQLiteFeedbackStore(run / "ucb" / "feedback.sqlite", readonly=True) as store:
+        x, y = store.training_data(before_round=3)
+    for r, (lo, hi) in zip(rows, [(8, 16), (16, 24)]):
+        test = y[lo:hi].double()
+        assert r["test_mean"] == pytest.approx(float(test.mean())) and r["top10"] == pytest.approx(float(test.mean()))
+        assert -1.0 <= r["rho_mean"] <= 1.0 and -1.0 <= r["rho_acquisition"] <= 1.0
+    # round 1's row is round 0's reward model: the run's settings and seed, fit on round 0's answers
+    from difftilt.core.online import _open_seiko_run
+
+    mrun = _open_seiko_run(run, "ucb", "test")
+    try:
+        model = mrun._reward_model()
+        model.fit(x[:8].float(), y[:8], seed=mrun._round_seed(0, 1))
+        with torch.no_grad():
+            assert rows[0]["rho_mean"] == pytest.approx(spearman(model.posterior(x[8:16].float()).mean, y[8:16]))
+    finally:
+        mrun.store.close()
+    assert reward_model_ranks(run, "ucb") == rows  # deterministic
+    other = reward_model_ranks(run, "ucb", reward_model={"epochs": 1})
+    assert [r["test_mean"] for r in other] == [r["test_mean"] for r in rows]  # the same answers
+    assert [r["rho_mean"] for r in other] != [r["rho_mean"] for r in rows]  # another model
+    assert sorted(p.name for p in (run / "ucb").rglob("*")) == before  # the run folder is only read
+    with pytest.raises(ConfigError, match="fits a reward model"):
+        reward_model_ranks(run, "best_of_n")
+    with pytest.raises(ConfigError, match="epochz"):
+        reward_model_ranks(run, "ucb", reward_model={"epochz": 1})
+    out = tmp_path / "ranks.json"
+    assert main([str(run), "--reward-model", "epochs=1", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["reward_model"] == {"epochs": 1} and saved["rows"] == other

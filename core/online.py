@@ -924,9 +924,11 @@ def reward_model_ranks(run_dir: str | os.PathLike, method: str = "ucb",
         infeasible = mrun.truth.infeasible_value if mrun.cfg.fit_infeasible else None
         done = mrun.state()["rounds_done"]
         rows = []
+        n_next = mrun.store.training_data(infeasible, before_round=1)[1].numel()
         for k in range(1, done):
+            # answers come in id order, round by round: round k's follow the first n_train
             x_all, y_all = mrun.store.training_data(infeasible, before_round=k + 1)
-            n_train = mrun.store.training_data(infeasible, before_round=k)[1].numel()
+            n_train, n_next = n_next, y_all.numel()
             x, y = x_all[n_train:].to(torch.float32), y_all[n_train:].double()
             if y.numel() < 2:
                 continue

@@ -23,8 +23,6 @@ Data sources:
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -88,7 +86,7 @@ def pretrain_from_config(config: dict, progress: bool = True, output: str | None
     """Train a masked-diffusion model as ``config`` says and write its folder; returns the folder.
 
     ``command`` is recorded in ``process.json`` as the command that made the model (by
-    default this process's own command line, ``sys.orig_argv``)."""
+    default, by :func:`save_pretrained`, this process's own command line)."""
     known = {"plugin", "output", "data", "model", "process", "train"}
     unknown = set(config) - known
     if unknown:
@@ -113,6 +111,5 @@ def pretrain_from_config(config: dict, progress: bool = True, output: str | None
                            alphabet=alphabet, **proc_opts)
     net, losses = train_masked_diffusion(tokens, len(alphabet), progress=progress, **options)
     process = MaskedDiffusionProcess(net, alphabet=alphabet, **proc_opts)
-    command = command or shlex.join(sys.orig_argv)
     return save_pretrained(process, out, data={"name": name, **data, "num_sequences_used": int(tokens.shape[0])},
                            train={**model, **train}, losses=losses, command=command)

@@ -4,11 +4,16 @@
   (its corpus is 100% feasible) and the pretrained level of the score (mean and max).
 * TFBind8: the model was trained on the lower half of the table; its samples should look
   like that half: the fraction inside it, score quantiles, per-position letter frequencies.
+  With ``--tfbind8-holdout F`` it also retrains the embedded model's config on all but a
+  random fraction ``F`` of the half and compares the held-out 8-mers with the fitted ones
+  (NELBO, and how often samples land on each per 8-mer): equal figures mean the model
+  learned what generalizes within the half, not which 8-mers it saw.
 
 Usage::
 
     python -m difftilt.benchmarks.sequences_pretrained            # 1,000 Ehrlich and 10,000 TFBind8 samples
     python -m difftilt.benchmarks.sequences_pretrained --only ehrlich --ehrlich-model benchmarks/models/ehrlich-20-64-4-4
+    python -m difftilt.benchmarks.sequences_pretrained --only tfbind8 --tfbind8-holdout 0.1   # + ~20 min of training
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 
-from difftilt.plugins.sequences.mdlm import masked_diffusion_loss
+from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, masked_diffusion_loss
+from difftilt.plugins.sequences.pretrain import train_masked_diffusion
 from difftilt.plugins.sequences import EhrlichFunction, TFBind8, load_ehrlich, load_pretrained, load_tfbind8
 
 
@@ -103,6 +110,95 @@ def tfbind8_report(n: int, seed: int) -> dict:
     return out
 
 
+def tfbind8_holdout_report(fraction: float, n: int, seed: int, train: dict | None = None,
+                           progress: bool = True, nelbo_repeats: int = 20) -> dict:
+    """Retrain the embedded TFBind8 model's config on the lower half less a random ``fraction``
+    of it, then compare the held-out 8-mers with the fitted ones.
+
+    A model that learned which 8-mers it saw gives the held-out ones a higher NELBO and
+    samples them less often (per 8-mer) than the fitted ones; a model that learned only what
+    generalizes within the half treats them alike. ``train`` overrides the embedded model's
+    training settings (tests use a tiny one); ``nelbo_repeats``: Monte Carlo draws of the
+    NELBO per 8-mer.
+    """
+    if not 0 < fraction < 1:
+        raise SystemExit(f"--tfbind8-holdout must be in (0, 1), got {fraction}")
+    info = load_tfbind8().pretrained_info
+    table = TFBind8()
+    half = table.offline_dataset()
+    perm = torch.randperm(half.shape[0], generator=torch.Generator().manual_seed(seed))
+    n_held = round(fraction * half.shape[0])
+    held, fit = half[perm[:n_held]], half[perm[n_held:]]
+    settings = {**info["train"], **(train or {})}
+    net, _ = train_masked_diffusion(fit, 4, progress=progress, **settings)
+    process = MaskedDiffusionProcess(net, **info["process"])
+    upper = table.from_index(torch.tensor(sorted(set(range(4**8)) - set(table.index(half).tolist()))))
+    parts = {"fit": fit, "held_out": held, "upper": upper}
+    nelbo = {name: _nelbo(process, data, seed, nelbo_repeats) for name, data in parts.items()}
+    drawn = table.index(_sample(process, n, seed))
+    share = {name: float(torch.isin(drawn, table.index(data)).float().mean()) for name, data in parts.items()}
+    # samples per 8-mer of the part, relative to the fitted part's: 1 = alike
+    ratio = (share["held_out"] / held.shape[0]) / max(share["fit"] / fit.shape[0], 1e-12)
+    out = {"fraction": fraction, "fitted": int(fit.shape[0]), "held_out": int(held.shape[0]), "train": settings,
+           "nelbo": nelbo, "sample_share": share, "held_out_per_8mer_vs_fitted": ratio, "samples": n}
+    print(f"\nTFBind8: the embedded model's config retrained on {fit.shape[0]} of the half's 8-mers, "
+          f"{held.shape[0]} held out (seed {seed}), {n} samples")
+    print(f"  NELBO, nats per sequence   fitted {nelbo['fit']:.3f}   held out {nelbo['held_out']:.3f}   "
+          f"upper half {nelbo['upper']:.3f}")
+    print(f"  samples landing on         fitted {share['fit']:.4f}   held out {share['held_out']:.4f}   "
+          f"upper half {share['upper']:.4f}")
+    print(f"  per 8-mer, held out / fitted  {ratio:.3f}   (1: the held-out 8-mers are drawn as often as the fitted ones)")
+    return out
+
+
+def tfbind8_learnable_reference(seed: int, folds: int = 5, epochs: int = 25, hidden: int = 256) -> dict:
+    """How well can any model learn the lower half from examples? A reference for the
+    TFBind8 model's figures.
+
+    An MLP on the one-hot 8-mer learns ``P(x in the half | x)`` from all 65,536 8-mers,
+    cross-fitted: each 8-mer's probability comes from the fit on the folds without it, so
+    it never saw whether that 8-mer is in the half. The law ``q(x) ∝ P(in half | x)`` is
+    then what a model that generalizes (and memorizes nothing) could reach: its mass on the
+    half and its NLL on the half. The uniform law on the half (NLL ``log 32,768``) needs
+    each 8-mer's membership by heart.
+    """
+    table = TFBind8()
+    every = table.from_index(torch.arange(4**8))
+    inside = (table(every) <= float(table(table.offline_dataset()).max())).float()
+    x = torch.nn.functional.one_hot(every, 4).float().reshape(every.shape[0], -1)
+    g = torch.Generator().manual_seed(seed)
+    parts = torch.randperm(x.shape[0], generator=g).chunk(folds)
+    prob = torch.empty(x.shape[0])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for k, held in enumerate(parts):
+            fit = torch.cat([p for j, p in enumerate(parts) if j != k])
+            net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.GELU(),
+                                      torch.nn.Linear(hidden, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 1))
+            opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+            for _ in range(epochs):
+                for batch in fit[torch.randperm(fit.shape[0], generator=g)].split(256):
+                    loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x[batch]).squeeze(-1),
+                                                                                inside[batch])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            with torch.no_grad():
+                prob[held] = torch.sigmoid(net(x[held]).squeeze(-1))
+    q = prob / prob.sum()
+    out = {"folds": folds, "epochs": epochs, "hidden": hidden,
+           "accuracy": float(((prob > 0.5).float() == inside).float().mean()),
+           "mass_on_half": float((q * inside).sum()),
+           "nll_half": float(-torch.log(q[inside.bool()]).mean()),
+           "entropy_uniform_half": math.log(int(inside.sum()))}
+    print(f"\nTFBind8: what a model can learn of the half from examples (an MLP's P(in half | 8-mer), "
+          f"cross-fitted on {folds} folds)")
+    print(f"  membership accuracy         {out['accuracy']:.3f}   (8-mers it was not fitted on)")
+    print(f"  the law q ∝ P(in half | x)  mass on the half {out['mass_on_half']:.4f}   NLL on the half "
+          f"{out['nll_half']:.3f} nats   (uniform over the half: {out['entropy_uniform_half']:.3f})")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m difftilt.benchmarks.sequences_pretrained",
                                      description=__doc__.split("\n\n")[0])
@@ -112,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ehrlich-model", default=None,
                         help="an Ehrlich model folder made by difftilt pretrain (default: the embedded one)")
     parser.add_argument("--only", choices=["ehrlich", "tfbind8"])
+    parser.add_argument("--tfbind8-holdout", type=float, default=None, metavar="F",
+                        help="also retrain the TFBind8 model's config with a fraction F of the half held out, "
+                             "and fit the learnable reference (~25 min more on one core)")
     parser.add_argument("--out", default="benchmarks/results/sequences_pretrained.json")
     args = parser.parse_args(argv)
     results = {}
@@ -119,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         results["ehrlich"] = ehrlich_report(args.ehrlich_samples, args.seed, args.ehrlich_model)
     if args.only in (None, "tfbind8"):
         results["tfbind8"] = tfbind8_report(args.tfbind8_samples, args.seed)
+        if args.tfbind8_holdout is not None:
+            results["tfbind8_holdout"] = tfbind8_holdout_report(args.tfbind8_holdout, args.tfbind8_samples, args.seed,
+                                                                progress=sys.stderr.isatty())
+            results["tfbind8_learnable"] = tfbind8_learnable_reference(args.seed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -124,3 +124,31 @@ def test_order_consistency_of_a_model_with_itself_is_zero_and_the_path_ratio_is_
     traj = sample_trajectories(q, 64, seed=0, kl=False, log_prob=True, ref_log_prob=True)
     assert rows[0]["path_log_ratio"] == pytest.approx(float((traj.log_prob - traj.ref_log_prob).sum(1).mean()), abs=1e-4)
     assert rows[0]["path_log_ratio"] > 0 > rows[1]["path_log_ratio"]
+
+
+def test_tfbind8_holdout_splits_the_half_and_accounts_for_every_sample(capsys):
+    from difftilt.benchmarks.sequences_pretrained import tfbind8_holdout_report
+
+    tiny = {"dim": 8, "depth": 1, "heads": 1, "steps": 2, "batch_size": 64, "warmup": 1}
+    out = tfbind8_holdout_report(0.25, 300, seed=0, train=tiny, progress=False, nelbo_repeats=1)
+    assert (out["fitted"], out["held_out"]) == (24576, 8192)  # the 32,768 8-mers of the half, a quarter held out
+    share = out["sample_share"]
+    assert share["fit"] + share["held_out"] + share["upper"] == pytest.approx(1.0)  # every sample is some 8-mer
+    expected = (share["held_out"] / 8192) / (share["fit"] / 24576)
+    assert out["held_out_per_8mer_vs_fitted"] == pytest.approx(expected)
+    assert out["train"]["dim"] == 8 and out["train"]["neighbor_init"] == "counts"  # the embedded config, overridden
+    assert "held out" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="holdout"):
+        tfbind8_holdout_report(1.0, 10, seed=0)
+
+
+def test_tfbind8_learnable_reference_is_a_normalized_law_on_every_8mer():
+    import math
+
+    from difftilt.benchmarks.sequences_pretrained import tfbind8_learnable_reference
+
+    out = tfbind8_learnable_reference(seed=0, folds=2, epochs=1, hidden=8)
+    assert out["entropy_uniform_half"] == pytest.approx(math.log(32768))  # the half is found by the threshold
+    assert 0.5 < out["mass_on_half"] < 1 and 0.5 < out["accuracy"] <= 1  # even one epoch beats chance
+    # Gibbs: no law has a lower cross-entropy on the half than the uniform law on it
+    assert out["nll_half"] >= out["entropy_uniform_half"]

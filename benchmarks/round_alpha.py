@@ -77,15 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune", metavar="KEY=VALUE", action="append", default=[], type=yaml_setting,
                     help="change one of the run's finetune fields for these fine-tunes (a YAML value, e.g. "
                          "iterations=240 or 'strategy={name: policy_gradient}'); repeatable")
+    ap.add_argument("--reward-model", metavar="KEY=VALUE", action="append", default=[], type=yaml_setting,
+                    help="change one of the run's reward_model fields for the refit (a YAML value, e.g. "
+                         "clip_features=true); repeatable")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     rows = retune_round(args.run, args.method, args.round, args.alphas, samples=args.samples,
                         progress=sys.stderr.isatty(),  # no progress bars in a log file
-                        tilt_samples=args.tilt_samples, finetune=dict(args.finetune))
+                        tilt_samples=args.tilt_samples, finetune=dict(args.finetune),
+                        reward_model=dict(args.reward_model))
     alpha = load_yaml(Path(args.run) / "config.yaml")["alpha"]
     run_alpha = alpha[min(args.round, len(alpha) - 1)] if isinstance(alpha, list) else alpha
-    if args.finetune:  # another solver: no row repeats the run's round
-        changed = "".join(f", finetune.{k}={v}" for k, v in args.finetune)
+    if args.finetune or args.reward_model:  # another solver or reward model: no row repeats the run's round
+        changed = "".join(f", {part}.{k}={v}" for part, settings in (("finetune", args.finetune),
+                                                                     ("reward_model", args.reward_model))
+                          for k, v in settings)
         print(f"{args.run}: {args.method} round {args.round} re-tuned{changed} (the run's alpha: {run_alpha:g})")
         print(table(rows))
     else:
@@ -94,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"run": str(args.run), "method": args.method, "round": args.round,
-                                        "run_alpha": run_alpha, "finetune": dict(args.finetune), "rows": rows},
+                                        "run_alpha": run_alpha, "finetune": dict(args.finetune),
+                                        "reward_model": dict(args.reward_model), "rows": rows},
                                        indent=1) + "\n")
     return 0
 

@@ -60,7 +60,8 @@ CHECKPOINTS = [500, 1000, 2000, 5000]
 # Arms that are a method with a config change, each in its own run folders: SEIKO-UCB with a
 # quarter of each round (from the second) given to the edits of the best answers that its
 # acquisition rates highest (``edit_share``), beside the tilted model's samples.
-VARIANTS = {"ucb_edits": ("ucb", {"edit_share": 0.25})}
+VARIANTS = {"ucb_edits": ("ucb", {"edit_share": 0.25}),
+            "ucb_clip": ("ucb", {"reward_model": {"clip_features": True}})}
 DEFAULT_METHODS = ["ucb", "ucb_edits", "bootstrap", "greedy", "nonadaptive", "ga", "hill_climb"]
 
 

@@ -948,7 +948,7 @@ def reward_model_ranks(run_dir: str | os.PathLike, method: str = "ucb",
 
 def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alphas: list[float],
                  samples: int | None = None, progress: bool = False, tilt_samples: int = 0,
-                 finetune: dict | None = None) -> list[dict]:
+                 finetune: dict | None = None, reward_model: dict | None = None) -> list[dict]:
     """Round ``round_index`` of a finished (or interrupted) run's fine-tuning again, at other alphas.
 
     How far one round's tilt moves the model is what alpha sets, and it is hard to guess
@@ -977,6 +977,8 @@ def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alph
         finetune: changes to the run's ``finetune`` fields for these fine-tunes (e.g.
             ``{"iterations": 240}`` or ``{"strategy": {"name": "policy_gradient"}}``), to
             see whether another solver setting gets closer to the target.
+        reward_model: changes to the run's ``reward_model`` fields for the refit (e.g.
+            ``{"clip_features": True}``), to see how another reward model moves the round.
 
     Returns:
         One dict per alpha: ``alpha``, ``kl_to_start``, ``kl_to_pretrained``,
@@ -993,7 +995,8 @@ def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alph
         raise ConfigError(f"alphas: one or more positive numbers, got {alphas}")
     if tilt_samples < 0:
         raise ConfigError(f"tilt_samples must be >= 0, got {tilt_samples}")
-    mrun = _open_seiko_run(run_dir, method, "retune_round", progress, {"finetune": finetune or {}})
+    mrun = _open_seiko_run(run_dir, method, "retune_round", progress,
+                           {"finetune": finetune or {}, "reward_model": reward_model or {}})
     folder, cfg, pretrained, truth = Path(run_dir), mrun.cfg, mrun.pretrained, mrun.truth
     try:
         done = mrun.state()["rounds_done"]

@@ -126,23 +126,36 @@ class RewardModel(nn.Module, ABC):
     Args:
         featurizer: differentiable ``phi``: ``(b, *event_shape) -> (b, d)``.
         standardize_features: standardize ``phi`` with the data's mean and std.
+        clip_features: clamp each feature of a design to the range it spans in the data the
+            model was fit on. Without it, a design far outside the data in some feature (a
+            homopolymer's letter-pair count of 63 where the data's are 0 to 4) gets whatever
+            the network extrapolates, and an unbounded UCB width: a fine-tuned model can
+            chase that width instead of the reward (see ``benchmarks/sequences.md``). With
+            it, such a design is valued as the nearest point of the data's box, and the
+            fine-tuning gets no gradient pushing that feature further out.
     """
 
-    def __init__(self, featurizer: nn.Module, standardize_features: bool = True):
+    def __init__(self, featurizer: nn.Module, standardize_features: bool = True, clip_features: bool = False):
         super().__init__()
         self.featurizer = featurizer
         self.standardize_features = standardize_features
+        self.clip_features = clip_features
         self.register_buffer("y_mean", torch.zeros(()))
         self.register_buffer("y_std", torch.ones(()))
         self.register_buffer("phi_mean", torch.zeros(0))
         self.register_buffer("phi_std", torch.ones(0))
+        self.register_buffer("phi_low", torch.zeros(0))  # the data's range (standardized): clip_features
+        self.register_buffer("phi_high", torch.zeros(0))
         self.fitted = False
 
     def _phi(self, x: Tensor) -> Tensor:
         phi = self.featurizer(x)
         if phi.dim() != 2:
             raise ShapeError(f"the featurizer must return (b, d), got {tuple(phi.shape)}")
-        return (phi - self.phi_mean) / self.phi_std
+        phi = (phi - self.phi_mean) / self.phi_std
+        if self.clip_features and self.phi_low.numel():
+            phi = torch.clamp(phi, min=self.phi_low, max=self.phi_high)
+        return phi
 
     def _standardize(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if x.shape[0] != y.shape[0] or y.dim() != 1:
@@ -160,13 +173,17 @@ class RewardModel(nn.Module, ABC):
                 self.phi_mean, self.phi_std = torch.zeros_like(phi[0]), torch.ones_like(phi[0])
             self.y_mean = y.float().mean()
             self.y_std = y.float().std().clamp_min(1e-6)
-            return (phi - self.phi_mean) / self.phi_std, (y.float() - self.y_mean) / self.y_std
+            phi = (phi - self.phi_mean) / self.phi_std
+            self.phi_low, self.phi_high = phi.min(0).values, phi.max(0).values
+            return phi, (y.float() - self.y_mean) / self.y_std
 
     def load_fitted(self, state: dict[str, Tensor]) -> "RewardModel":
         """Restore a fitted model from its ``state_dict()`` (the feature statistics, empty
-        before a fit, take their sizes from it)."""
-        self.phi_mean = torch.empty_like(state["phi_mean"])
-        self.phi_std = torch.empty_like(state["phi_std"])
+        before a fit, take their sizes from it; a model saved before the feature range was
+        kept restores with none, and so is not clipped)."""
+        state = {"phi_low": torch.zeros(0), "phi_high": torch.zeros(0), **state}
+        for name in ("phi_mean", "phi_std", "phi_low", "phi_high"):
+            setattr(self, name, torch.empty_like(state[name]))
         self.load_state_dict(state)
         self.fitted = True
         return self
@@ -216,12 +233,14 @@ class EnsembleRewardModel(RewardModel):
         weight_decay: AdamW weight decay.
         standardize_features: standardize each feature with the data's mean and std
             (``False`` for features already on a unit scale, such as sparse counts).
+        clip_features: clamp each feature to the range it spans in the data
+            (:class:`RewardModel`).
     """
 
     def __init__(self, featurizer: nn.Module, in_dim: int, num_heads: int = 8, hidden: int = 64, depth: int = 2,
                  bootstrap: bool = True, epochs: int = 200, batch_size: int = 256, lr: float = 3e-3,
-                 weight_decay: float = 1e-4, standardize_features: bool = True):
-        super().__init__(featurizer, standardize_features)
+                 weight_decay: float = 1e-4, standardize_features: bool = True, clip_features: bool = False):
+        super().__init__(featurizer, standardize_features, clip_features)
         if num_heads < 2:
             raise ConfigError("reward_model.num_heads must be >= 2 for an ensemble")
         self.heads = BatchedMLP(num_heads, in_dim, hidden, depth)
@@ -287,12 +306,14 @@ class LastLayerUCBRewardModel(RewardModel):
         weight_decay: AdamW weight decay.
         standardize_features: standardize each feature with the data's mean and std
             (``False`` for features already on a unit scale, such as sparse counts).
+        clip_features: clamp each feature to the range it spans in the data
+            (:class:`RewardModel`).
     """
 
     def __init__(self, featurizer: nn.Module, in_dim: int, hidden: int = 64, depth: int = 2, lambda_: float = 1.0,
                  epochs: int = 200, batch_size: int = 256, lr: float = 3e-3, weight_decay: float = 1e-4,
-                 standardize_features: bool = True):
-        super().__init__(featurizer, standardize_features)
+                 standardize_features: bool = True, clip_features: bool = False):
+        super().__init__(featurizer, standardize_features, clip_features)
         if lambda_ <= 0:
             raise ConfigError("reward_model.lambda_ must be positive")
         self.net = BatchedMLP(1, in_dim, hidden, depth)

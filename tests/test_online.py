@@ -349,6 +349,8 @@ def test_retune_round_at_the_runs_alpha_repeats_the_round_and_a_larger_alpha_mov
         (tilted["objective"] - tilted["start_objective"]) / (tilted["tilt_objective"] - tilted["start_objective"]))
     (shorter,) = retune_round(run, "ucb", 1, [0.5], finetune={"iterations": 1})  # another solver setting
     assert shorter["kl_to_start"] != pytest.approx(same["kl_to_start"])  # it did fine-tune differently
+    (clipped,) = retune_round(run, "ucb", 1, [0.5], reward_model={"clip_features": True})  # another reward model
+    assert set(clipped) == set(same) and clipped["kl_to_start"] >= 0
     assert sorted(p.name for p in (run / "ucb").rglob("*")) == before  # the run folder is only read
     with pytest.raises(ConfigError, match="fits a reward model"):
         retune_round(run, "best_of_n", 0, [0.5])
@@ -360,14 +362,17 @@ def test_retune_round_at_the_runs_alpha_repeats_the_round_and_a_larger_alpha_mov
         retune_round(run, "ucb", 0, [0.5], tilt_samples=-1)
     with pytest.raises(ConfigError, match="did you mean 'iterations'"):
         retune_round(run, "ucb", 0, [0.5], finetune={"iterationz": 1})
+    with pytest.raises(ConfigError, match="did you mean 'clip_features'"):
+        retune_round(run, "ucb", 0, [0.5], reward_model={"clip_featurez": True})
     with pytest.raises(ConfigError, match="no method 'greedy'"):
         retune_round(run, "greedy", 0, [0.5])
     with pytest.raises(CheckpointError, match="not an online run folder"):
         retune_round(tmp_path, "ucb", 0, [0.5])
     out = tmp_path / "alpha.json"
     assert main([str(run), "--round", "1", "--alphas", "0.5", "5", "--samples", "8", "--tilt-samples", "64",
-                 "--finetune", "lr=1.0e-3", "--out", str(out)]) == 0
+                 "--finetune", "lr=1.0e-3", "--reward-model", "clip_features=true", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
+    assert saved["reward_model"] == {"clip_features": True}
     assert saved["run_alpha"] == 0.5 and [r["alpha"] for r in saved["rows"]] == [0.5, 5.0]
     assert all("tilt_objective" in r for r in saved["rows"]) and saved["finetune"] == {"lr": 1.0e-3}
 

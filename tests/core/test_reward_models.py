@@ -141,3 +141,58 @@ def test_a_feature_constant_in_the_data_is_not_blown_up(cls):
     raw = cls(Flatten((3,)), 3, epochs=50, standardize_features=False)
     raw.fit(x, y, seed=0)
     assert torch.equal(raw.phi_std, torch.ones(3)) and torch.equal(raw.phi_mean, torch.zeros(3))
+
+
+@pytest.mark.parametrize("cls", [EnsembleRewardModel, LastLayerUCBRewardModel])
+def test_clip_features_values_a_design_outside_the_data_as_the_nearest_point_of_its_box(cls):
+    g = torch.Generator().manual_seed(0)
+    x, y = _data(100, g)  # both features within [-2, 2]
+    clipped = cls(Flatten((2,)), 2, epochs=50, clip_features=True)
+    plain = cls(Flatten((2,)), 2, epochs=50)
+    clipped.fit(x, y, seed=0)
+    plain.fit(x, y, seed=0)
+    lo, hi = x.min(0).values, x.max(0).values
+    assert torch.allclose(clipped.phi_low * clipped.phi_std + clipped.phi_mean, lo, atol=1e-5)
+    assert torch.allclose(clipped.phi_high * clipped.phi_std + clipped.phi_mean, hi, atol=1e-5)
+    inside = torch.tensor([[0.3, -1.1], [1.5, 0.2]])
+    a, b = clipped.posterior(inside), plain.posterior(inside)  # the same fit: clipping changes nothing inside
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.std, b.std)
+    far = torch.tensor([[30.0, 0.5], [-2.0, -400.0]])
+    corner = torch.stack([far[:, 0].clamp(lo[0], hi[0]), far[:, 1].clamp(lo[1], hi[1])], 1)
+    a, b = clipped.posterior(far), plain.posterior(corner)
+    assert torch.allclose(a.mean, b.mean) and torch.allclose(a.std, b.std)
+    # without it the network extrapolates: further out, a different value (and, for UCB, a wider bonus)
+    assert not torch.allclose(plain.posterior(far).mean, b.mean)
+    # and the fine-tuning gets no gradient pushing a feature further out
+    x_far = far.clone().requires_grad_(True)
+    clipped.posterior(x_far).mean.sum().backward()
+    assert x_far.grad[0, 0] == 0 and x_far.grad[1, 1] == 0 and x_far.grad[0, 1] != 0
+
+
+def test_ucb_width_grows_without_bound_outside_the_data_unless_clipped():
+    g = torch.Generator().manual_seed(1)
+    x, y = _data(200, g)
+    plain = LastLayerUCBRewardModel(Flatten((2,)), 2, depth=0, epochs=20)  # a linear bandit: width ~ |phi|
+    clipped = LastLayerUCBRewardModel(Flatten((2,)), 2, depth=0, epochs=20, clip_features=True)
+    plain.fit(x, y, seed=0)
+    clipped.fit(x, y, seed=0)
+    out = torch.tensor([[10.0, 0.0], [100.0, 0.0], [1000.0, 0.0]])
+    w_plain, w_clip = plain.posterior(out).std, clipped.posterior(out).std
+    assert w_plain[2] > 50 * w_plain[0]
+    assert torch.allclose(w_clip, w_clip[:1].expand(3)) and w_clip[0] < w_plain[0]
+
+
+def test_clip_features_range_is_saved_and_an_older_state_loads_unclipped():
+    g = torch.Generator().manual_seed(2)
+    x, y = _data(50, g)
+    model = LastLayerUCBRewardModel(Flatten((2,)), 2, epochs=10, clip_features=True)
+    model.fit(x, y, seed=0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = torch.tensor([[50.0, -50.0]])
+    again = LastLayerUCBRewardModel(Flatten((2,)), 2, epochs=10, clip_features=True).load_fitted(state)
+    assert torch.equal(again.posterior(probe).mean, model.posterior(probe).mean)
+    older = {k: v for k, v in state.items() if k not in ("phi_low", "phi_high")}
+    old = LastLayerUCBRewardModel(Flatten((2,)), 2, epochs=10, clip_features=True).load_fitted(older)
+    unclipped = LastLayerUCBRewardModel(Flatten((2,)), 2, epochs=10).load_fitted(state)
+    assert torch.equal(old.posterior(probe).mean, unclipped.posterior(probe).mean)
+    assert make_reward_model("ucb", Flatten((2,)), 2, clip_features=True).clip_features

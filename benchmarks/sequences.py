@@ -11,7 +11,8 @@ pretrained model's first round of samples:
   if that folder is missing) --, and TFBind8 (embedded default);
 * methods: SEIKO-UCB, SEIKO-UCB with a quarter of each round given to its acquisition's
   favourite edits of the best answers (``ucb_edits``: ``edit_share: 0.25``), SEIKO-bootstrap,
-  greedy, non-adaptive, GA, hill climber;
+  greedy, non-adaptive, GA, hill climber (and, when asked for, ``ucb_clip``: SEIKO-UCB with
+  its reward model's features clamped to the data's range);
 * budget: up to 5,000 oracle calls, in each task's rounds: the rounds of its online
   config (``configs/online_ehrlich.yaml``: 250 each; ``online_tfbind8.yaml``: 100 each)
   repeated up to the budget. The four-motif tasks' scores are about three times smaller,

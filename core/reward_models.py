@@ -128,7 +128,7 @@ class RewardModel(nn.Module, ABC):
         standardize_features: standardize ``phi`` with the data's mean and std.
         clip_features: clamp each feature of a design to the range it spans in the data the
             model was fit on. Without it, a design far outside the data in some feature (a
-            homopolymer's letter-pair count of 63 where the data's are 0 to 4) gets whatever
+            homopolymer's letter-pair count of 63 where the data's are 0 to 12) gets whatever
             the network extrapolates, and an unbounded UCB width: a fine-tuned model can
             chase that width instead of the reward (see ``benchmarks/sequences.md``). With
             it, such a design is valued as the nearest point of the data's box, and the

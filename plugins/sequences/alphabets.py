@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-__all__ = ["PROTEIN", "DNA", "default_alphabet", "to_strings", "token_ids"]
+__all__ = ["PROTEIN", "DNA", "default_alphabet", "to_strings", "token_ids", "well_padded"]
 
 #: The 20 standard amino acids (token ``i`` is ``PROTEIN[i]``).
 PROTEIN = "ACDEFGHIKLMNPQRSTVWY"
@@ -18,10 +18,20 @@ def default_alphabet(vocab_size: int) -> str:
     return {20: PROTEIN, 4: DNA}.get(vocab_size) or "".join(chr(65 + i) for i in range(vocab_size))
 
 
-def to_strings(ids: list[list[int]], letters: str) -> list[str]:
-    """Token ids (``len(letters)`` is the mask) as strings, ``?`` for a masked position."""
+def to_strings(ids: list[list[int]], letters: str, pad: str | None = None) -> list[str]:
+    """Token ids (``len(letters)`` is the mask) as strings, ``?`` for a masked position;
+    with a padding letter ``pad``, its trailing run is cut off (a pad inside stays)."""
     table = letters + "?"
-    return ["".join(table[i] for i in row) for row in ids]
+    strings = ["".join(table[i] for i in row) for row in ids]
+    return [s.rstrip(pad) for s in strings] if pad else strings
+
+
+def well_padded(ids: Tensor, pad_id: int) -> Tensor:
+    """Whether each row of token ids ``(b, L)`` is a sequence of at least one letter followed
+    only by padding (``pad_id``): no letter after a pad, and not all pads ``(b,)``."""
+    is_pad = ids == pad_id
+    seen_pad = is_pad.cummax(-1).values  # a pad at or before each position
+    return ~(seen_pad & ~is_pad).any(-1) & ~is_pad[..., 0]
 
 
 def token_ids(x: Tensor, vocab: int) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,9 @@ score (infeasible: it failed expression, it could not be synthesized). A NaN is 
 as that design's failure; a list of the wrong length, something not a number, or an
 exception fails the batch: it is recorded in the feedback store and reported in one line,
 and ``oracle.retries``, ``timeout`` and ``on_error`` apply. A design with a position still masked is infeasible
-and never reaches the function.
+and never reaches the function. With a model of variable-length sequences (one pretrained
+with a padding letter) the strings have their padding cut off, and a design that is not a
+sequence (a letter after a pad, or padding only) is infeasible and never reaches it either.
 
 It is taken to be a real experiment: it is only called within the oracle's budget, so an
 online config needs ``eval_samples: 0`` (the per-round diagnostic that scores the model's
@@ -40,7 +42,7 @@ from difftilt.core.errors import ConfigError, RewardError
 from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
-from .alphabets import default_alphabet, to_strings, token_ids
+from .alphabets import default_alphabet, to_strings, token_ids, well_padded
 from .mdlm import MaskedDiffusionProcess
 
 __all__ = ["FunctionReward", "load_target"]
@@ -89,7 +91,7 @@ class FunctionReward(Reward):
             within the oracle's budget, so the online loop needs ``eval_samples: 0`` (its
             per-round diagnostic scores model samples outside the budget). ``True``: a
             simulator, which the diagnostics may call.
-        process: the chain, whose alphabet decodes the designs.
+        process: the chain, whose alphabet (and padding letter) decodes the designs.
 
     ``evaluate(x)``: ``x`` is ``(b, L, V + 1)`` one-hot; returns values ``(b,)`` (float64)
     and feasibility.
@@ -110,6 +112,9 @@ class FunctionReward(Reward):
                 raise ConfigError(f"letters has {len(letters)} characters, but the process makes sequences over "
                                   f"{process.vocab_size} tokens")
         self.letters = letters or model
+        self.pad = process.pad if isinstance(process, MaskedDiffusionProcess) else None
+        if self.pad is not None and self.pad not in self.letters:
+            raise ConfigError(f"letters {self.letters!r} lack the process's padding letter {self.pad!r}")
         if self.letters is None and isinstance(process, MaskedDiffusionProcess):
             self.letters = default_alphabet(process.vocab_size)
 
@@ -125,14 +130,15 @@ class FunctionReward(Reward):
         if len(letters) != V:
             raise RewardError(f"{self.target}: designs have {V} letters, the alphabet {letters!r} has "
                               f"{len(letters)}")
-        ids, masked = token_ids(x, V)  # a masked design is not asked
-        strings = to_strings(ids.tolist(), letters)
-        rows = [i for i, m in enumerate(masked.tolist()) if not m]  # the designs the function is asked
+        ids, masked = token_ids(x, V)  # a masked design is not asked, nor one that is not a sequence
+        unasked = masked if self.pad is None else masked | ~well_padded(ids, letters.index(self.pad))
+        strings = to_strings(ids.tolist(), letters, self.pad)
+        rows = [i for i, m in enumerate(unasked.tolist()) if not m]  # the designs the function is asked
         answers = list(self.fn([strings[i] for i in rows])) if rows else []
         if len(answers) != len(rows):
             raise RewardError(f"{self.target} returned {len(answers)} values for {len(rows)} sequences")
         values = torch.zeros(len(strings), dtype=torch.float64)
-        feasible = ~masked.cpu()
+        feasible = ~unasked.cpu()
         for i, a in zip(rows, answers):
             if a is None:
                 feasible[i] = False

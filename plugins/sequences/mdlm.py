@@ -51,7 +51,7 @@ from difftilt.core.distributions import LOG_ZERO, CategoricalStep, SinglePositio
 from difftilt.core.errors import ConfigError, ShapeError, InputDataError
 from difftilt.core.process import Process
 
-from .alphabets import default_alphabet, to_strings
+from .alphabets import default_alphabet, to_strings, well_padded
 
 __all__ = ["SequenceDenoiser", "MaskedDiffusionProcess", "masked_diffusion_loss", "alpha_schedule",
            "order_log_likelihoods", "log_likelihood", "revealed_order"]
@@ -205,13 +205,17 @@ class MaskedDiffusionProcess(Process):
         schedule: masking schedule (see :func:`alpha_schedule`).
         alphabet: the token letters (``len == V``), used to decode; optional.
         sampler: ``"ancestral"`` or ``"first_hit"`` (see the module docstring).
+        pad: a letter of ``alphabet`` that pads sequences shorter than ``L`` at their end
+            (a model of variable-length sequences, made by the ``file`` corpus's ``pad``);
+            :meth:`decode` cuts it off, and a design with a letter after a pad is not a
+            sequence (:meth:`well_formed`). ``None``: every sequence has length ``L``.
     """
 
     initial_kind = "point"
 
     def __init__(self, denoiser: SequenceDenoiser, num_steps: int | None = None,
                  schedule: Literal["linear", "cosine"] = "linear", alphabet: str | None = None,
-                 sampler: Literal["ancestral", "first_hit"] = "ancestral"):
+                 sampler: Literal["ancestral", "first_hit"] = "ancestral", pad: str | None = None):
         super().__init__()
         self.denoiser = denoiser
         self.vocab_size, self.length = denoiser.vocab_size, denoiser.length
@@ -230,6 +234,9 @@ class MaskedDiffusionProcess(Process):
         if alphabet is not None and len(alphabet) != self.vocab_size:
             raise ConfigError(f"alphabet has {len(alphabet)} letters but the denoiser has {self.vocab_size} tokens")
         self.alphabet = alphabet
+        if pad is not None and (alphabet is None or len(pad) != 1 or pad not in alphabet):
+            raise ConfigError(f"pad must be one letter of the alphabet {alphabet!r}, got {pad!r}")
+        self.pad = pad
         self.mask_index = self.vocab_size
         self.num_steps = int(num_steps)
         self.schedule = schedule
@@ -246,8 +253,9 @@ class MaskedDiffusionProcess(Process):
 
     def spec(self) -> dict:
         """The process's own settings (the denoiser has its own config)."""
-        return {"num_steps": self.num_steps, "schedule": self.schedule, "alphabet": self.alphabet,
+        spec = {"num_steps": self.num_steps, "schedule": self.schedule, "alphabet": self.alphabet,
                 "sampler": self.sampler}
+        return {**spec, "pad": self.pad} if self.pad is not None else spec
 
     # ------------------------------------------------------------------ states
     def initial(self, batch_size: int, *, generator: torch.Generator | None = None) -> Tensor:
@@ -279,8 +287,15 @@ class MaskedDiffusionProcess(Process):
         return x.argmax(-1)
 
     def decode(self, x: Tensor) -> list[str]:
-        """Final states as strings (``?`` for a position still masked)."""
-        return to_strings(self.tokens(x).tolist(), self.alphabet or default_alphabet(self.vocab_size))
+        """Final states as strings (``?`` for a position still masked; trailing padding cut off)."""
+        return to_strings(self.tokens(x).tolist(), self.alphabet or default_alphabet(self.vocab_size), self.pad)
+
+    def well_formed(self, x: Tensor) -> Tensor:
+        """``(b,)``: whether each state is a sequence, i.e. has no letter after a pad and is not
+        all padding (always true without ``pad``; masked positions count as letters)."""
+        if self.pad is None:
+            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        return well_padded(self.tokens(x), self.alphabet.index(self.pad))
 
     # ------------------------------------------------------------------ chain
     def step(self, x: Tensor, k: int) -> CategoricalStep | SinglePositionStep:

@@ -155,6 +155,9 @@ class ESMReward(Reward):
         unknown = [c for c in letters if c not in alphabet.tok_to_idx]
         if unknown:
             raise ConfigError(f"letters {''.join(unknown)!r} are not in the ESM alphabet")
+        if isinstance(process, MaskedDiffusionProcess) and process.pad is not None:
+            raise ConfigError(f"{type(self).__name__} scores fixed-length proteins; this process pads variable-length "
+                              f"sequences with {process.pad!r} (score them with a function reward)")
         if isinstance(process, MaskedDiffusionProcess) and process.vocab_size != len(letters):
             raise ConfigError(f"ESMReward reads sequences over {len(letters)} letters, but the process makes "
                               f"{process.vocab_size}")

@@ -18,7 +18,11 @@ Data sources:
   seed``; data seed ``data_seed``.
 * ``tfbind8``: the lower half of the TFBind8 table (design-bench's offline set), ``table``.
 * ``file``: one sequence per line (FASTA headers ``>`` skipped) over ``alphabet``, all of
-  the same length.
+  the same length; or, with ``pad`` (a character outside ``alphabet``, e.g. ``"-"``), of
+  any lengths: each is padded at its end with ``pad`` to the longest one's length
+  (``length``, if given, longer sequences are an error), and the model learns where its
+  sequences end. ``pad`` becomes the alphabet's last letter and the process's padding letter
+  (decoded designs have it cut off; a function reward is asked only well-formed ones).
 """
 
 from __future__ import annotations
@@ -39,17 +43,31 @@ from .tfbind8 import TFBind8
 __all__ = ["pretrain_from_config", "ehrlich_corpus", "tfbind8_corpus", "file_corpus", "encode_strings"]
 
 
-def encode_strings(lines: list[str], alphabet: str) -> torch.Tensor:
-    """Strings of one length over ``alphabet`` -> ``(n, L)`` token ids, with a clear error
-    naming the first bad letter or length."""
+def encode_strings(lines: list[str], alphabet: str, pad: str | None = None,
+                   length: int | None = None) -> torch.Tensor:
+    """Strings over ``alphabet`` -> ``(n, L)`` token ids, with a clear error naming the first
+    bad letter or length. Without ``pad`` all must have one length; with ``pad`` (a letter of
+    ``alphabet`` that no string uses) each is padded at its end to ``length`` (default: the
+    longest string's)."""
     lookup = {c: i for i, c in enumerate(alphabet)}
     if not lines:
         raise InputDataError("no sequences given")
-    L = len(lines[0])
+    if pad is None:
+        L = len(lines[0])
+    else:
+        L = max(len(s) for s in lines) if length is None else int(length)
+        if L < 1:
+            raise InputDataError(f"length must be >= 1, got {L}")
     out = torch.empty(len(lines), L, dtype=torch.long)
     for n, s in enumerate(lines):
-        if len(s) != L:
-            raise InputDataError(f"sequence {n} has length {len(s)}, expected {L} (all sequences must have one length)")
+        if pad is None and len(s) != L:
+            raise InputDataError(f"sequence {n} has length {len(s)}, expected {L} (all sequences must have one "
+                                 "length, or give a padding letter)")
+        if pad is not None and not 1 <= len(s) <= L:
+            raise InputDataError(f"sequence {n} has length {len(s)}, expected 1 to {L}")
+        if pad is not None and pad in s:
+            raise InputDataError(f"sequence {n} contains the padding letter {pad!r} at position {s.index(pad)}")
+        s = s if pad is None else s + pad * (L - len(s))
         for j, c in enumerate(s):
             if c not in lookup:
                 raise InputDataError(f"sequence {n} has letter {c!r} at position {j}, outside the alphabet {alphabet!r}")
@@ -59,23 +77,29 @@ def encode_strings(lines: list[str], alphabet: str) -> torch.Tensor:
 
 def ehrlich_corpus(num_states: int = 20, length: int = 32, num_motifs: int = 2, motif_length: int = 4,
                    quantization: int | None = None, seed: int = 0, num_sequences: int = 50_000,
-                   data_seed: int = 0) -> tuple[torch.Tensor, str]:
+                   data_seed: int = 0) -> tuple[torch.Tensor, str, None]:
     f = EhrlichFunction(num_states, length, num_motifs, motif_length, quantization, seed)
     tokens = f.sample_feasible(num_sequences, generator=torch.Generator().manual_seed(data_seed))
-    return tokens, default_alphabet(num_states)
+    return tokens, default_alphabet(num_states), None
 
 
-def tfbind8_corpus(table: str = "SIX6_REF_R1") -> tuple[torch.Tensor, str]:
-    return TFBind8(table).offline_dataset(), DNA
+def tfbind8_corpus(table: str = "SIX6_REF_R1") -> tuple[torch.Tensor, str, None]:
+    return TFBind8(table).offline_dataset(), DNA, None
 
 
-def file_corpus(path: str, alphabet: str = PROTEIN) -> tuple[torch.Tensor, str]:
+def file_corpus(path: str, alphabet: str = PROTEIN, pad: str | None = None,
+                length: int | None = None) -> tuple[torch.Tensor, str, str | None]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"data.path: no file {p}")
+    if pad is not None and (not isinstance(pad, str) or len(pad) != 1 or pad.upper() in alphabet.upper()):
+        raise ConfigError(f"data.pad must be one character outside the alphabet {alphabet!r}, got {pad!r}")
+    if length is not None and pad is None:
+        raise ConfigError("data.length pads sequences to a length: it needs data.pad")
     lines = [ln.strip().upper() for ln in p.read_text().splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith(">")]
-    return encode_strings(lines, alphabet), alphabet
+    letters = alphabet if pad is None else alphabet + pad
+    return encode_strings(lines, letters, pad, length), letters, pad
 
 
 SOURCES = {"ehrlich": ehrlich_corpus, "tfbind8": tfbind8_corpus, "file": file_corpus}
@@ -98,14 +122,16 @@ def pretrain_from_config(config: dict, progress: bool = True, output: str | None
     name = data.pop("name", None)
     if name not in SOURCES:
         raise ConfigError(f"data.name must be one of {', '.join(SOURCES)}, got {name!r}")
-    # Every source returns its corpus and the alphabet it is written in (all letters, used or not).
-    tokens, alphabet = SOURCES[name](**validate_kwargs(SOURCES[name], data, "data"))
+    # Every source returns its corpus, the alphabet it is written in (all letters, used or not)
+    # and its padding letter (None: all sequences have one length).
+    tokens, alphabet, pad = SOURCES[name](**validate_kwargs(SOURCES[name], data, "data"))
     model = dict(config.get("model") or {})
     train = dict(config.get("train") or {})
     proc = dict(config.get("process") or {})
     options = validate_kwargs(train_masked_diffusion, {**model, **train}, "model/train",
                               skip=("tokens", "vocab_size", "progress"))
-    proc_opts = validate_kwargs(MaskedDiffusionProcess, proc, "process", skip=("denoiser", "alphabet"))
+    proc_opts = validate_kwargs(MaskedDiffusionProcess, proc, "process", skip=("denoiser", "alphabet", "pad"))
+    proc_opts["pad"] = pad
     # Check the chain's settings on a throwaway denoiser before spending the training time.
     MaskedDiffusionProcess(SequenceDenoiser(len(alphabet), tokens.shape[1], dim=8, depth=0, heads=1),
                            alphabet=alphabet, **proc_opts)

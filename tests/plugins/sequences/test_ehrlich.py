@@ -190,10 +190,10 @@ def test_the_pretraining_corpus_depends_on_states_length_and_seed_only():
     """Why the sequences benchmark runs Ehrlich (20, 32, 4, 4) on the (20, 32, 2, 4) default model."""
     from difftilt.plugins.sequences.pretrain_cli import ehrlich_corpus
 
-    two, _ = ehrlich_corpus(20, 32, 2, 4, seed=0, num_sequences=500, data_seed=0)
-    four, _ = ehrlich_corpus(20, 32, 4, 4, seed=0, num_sequences=500, data_seed=0)
+    two, _, _ = ehrlich_corpus(20, 32, 2, 4, seed=0, num_sequences=500, data_seed=0)
+    four, _, _ = ehrlich_corpus(20, 32, 4, 4, seed=0, num_sequences=500, data_seed=0)
     assert torch.equal(two, four)
     f2, f4 = EhrlichFunction(20, 32, 2, 4, seed=0), EhrlichFunction(20, 32, 4, 4, seed=0)
     assert torch.equal(f2.transition_matrix, f4.transition_matrix) and f4.motifs.shape == (4, 4)
-    other, _ = ehrlich_corpus(20, 32, 2, 4, seed=1, num_sequences=500, data_seed=0)
+    other, _, _ = ehrlich_corpus(20, 32, 2, 4, seed=1, num_sequences=500, data_seed=0)
     assert not torch.equal(two, other)

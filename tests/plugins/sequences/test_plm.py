@@ -121,3 +121,12 @@ def test_loads_a_local_fair_esm_checkpoint(tiny, tmp_path):
     junk.write_text("not a checkpoint")
     with pytest.raises(ConfigError, match="esm2_junk"):
         ESMReward(weights=str(junk))
+
+
+def test_a_padded_model_is_refused_with_a_clear_error(tiny):
+    from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, SequenceDenoiser
+
+    model, alphabet = tiny
+    process = MaskedDiffusionProcess(SequenceDenoiser(21, 6, dim=8, depth=0, heads=1), alphabet=PROTEIN + "-", pad="-")
+    with pytest.raises(ConfigError, match="ESMReward scores fixed-length proteins"):
+        ESMReward(model=model, alphabet=alphabet, process=process)

@@ -1,0 +1,118 @@
+"""Variable-length sequences: a padding letter in the corpus, the model and the rewards."""
+
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from difftilt.core.errors import ConfigError, InputDataError
+from difftilt.plugins.sequences import FunctionReward
+from difftilt.plugins.sequences.alphabets import well_padded
+from difftilt.plugins.sequences.descriptors import ProteinDescriptor
+from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, SequenceDenoiser
+from difftilt.plugins.sequences.pretrain import load_pretrained
+from difftilt.plugins.sequences.pretrain_cli import encode_strings, file_corpus, pretrain_from_config
+
+LETTERS = "ACGT-"
+
+
+def _process(length: int = 4) -> MaskedDiffusionProcess:
+    net = SequenceDenoiser(len(LETTERS), length, dim=8, depth=0, heads=1)
+    return MaskedDiffusionProcess(net, num_steps=4, alphabet=LETTERS, pad="-")
+
+
+def _one_hot(seqs: list[str]) -> torch.Tensor:
+    ids = torch.tensor([[LETTERS.index(c) for c in s] for s in seqs])
+    return torch.nn.functional.one_hot(ids, len(LETTERS) + 1).float()
+
+
+def test_a_file_of_sequences_of_any_length_is_padded_at_their_ends(tmp_path):
+    fasta = tmp_path / "seqs.fa"
+    fasta.write_text(">a\nACG\n>b\nA\nacgta\n")
+    tokens, letters, pad = file_corpus(str(fasta), alphabet="ACGT", pad="-")
+    assert (letters, pad) == (LETTERS, "-")
+    assert tokens.tolist() == [[0, 1, 2, 4, 4], [0, 4, 4, 4, 4], [0, 1, 2, 3, 0]]
+    tokens, _, _ = file_corpus(str(fasta), alphabet="ACGT", pad="-", length=7)
+    assert tokens.shape == (3, 7) and tokens[2, 5:].tolist() == [4, 4]
+
+
+def test_bad_padding_gets_a_clear_error(tmp_path):
+    fasta = tmp_path / "seqs.fa"
+    fasta.write_text("ACG\nAC-G\n")
+    with pytest.raises(InputDataError, match="sequence 1 contains the padding letter '-' at position 2"):
+        file_corpus(str(fasta), alphabet="ACGT", pad="-")
+    with pytest.raises(ConfigError, match="one character outside the alphabet"):
+        file_corpus(str(fasta), alphabet="ACGT", pad="A")
+    with pytest.raises(ConfigError, match="needs data.pad"):
+        file_corpus(str(fasta), alphabet="ACGT", length=8)
+    with pytest.raises(InputDataError, match="sequence 1 has length 4, expected 1 to 3"):
+        encode_strings(["ACG", "ACGT"], LETTERS, pad="-", length=3)
+    with pytest.raises(InputDataError, match="or give a padding letter"):
+        encode_strings(["ACG", "ACGT"], "ACGT")
+    with pytest.raises(ConfigError, match="pad must be one letter of the alphabet"):
+        MaskedDiffusionProcess(SequenceDenoiser(4, 4, dim=8, depth=0, heads=1), alphabet="ACGT", pad="-")
+
+
+def test_a_sequence_is_letters_then_padding_only():
+    ids = torch.tensor([[0, 1, 4, 4], [0, 1, 2, 3], [0, 4, 1, 4], [4, 4, 4, 4], [4, 0, 0, 0]])
+    assert well_padded(ids, 4).tolist() == [True, True, False, False, False]
+
+
+def test_decode_cuts_the_padding_and_the_setting_is_saved_with_the_model():
+    process = _process()
+    x = _one_hot(["AC--", "ACGT", "A-C-"])
+    assert process.decode(x) == ["AC", "ACGT", "A-C"]
+    assert process.well_formed(x).tolist() == [True, True, False]
+    assert process.spec()["pad"] == "-"
+    again = MaskedDiffusionProcess(process.denoiser, **process.spec())
+    assert again.pad == "-" and again.decode(x) == process.decode(x)
+    fixed = MaskedDiffusionProcess(process.denoiser, alphabet=LETTERS)
+    assert "pad" not in fixed.spec() and fixed.well_formed(x).all() and fixed.decode(x)[0] == "AC--"
+
+
+def test_a_function_reward_is_asked_only_sequences_without_their_padding(tmp_path):
+    assay = tmp_path / "assay.py"
+    assay.write_text(textwrap.dedent('''
+        CALLS = []
+        def length(seqs):
+            CALLS.append(list(seqs))
+            return [float(len(s)) for s in seqs]
+    '''))
+    reward = FunctionReward(f"{assay}:length", process=_process())
+    out = reward(_one_hot(["AC--", "ACGT", "A-C-", "----", "G---"]))
+    assert out.feasible.tolist() == [True, True, False, False, True]
+    assert out.value[out.feasible].tolist() == [2.0, 4.0, 1.0]
+    assert sys.modules[reward.fn.__module__].CALLS == [["AC", "ACGT", "G"]]
+    with pytest.raises(ConfigError, match="lack the process's padding letter"):
+        FunctionReward(f"{assay}:length", letters="ACGTN", process=_process())
+
+
+def test_descriptors_refuse_a_padded_model_with_a_clear_error():
+    net = SequenceDenoiser(21, 6, dim=8, depth=0, heads=1)
+    process = MaskedDiffusionProcess(net, alphabet="ACDEFGHIKLMNPQRSTVWY-", pad="-")
+    with pytest.raises(ConfigError, match="pads variable-length sequences with '-'"):
+        ProteinDescriptor("charge", process=process)
+
+
+def test_a_model_pretrained_on_sequences_of_several_lengths_learns_where_they_end(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 7, (400,), generator=g).tolist()
+    lines = ["".join("ACGT"[int(i)] for i in torch.randint(4, (n,), generator=g)) for n in lengths]
+    fasta = tmp_path / "seqs.txt"
+    fasta.write_text("\n".join(lines) + "\n")
+    cfg = {"plugin": "sequences", "output": str(tmp_path / "model"),
+           "data": {"name": "file", "path": str(fasta), "alphabet": "ACGT", "pad": "-"},
+           "model": {"dim": 32, "depth": 1, "heads": 2}, "process": {"num_steps": 8},
+           "train": {"steps": 300, "batch_size": 64, "lr": 3e-3, "warmup": 10, "seed": 0}}
+    process = load_pretrained(pretrain_from_config(cfg, progress=False, command="test"))
+    assert process.pad == "-" and process.alphabet == LETTERS and process.length == 6
+    x = process.sample(500, generator=torch.Generator().manual_seed(0))
+    strings = process.decode(x)
+    formed = process.well_formed(x)
+    assert formed.float().mean() > 0.85, formed.float().mean()  # pads only at the end (0.58 untrained)
+    kept = [s for s, ok in zip(strings, formed.tolist()) if ok]
+    assert all(1 <= len(s) <= 6 and set(s) <= set("ACGT") for s in kept)
+    # the lengths drawn follow the corpus's (uniform on 2..6): each within 0.1 of 1/5, none shorter
+    share = {n: sum(len(s) == n for s in kept) / len(kept) for n in range(1, 7)}
+    assert share[1] < 0.05 and all(abs(share[n] - 0.2) < 0.1 for n in range(2, 7)), share

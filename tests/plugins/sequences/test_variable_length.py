@@ -95,17 +95,23 @@ def test_descriptors_refuse_a_padded_model_with_a_clear_error():
         ProteinDescriptor("charge", process=process)
 
 
-def test_a_model_pretrained_on_sequences_of_several_lengths_learns_where_they_end(tmp_path):
+@pytest.fixture(scope="module")
+def padded_model(tmp_path_factory):
+    """A tiny model of random DNA of lengths 2 to 6 (uniform), padded with ``-`` to 6."""
+    root = tmp_path_factory.mktemp("padded")
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(2, 7, (400,), generator=g).tolist()
     lines = ["".join("ACGT"[int(i)] for i in torch.randint(4, (n,), generator=g)) for n in lengths]
-    fasta = tmp_path / "seqs.txt"
-    fasta.write_text("\n".join(lines) + "\n")
-    cfg = {"plugin": "sequences", "output": str(tmp_path / "model"),
-           "data": {"name": "file", "path": str(fasta), "alphabet": "ACGT", "pad": "-"},
+    (root / "seqs.txt").write_text("\n".join(lines) + "\n")
+    cfg = {"plugin": "sequences", "output": str(root / "model"),
+           "data": {"name": "file", "path": str(root / "seqs.txt"), "alphabet": "ACGT", "pad": "-"},
            "model": {"dim": 32, "depth": 1, "heads": 2}, "process": {"num_steps": 8},
            "train": {"steps": 300, "batch_size": 64, "lr": 3e-3, "warmup": 10, "seed": 0}}
-    process = load_pretrained(pretrain_from_config(cfg, progress=False, command="test"))
+    return pretrain_from_config(cfg, progress=False, command="test")
+
+
+def test_a_model_pretrained_on_sequences_of_several_lengths_learns_where_they_end(padded_model):
+    process = load_pretrained(padded_model)
     assert process.pad == "-" and process.alphabet == LETTERS and process.length == 6
     x = process.sample(500, generator=torch.Generator().manual_seed(0))
     strings = process.decode(x)
@@ -116,3 +122,29 @@ def test_a_model_pretrained_on_sequences_of_several_lengths_learns_where_they_en
     # the lengths drawn follow the corpus's (uniform on 2..6): each within 0.1 of 1/5, none shorter
     share = {n: sum(len(s) == n for s in kept) / len(kept) for n in range(1, 7)}
     assert share[1] < 0.05 and all(abs(share[n] - 0.2) < 0.1 for n in range(2, 7)), share
+
+
+@pytest.mark.slow
+def test_the_online_loop_asks_a_users_function_about_sequences_of_several_lengths(padded_model, tmp_path):
+    from difftilt.core.online import run_online
+    from difftilt.core.plugins import load_plugin
+    from difftilt.core.store import COUNTED, SQLiteFeedbackStore
+
+    assay = tmp_path / "assay.py"
+    assay.write_text("def g_count(seqs):\n    return [float(s.count('G')) for s in seqs]\n")
+    cfg = {"plugin": "sequences", "seed": 0, "process": {"name": "pretrained", "path": str(padded_model)},
+           "oracle": {"reward": {"name": "function", "target": f"{assay}:g_count"}, "batch_size": 16},
+           "methods": ["ucb"], "schedule": [32, 32], "alpha": 0.1, "eval_samples": 0,
+           "finetune": {"iterations": 3, "batch_size": 16, "lr": 1e-3, "value_refit_iterations": 0},
+           "reward_model": {"epochs": 5}}
+    run = run_online(cfg, output_dir=str(tmp_path), name="padded", progress=False)
+    assert [r["queries_used"] for r in run.read_json("results.json")["methods"]["ucb"]] == [32, 64]
+    process = load_plugin("sequences").make_process(cfg["process"])
+    with SQLiteFeedbackStore(run.path / "ucb" / "feedback.sqlite", readonly=True) as store:
+        records = store.records(status=COUNTED)
+    designs = torch.stack([r.design for r in records])
+    formed = process.well_formed(designs).tolist()
+    assert len(records) == 64 and 0 < sum(formed) < 64  # both kinds asked (53 sequences on this seed)
+    for s, ok, r in zip(process.decode(designs), formed, records):
+        expected = ("answered", float(s.count("G"))) if ok else ("infeasible", None)
+        assert (r.status, r.true_value) == expected

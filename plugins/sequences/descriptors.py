@@ -35,7 +35,7 @@ from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
 from .alphabets import PROTEIN
-from .mdlm import MaskedDiffusionProcess
+from .mdlm import MaskedDiffusionProcess, check_fixed_length
 
 __all__ = ["ProteinDescriptor", "DescriptorConstraint", "protein_descriptor", "DESCRIPTORS"]
 
@@ -76,9 +76,7 @@ class _DescriptorBase(Reward):
         unknown = sorted(set(letters) - set(PROTEIN))
         if unknown:
             raise ConfigError(f"letters {''.join(unknown)!r} are not standard amino acids ({PROTEIN})")
-        if isinstance(process, MaskedDiffusionProcess) and process.pad is not None:
-            raise ConfigError(f"{type(self).__name__} scores fixed-length proteins; this process pads variable-length "
-                              f"sequences with {process.pad!r} (score them with a function reward)")
+        check_fixed_length(process, type(self).__name__)
         if isinstance(process, MaskedDiffusionProcess) and process.vocab_size != len(letters):
             raise ConfigError(f"{type(self).__name__} reads sequences over {len(letters)} letters, but the process "
                               f"makes {process.vocab_size}")

@@ -309,6 +309,14 @@ class MaskedDiffusionProcess(Process):
         return CategoricalStep(logits, x, frozen=~masked)
 
 
+def check_fixed_length(process: Process | None, reader: str) -> None:
+    """Raise :class:`ConfigError` if ``process`` pads variable-length sequences, which
+    ``reader`` (a reward of fixed-length proteins) cannot score."""
+    if isinstance(process, MaskedDiffusionProcess) and process.pad is not None:
+        raise ConfigError(f"{reader} scores fixed-length proteins; this process pads variable-length "
+                          f"sequences with {process.pad!r} (score them with a function reward)")
+
+
 def masked_diffusion_loss(denoiser: SequenceDenoiser, tokens: Tensor, schedule: str = "linear",
                           generator: torch.Generator | None = None) -> Tensor:
     """MDLM's continuous-time negative ELBO per position, averaged over the batch.

@@ -50,7 +50,7 @@ from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
 from .alphabets import PROTEIN
-from .mdlm import MaskedDiffusionProcess
+from .mdlm import MaskedDiffusionProcess, check_fixed_length
 
 __all__ = ["ESMReward", "load_esm_checkpoint"]
 
@@ -155,9 +155,7 @@ class ESMReward(Reward):
         unknown = [c for c in letters if c not in alphabet.tok_to_idx]
         if unknown:
             raise ConfigError(f"letters {''.join(unknown)!r} are not in the ESM alphabet")
-        if isinstance(process, MaskedDiffusionProcess) and process.pad is not None:
-            raise ConfigError(f"{type(self).__name__} scores fixed-length proteins; this process pads variable-length "
-                              f"sequences with {process.pad!r} (score them with a function reward)")
+        check_fixed_length(process, type(self).__name__)
         if isinstance(process, MaskedDiffusionProcess) and process.vocab_size != len(letters):
             raise ConfigError(f"ESMReward reads sequences over {len(letters)} letters, but the process makes "
                               f"{process.vocab_size}")

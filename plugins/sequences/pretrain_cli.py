@@ -60,14 +60,16 @@ def encode_strings(lines: list[str], alphabet: str, pad: str | None = None,
             raise InputDataError(f"length must be >= 1, got {L}")
     out = torch.empty(len(lines), L, dtype=torch.long)
     for n, s in enumerate(lines):
-        if pad is None and len(s) != L:
-            raise InputDataError(f"sequence {n} has length {len(s)}, expected {L} (all sequences must have one "
-                                 "length, or give a padding letter)")
-        if pad is not None and not 1 <= len(s) <= L:
-            raise InputDataError(f"sequence {n} has length {len(s)}, expected 1 to {L}")
-        if pad is not None and pad in s:
-            raise InputDataError(f"sequence {n} contains the padding letter {pad!r} at position {s.index(pad)}")
-        s = s if pad is None else s + pad * (L - len(s))
+        if pad is None:
+            if len(s) != L:
+                raise InputDataError(f"sequence {n} has length {len(s)}, expected {L} (all sequences must have one "
+                                     "length, or give a padding letter)")
+        else:
+            if not 1 <= len(s) <= L:
+                raise InputDataError(f"sequence {n} has length {len(s)}, expected 1 to {L}")
+            if pad in s:
+                raise InputDataError(f"sequence {n} contains the padding letter {pad!r} at position {s.index(pad)}")
+            s += pad * (L - len(s))
         for j, c in enumerate(s):
             if c not in lookup:
                 raise InputDataError(f"sequence {n} has letter {c!r} at position {j}, outside the alphabet {alphabet!r}")

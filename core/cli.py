@@ -8,6 +8,7 @@ command with one line on stderr and exit status 2; ``--debug`` (or
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import os
@@ -75,8 +76,24 @@ def _cmd_online(args: argparse.Namespace) -> int:
             print(f"{method:<12}{r['round']:>6}{cells}")
             if "stopped" in r:
                 print(f"{'':<12}{'':>6}  stopped after {r['queries_used']:,} queries: {r['stopped']}")
+    for method in results["methods"]:
+        best = _best_design(run.path / method / "designs.csv")
+        if best is not None:
+            value, design = best
+            shown = design if len(design) <= 60 else f"{design[:57]}..."
+            print(f"{method:<12}best design {value:.4f} {shown}  (all: {run.path / method / 'designs.csv'})")
     print(f"plot: {run.path / 'reward_vs_queries.png'}")
     return 0
+
+
+def _best_design(path: Path) -> tuple[float, str] | None:
+    """The highest answer in a method's ``designs.csv`` and its design, the first asked of a tie
+    (``None``: no file or no answer)."""
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        answered = [(float(r["value"]), r["design"]) for r in csv.DictReader(f) if r["status"] == "answered"]
+    return max(answered, key=lambda a: a[0]) if answered else None
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -94,14 +111,29 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+TEXT_SUFFIXES = (".fasta", ".fa", ".txt")
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
     from .checkpoint import load_finetuned
+    from .errors import ConfigError
+    from .plugins import load_plugin
 
+    out = Path(args.output)
+    if out.suffix not in (".safetensors", ".npy", *TEXT_SUFFIXES):
+        raise ConfigError(f"--output {out}: write .safetensors, .npy, or text designs to "
+                          f"{' / '.join(TEXT_SUFFIXES)}")
     result = load_finetuned(args.model)
     x = result.sample(args.num_samples, seed=args.seed)
-    out = Path(args.output)
+    if out.suffix in TEXT_SUFFIXES:
+        plugin = json.loads((Path(args.model) / "model_index.json").read_text())["plugin"]
+        text = load_plugin(plugin).decode(x, result.transitions.reference)
+        if not all(isinstance(t, str) for t in text):
+            raise ConfigError(f"plugin '{plugin}' designs are not text; write .safetensors or .npy")
+        lines = [f">sample_{i}\n{t}" for i, t in enumerate(text)] if out.suffix != ".txt" else text
+        out.write_text("\n".join(lines) + "\n")
+        print(f"wrote {args.num_samples} designs to {out}")
+        return 0
     if out.suffix == ".npy":
         import numpy as np
 
@@ -155,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw samples from a fine-tuned model folder")
     p.add_argument("model", help="a model folder (e.g. RUN/model)")
     p.add_argument("-n", "--num-samples", type=int, default=16)
-    p.add_argument("-o", "--output", default="samples.safetensors", help=".safetensors or .npy")
+    p.add_argument("-o", "--output", default="samples.safetensors",
+                   help=".safetensors or .npy; .fasta / .fa / .txt: the designs as text (sequences)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_sample)
     return parser

@@ -30,8 +30,10 @@ ends with the same number of oracle calls and the same results as an uninterrupt
 from __future__ import annotations
 
 import copy
+import csv
 import datetime as _dt
 import fcntl
+import io
 import json
 import math
 import os
@@ -56,7 +58,7 @@ from .reward_models import (AcquisitionReward, Flatten, Greedy, MaxOverHeads, Re
                             make_reward_model)
 from .rollout import step_generator
 from .run import RunFolder, read_config
-from .store import COUNTED, SQLiteFeedbackStore
+from .store import COUNTED, STATUSES, SQLiteFeedbackStore
 from .strategies import PolicyGradient, UpdateContext
 
 __all__ = ["METHODS", "OnlineRunConfig", "config_differences", "run_online", "OracleSpec", "PPOSpec",
@@ -475,9 +477,27 @@ class _MethodRun:
             if stopped:
                 row["stopped"] = f"an answer reached stop_at {self.cfg.stop_at:g}"
             self._append_row(row)
+            self._write_designs()
             self._save_state(rounds_done=i + 1)
         self._save_state(complete=True)
         return self.rows()
+
+    def _write_designs(self) -> None:
+        """``designs.csv``: every design asked so far, in the order asked, with what the oracle
+        said (written after each round, from the store; for domains whose designs are text)."""
+        records = self.store.records(status=tuple(s for s in STATUSES if s != "pending"))
+        if not records:
+            return
+        text = self.domain.decode(torch.stack([r.design for r in records]), self.pretrained)
+        if not all(isinstance(t, str) for t in text):
+            return
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["query", "round", "status", "value", "true_value", "error", "design"])
+        for r, t in zip(records, text):
+            writer.writerow([r.id, r.round, r.status, "" if r.value is None else repr(r.value),
+                             "" if r.true_value is None else repr(r.true_value), r.error or "", t])
+        atomic_write_text(self.folder / "designs.csv", out.getvalue())
 
     def _target_reached(self, before_round: int | None = None) -> bool:
         """Whether an answered design's observed value (in a round before ``before_round``)

@@ -132,8 +132,11 @@ class Domain:
         raise ConfigError(f"plugin '{self.name}' has no pretrain command")
 
     # ------------------------------------------------------------------ reading samples
-    def decode(self, x: Tensor) -> list:
-        """Domain objects for a batch of final states (images, strings, molecules)."""
+    def decode(self, x: Tensor, process: Process | None = None) -> list:
+        """Domain objects for a batch of final states (images, strings, molecules); ``process``,
+        the model that drew them, where the states alone do not say how to read them (a
+        sequence model's own alphabet). Domains whose designs are text return ``str``: the
+        online loop then writes each method's designs, as asked, to ``designs.csv``."""
         return [row for row in x.detach().cpu()]
 
     def diversity(self, x: Tensor) -> float:

@@ -81,6 +81,11 @@ def test_finetune_writes_a_complete_run_folder_and_sample_reads_the_model(tmp_pa
     import numpy as np
 
     assert np.load(out).shape == (7, 2)
+    # the toy's designs are points, not text; an unknown suffix is refused before sampling
+    assert "plugin 'toy' designs are not text" in _one_line_error(
+        _run(["sample", str(run / "model"), "-o", str(tmp_path / "s.fasta")], tmp_path))
+    assert "--output s.pt: write .safetensors, .npy, or text designs to .fasta / .fa / .txt" in _one_line_error(
+        _run(["sample", str(run / "model"), "-o", "s.pt"], tmp_path))
 
 
 @pytest.mark.parametrize(

@@ -264,7 +264,11 @@ class SequencesDomain(Domain):
             phi = BothStrands(phi, complement_order(letters))
         return phi
 
-    def decode(self, x: Tensor) -> list[str]:
+    def decode(self, x: Tensor, process: Process | None = None) -> list[str]:
+        """Sequences as strings, in ``process``'s alphabet with its padding cut off when it is a
+        sequence model; otherwise in the default alphabet of the states' size."""
+        if isinstance(process, MaskedDiffusionProcess):
+            return process.decode(x)
         return to_strings(x.argmax(-1).tolist(), default_alphabet(x.shape[-1] - 1))
 
     def diversity(self, x: Tensor) -> float:

@@ -1,12 +1,15 @@
 """A user's own oracle: a Python function of sequence strings as the reward."""
 
+import csv
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+import yaml
 
+from difftilt.core.cli import main
 from difftilt.core.errors import ConfigError, RewardError
 from difftilt.core.online import run_online
 from difftilt.core.plugins import load_plugin
@@ -94,19 +97,32 @@ def test_a_nan_is_passed_on_for_the_oracle_to_record(assay):
     assert out.feasible.tolist() == [True, True] and out.value[0].isnan() and out.value[1] == 1.0
 
 
-def test_the_online_loop_asks_the_users_function(assay, tmp_path):
-    """TFBind8's model, the user's function as the ground truth: every stored answer is the function's."""
+def test_the_online_loop_asks_the_users_function_and_writes_the_designs_as_text(assay, tmp_path, capsys):
+    """TFBind8's model, the user's function as the ground truth (`difftilt online`): every stored
+    answer is the function's, designs.csv lists each design asked as a string with its answer,
+    and the command prints the best one."""
     cfg = {"plugin": "sequences", "seed": 0, "process": "tfbind8", "methods": ["hill_climb"], "schedule": [32, 32],
            "oracle": {"reward": {"name": "function", "target": f"{assay}:score"}, "batch_size": 8},
-           "eval_samples": 0, "output_dir": str(tmp_path / "runs"), "name": "mine"}
-    run = run_online(cfg, progress=False)
-    with SQLiteFeedbackStore(run.path / "hill_climb" / "feedback.sqlite", readonly=True) as store:
+           "eval_samples": 0, "name": "mine"}
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["online", str(path), "--output-dir", str(tmp_path / "runs"), "--no-progress"]) == 0
+    folder = tmp_path / "runs" / "mine" / "hill_climb"
+    with SQLiteFeedbackStore(folder / "feedback.sqlite", readonly=True) as store:
         records = store.records(status=COUNTED)
     strings = load_plugin("sequences").decode(torch.stack([r.design for r in records]))
     assert len(records) == 64 and any("TTT" in s for s in strings)
     for s, r in zip(strings, records):
         expected = ("infeasible", None) if "TTT" in s else ("answered", (s.count("G") + s.count("C")) / 8)
         assert (r.status, r.true_value) == expected
+    with open(folder / "designs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(row["query"]), int(row["round"]), row["status"], row["design"]) for row in rows] == \
+        [(r.id, r.round, r.status, s) for r, s in zip(records, strings)]
+    assert [float(row["value"]) if row["value"] else None for row in rows] == [r.value for r in records]
+    value = max(r.value for r in records if r.status == "answered")
+    best = next(s for r, s in zip(records, strings) if r.value == value)  # the first asked of the best
+    assert f"hill_climb  best design {value:.4f} {best}  (all: {folder / 'designs.csv'})" in capsys.readouterr().out
 
 
 def test_a_typo_in_the_target_is_one_line_before_any_run_folder(assay, tmp_path):

@@ -1,5 +1,6 @@
 """Variable-length sequences: a padding letter in the corpus, the model and the rewards."""
 
+import csv
 import sys
 import textwrap
 
@@ -126,6 +127,8 @@ def test_a_model_pretrained_on_sequences_of_several_lengths_learns_where_they_en
 
 @pytest.mark.slow
 def test_the_online_loop_asks_a_users_function_about_sequences_of_several_lengths(padded_model, tmp_path):
+    from difftilt.core.checkpoint import load_finetuned
+    from difftilt.core.cli import main
     from difftilt.core.online import run_online
     from difftilt.core.plugins import load_plugin
     from difftilt.core.store import COUNTED, SQLiteFeedbackStore
@@ -148,3 +151,15 @@ def test_the_online_loop_asks_a_users_function_about_sequences_of_several_length
     for s, ok, r in zip(process.decode(designs), formed, records):
         expected = ("answered", float(s.count("G"))) if ok else ("infeasible", None)
         assert (r.status, r.true_value) == expected
+    # designs.csv has them as the function saw them, without their padding
+    with open(run.path / "ucb" / "designs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["status"], row["design"]) for row in rows] == list(zip([r.status for r in records],
+                                                                        process.decode(designs)))
+    assert any(0 < len(row["design"]) < 6 for row in rows if row["status"] == "answered")
+    # `difftilt sample` writes a fine-tuned round's designs as FASTA, in the model's own letters
+    model = run.path / "ucb" / "checkpoints" / "round_1"
+    assert main(["sample", str(model), "-n", "5", "-o", str(tmp_path / "d.fasta")]) == 0
+    drawn = load_finetuned(model).sample(5, seed=0)
+    expected = "".join(f">sample_{i}\n{s}\n" for i, s in enumerate(process.decode(drawn)))
+    assert (tmp_path / "d.fasta").read_text() == expected

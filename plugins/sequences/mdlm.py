@@ -208,7 +208,9 @@ class MaskedDiffusionProcess(Process):
         pad: a letter of ``alphabet`` that pads sequences shorter than ``L`` at their end
             (a model of variable-length sequences, made by the ``file`` corpus's ``pad``);
             :meth:`decode` cuts it off, and a design with a letter after a pad is not a
-            sequence (:meth:`well_formed`). ``None``: every sequence has length ``L``.
+            sequence (:meth:`well_formed`). Each step lets a masked position take only what
+            keeps the design a sequence (:func:`padding_rule`), so the first-hitting chain
+            draws only sequences. ``None``: every sequence has length ``L``.
     """
 
     initial_kind = "point"
@@ -300,13 +302,35 @@ class MaskedDiffusionProcess(Process):
     # ------------------------------------------------------------------ chain
     def step(self, x: Tensor, k: int) -> CategoricalStep | SinglePositionStep:
         masked = x[..., self.mask_index] > 0.5  # (b, L); exact on straight-through states
-        logp = torch.log_softmax(self.denoiser(x, float(self.times[k])), dim=-1)  # (b, L, V)
+        logits = self.denoiser(x, float(self.times[k]))
+        if self.pad is not None:
+            allowed = padding_rule(self.tokens(x), masked, self.alphabet.index(self.pad))
+            logits = logits.masked_fill(~allowed, LOG_ZERO)
+        logp = torch.log_softmax(logits, dim=-1)  # (b, L, V)
         if self.sampler == "first_hit":
             never_mask = torch.full_like(logp[..., :1], LOG_ZERO)
             return SinglePositionStep(torch.cat([logp, never_mask], dim=-1), x, open=masked)
         stay = self.log_stay[k].expand(*logp.shape[:2], 1)
         logits = torch.cat([logp + self.log_unmask[k], stay], dim=-1)
         return CategoricalStep(logits, x, frozen=~masked)
+
+
+def padding_rule(tokens: Tensor, masked: Tensor, pad_id: int) -> Tensor:
+    """``(b, L, V)``: the tokens each position may take so that a sequence stays letters, then
+    padding: only the pad after a pad; no pad before a letter, or at the first position
+    (a sequence has at least one letter). Read from the positions already unmasked
+    (``~masked``; ``tokens`` ``(b, L)``, ``V = pad_id + 1`` letters with the pad last)."""
+    is_pad = ~masked & (tokens == pad_id)
+    is_letter = ~masked & (tokens != pad_id)
+    pad_before = is_pad.cummax(-1).values.roll(1, -1)  # a pad at some j < i
+    pad_before[:, 0] = False
+    letter_after = is_letter.flip(-1).cummax(-1).values.flip(-1).roll(-1, -1)  # a letter at some j > i
+    letter_after[:, -1] = False
+    no_pad = letter_after.clone()
+    no_pad[:, 0] = True
+    is_pad_token = torch.arange(pad_id + 1, device=tokens.device) == pad_id  # (V,)
+    allowed = torch.where(no_pad[..., None], ~is_pad_token, True)
+    return torch.where(pad_before[..., None], is_pad_token, allowed)
 
 
 def check_fixed_length(process: Process | None, reader: str) -> None:

@@ -23,6 +23,11 @@ Data sources:
   (``length``, if given, longer sequences are an error), and the model learns where its
   sequences end. ``pad`` becomes the alphabet's last letter and the process's padding letter
   (decoded designs have it cut off; a function reward is asked only well-formed ones).
+  Each reverse step lets a position take only what keeps the sequence letters-then-padding
+  (:func:`~.mdlm.padding_rule`), so the first-hitting chain, which decides one position
+  at a time, draws only well-formed designs; it is the padded model's sampler unless
+  ``process`` names a ``sampler`` or ``num_steps``. The ancestral chain can still unmask a
+  pad and a letter after it in one step.
 """
 
 from __future__ import annotations
@@ -134,6 +139,8 @@ def pretrain_from_config(config: dict, progress: bool = True, output: str | None
                               skip=("tokens", "vocab_size", "progress"))
     proc_opts = validate_kwargs(MaskedDiffusionProcess, proc, "process", skip=("denoiser", "alphabet", "pad"))
     proc_opts["pad"] = pad
+    if pad is not None and "sampler" not in proc_opts and "num_steps" not in proc_opts:
+        proc_opts["sampler"] = "first_hit"  # the chain that keeps every design letters, then padding
     # Check the chain's settings on a throwaway denoiser before spending the training time.
     MaskedDiffusionProcess(SequenceDenoiser(len(alphabet), tokens.shape[1], dim=8, depth=0, heads=1),
                            alphabet=alphabet, **proc_opts)

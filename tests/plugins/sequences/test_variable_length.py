@@ -11,7 +11,7 @@ from difftilt.core.errors import ConfigError, InputDataError
 from difftilt.plugins.sequences import FunctionReward
 from difftilt.plugins.sequences.alphabets import well_padded
 from difftilt.plugins.sequences.descriptors import ProteinDescriptor
-from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, SequenceDenoiser
+from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, SequenceDenoiser, padding_rule
 from difftilt.plugins.sequences.pretrain import load_pretrained
 from difftilt.plugins.sequences.pretrain_cli import encode_strings, file_corpus, pretrain_from_config
 
@@ -55,9 +55,43 @@ def test_bad_padding_gets_a_clear_error(tmp_path):
         MaskedDiffusionProcess(SequenceDenoiser(4, 4, dim=8, depth=0, heads=1), alphabet="ACGT", pad="-")
 
 
+def test_a_padded_model_samples_with_the_first_hitting_chain_unless_the_config_says_otherwise(tmp_path):
+    (tmp_path / "seqs.txt").write_text("ACG\nA\nACGTA\n")
+    base = {"plugin": "sequences", "data": {"name": "file", "path": str(tmp_path / "seqs.txt"), "alphabet": "ACGT",
+                                            "pad": "-"},
+            "model": {"dim": 8, "depth": 1, "heads": 1}, "train": {"steps": 2, "batch_size": 4, "warmup": 1}}
+    cases = [({}, "first_hit"), ({"num_steps": 4}, "ancestral"), ({"sampler": "ancestral"}, "ancestral")]
+    for i, (process, sampler) in enumerate(cases):
+        folder = pretrain_from_config({**base, "process": process, "output": str(tmp_path / f"model{i}")},
+                                      progress=False, command="test")
+        assert load_pretrained(folder).sampler == sampler, process
+
+
 def test_a_sequence_is_letters_then_padding_only():
     ids = torch.tensor([[0, 1, 4, 4], [0, 1, 2, 3], [0, 4, 1, 4], [4, 4, 4, 4], [4, 0, 0, 0]])
     assert well_padded(ids, 4).tolist() == [True, True, False, False, False]
+
+
+def test_the_reverse_steps_never_put_a_letter_after_a_pad():
+    # ? is masked; per position, the tokens A C G T - it may take
+    tokens = torch.tensor([[0, 5, 4, 5, 5], [5, 5, 1, 5, 4], [5, 5, 5, 5, 5]])
+    allowed = padding_rule(tokens.clamp(max=4), tokens == 5, pad_id=4)
+    letters, pad, anything = [True] * 4 + [False], [False] * 4 + [True], [True] * 5
+    # "A?-??": after the pad only pads; "??C?-": no pad before the C; "?????": no pad first
+    assert allowed[0, [1, 3, 4]].tolist() == [anything, pad, pad] and allowed[0, 0].tolist() == letters
+    assert allowed[1, [0, 1, 3]].tolist() == [letters, letters, anything]
+    assert allowed[2].tolist() == [letters] + [anything] * 4
+    # a first-hitting step from "A-??" puts all of positions 2 and 3's mass on the pad
+    process = MaskedDiffusionProcess(SequenceDenoiser(5, 4, dim=8, depth=1, heads=1), alphabet=LETTERS,
+                                     sampler="first_hit", pad="-")
+    x = _one_hot(["A-AA"])
+    x[0, 2:] = torch.nn.functional.one_hot(torch.tensor(5), 6).float()
+    probs = process.step(x, 2).log_probs.exp()[0, 2:]
+    assert torch.allclose(probs[:, 4], torch.ones(2)) and probs[:, :4].max() < 1e-6
+    # so an untrained first-hitting model draws only sequences (53% of 1,000 without the rule)
+    x = process.sample(1000, generator=torch.Generator().manual_seed(0))
+    assert process.well_formed(x).all()
+    assert {len(s) for s in process.decode(x)} == {1, 2, 3, 4}
 
 
 def test_decode_cuts_the_padding_and_the_setting_is_saved_with_the_model():
@@ -114,15 +148,19 @@ def padded_model(tmp_path_factory):
 def test_a_model_pretrained_on_sequences_of_several_lengths_learns_where_they_end(padded_model):
     process = load_pretrained(padded_model)
     assert process.pad == "-" and process.alphabet == LETTERS and process.length == 6
-    x = process.sample(500, generator=torch.Generator().manual_seed(0))
-    strings = process.decode(x)
-    formed = process.well_formed(x)
-    assert formed.float().mean() > 0.85, formed.float().mean()  # pads only at the end (0.58 untrained)
-    kept = [s for s, ok in zip(strings, formed.tolist()) if ok]
-    assert all(1 <= len(s) <= 6 and set(s) <= set("ACGT") for s in kept)
-    # the lengths drawn follow the corpus's (uniform on 2..6): each within 0.1 of 1/5, none shorter
-    share = {n: sum(len(s) == n for s in kept) / len(kept) for n in range(1, 7)}
-    assert share[1] < 0.05 and all(abs(share[n] - 0.2) < 0.1 for n in range(2, 7)), share
+    for sampler in ("ancestral", "first_hit"):
+        process = load_pretrained(padded_model, sampler=sampler)
+        x = process.sample(500, generator=torch.Generator().manual_seed(0))
+        strings = process.decode(x)
+        formed = process.well_formed(x)
+        # the first-hitting chain always keeps pads at the end; the ancestral one can unmask a pad and
+        # a letter after it in one step (96% sequences over 2,000 draws; 93% before the padding rule)
+        assert formed.all() if sampler == "first_hit" else formed.float().mean() > 0.9, formed.float().mean()
+        kept = [s for s, ok in zip(strings, formed.tolist()) if ok]
+        assert all(1 <= len(s) <= 6 and set(s) <= set("ACGT") for s in kept)
+        # the lengths drawn follow the corpus's (uniform on 2..6): each within 0.1 of 1/5, none shorter
+        share = {n: sum(len(s) == n for s in kept) / len(kept) for n in range(1, 7)}
+        assert share[1] < 0.05 and all(abs(share[n] - 0.2) < 0.1 for n in range(2, 7)), share
 
 
 @pytest.mark.slow
@@ -147,7 +185,7 @@ def test_the_online_loop_asks_a_users_function_about_sequences_of_several_length
         records = store.records(status=COUNTED)
     designs = torch.stack([r.design for r in records])
     formed = process.well_formed(designs).tolist()
-    assert len(records) == 64 and 0 < sum(formed) < 64  # both kinds asked (53 sequences on this seed)
+    assert len(records) == 64 and 0 < sum(formed) < 64  # both kinds asked (the ancestral sampler: 59 sequences on this seed)
     for s, ok, r in zip(process.decode(designs), formed, records):
         expected = ("answered", float(s.count("G"))) if ok else ("infeasible", None)
         assert (r.status, r.true_value) == expected

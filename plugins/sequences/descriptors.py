@@ -19,7 +19,9 @@ the mask token):
 one: value 0, feasible where the descriptor lies in ``[low, high]``. Neither is
 differentiable; both compose with other rewards through ``+`` and ``*``
 (e.g. ``EhrlichReward() + 0.1 * ProteinDescriptor("hydrophobicity", target=0.0)``).
-A design with a position still masked is infeasible.
+A design with a position still masked is infeasible. A model of variable-length proteins
+(a padding letter) is scored on each design without its padding, and a design that is not
+a sequence (a letter after a pad) is infeasible.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from difftilt.core.errors import ConfigError, InputDataError, OptionalDependency
 from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
-from .alphabets import PROTEIN
-from .mdlm import MaskedDiffusionProcess, check_fixed_length
+from .alphabets import PROTEIN, to_strings, well_padded
+from .mdlm import MaskedDiffusionProcess
 
 __all__ = ["ProteinDescriptor", "DescriptorConstraint", "protein_descriptor", "DESCRIPTORS"]
 
@@ -76,23 +78,33 @@ class _DescriptorBase(Reward):
         unknown = sorted(set(letters) - set(PROTEIN))
         if unknown:
             raise ConfigError(f"letters {''.join(unknown)!r} are not standard amino acids ({PROTEIN})")
-        check_fixed_length(process, type(self).__name__)
+        self.pad = process.pad if isinstance(process, MaskedDiffusionProcess) else None
+        if self.pad is not None:  # a model of variable-length proteins: its letters, then its padding letter
+            if process.alphabet != letters + self.pad:
+                raise ConfigError(f"{type(self).__name__}: the process's alphabet {process.alphabet!r} is not the "
+                                  f"letters {letters!r} and its padding letter {self.pad!r}; pass its letters")
+            letters += self.pad
         if isinstance(process, MaskedDiffusionProcess) and process.vocab_size != len(letters):
             raise ConfigError(f"{type(self).__name__} reads sequences over {len(letters)} letters, but the process "
                               f"makes {process.vocab_size}")
         self.descriptor, self.ph, self.letters = descriptor, float(ph), letters
 
     def descriptors(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Descriptor values ``(b,)`` (float64, 0 where masked) and ``masked`` ``(b,)`` of ``x: (b, L, V + 1)``."""
+        """Descriptor values ``(b,)`` (float64, 0 where unscored) and ``unscored`` ``(b,)`` of
+        ``x: (b, L, V + 1)``: designs with a position still masked, or, padded, not a sequence
+        (letters, then padding only); a padded design is scored without its padding."""
         V = len(self.letters)
         if x.ndim != 3 or x.shape[-1] != V + 1 or x.shape[1] < 1:
             raise InputDataError(f"{type(self).__name__} expects one-hot sequences (b, L, {V + 1}) over "
                                  f"'{self.letters}' + mask, got shape {tuple(x.shape)}")
         ids = x.detach().argmax(-1)
-        masked = (ids >= V).any(-1)
-        values = [0.0 if m else protein_descriptor("".join(self.letters[i] for i in row), self.descriptor, self.ph)
-                  for row, m in zip(ids.tolist(), masked.tolist())]
-        return torch.tensor(values, dtype=torch.float64, device=x.device), masked
+        unscored = (ids >= V).any(-1)
+        if self.pad is not None:
+            unscored |= ~well_padded(ids, V - 1)
+        strings = to_strings(ids.tolist(), self.letters, self.pad)
+        values = [0.0 if u else protein_descriptor(s, self.descriptor, self.ph)
+                  for s, u in zip(strings, unscored.tolist())]
+        return torch.tensor(values, dtype=torch.float64, device=x.device), unscored
 
     @staticmethod
     def _dtype(x: Tensor) -> torch.dtype:
@@ -108,7 +120,8 @@ class ProteinDescriptor(_DescriptorBase):
         ph: the pH of ``charge``.
         target: if given, the value is ``-|descriptor - target|`` (0 at the target).
         letters: the design alphabet; token ``i`` of ``x`` is ``letters[i]``.
-        process: the chain, to check that it makes sequences over ``len(letters)`` letters.
+        process: the chain, to check that it makes sequences over ``letters`` (a padded
+            model's alphabet is ``letters`` and its padding letter, cut off before scoring).
 
     ``evaluate(x)``: ``x`` is ``(b, L, len(letters) + 1)``; returns values ``(b,)``.
     """

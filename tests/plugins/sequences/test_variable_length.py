@@ -9,8 +9,8 @@ import torch
 
 from difftilt.core.errors import ConfigError, InputDataError
 from difftilt.plugins.sequences import FunctionReward
-from difftilt.plugins.sequences.alphabets import well_padded
-from difftilt.plugins.sequences.descriptors import ProteinDescriptor
+from difftilt.plugins.sequences.alphabets import PROTEIN, well_padded
+from difftilt.plugins.sequences.descriptors import DescriptorConstraint, ProteinDescriptor, protein_descriptor
 from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, SequenceDenoiser, padding_rule
 from difftilt.plugins.sequences.pretrain import load_pretrained
 from difftilt.plugins.sequences.pretrain_cli import encode_strings, file_corpus, pretrain_from_config
@@ -123,11 +123,19 @@ def test_a_function_reward_is_asked_only_sequences_without_their_padding(tmp_pat
         FunctionReward(f"{assay}:length", letters="ACGTN", process=_process())
 
 
-def test_descriptors_refuse_a_padded_model_with_a_clear_error():
-    net = SequenceDenoiser(21, 6, dim=8, depth=0, heads=1)
-    process = MaskedDiffusionProcess(net, alphabet="ACDEFGHIKLMNPQRSTVWY-", pad="-")
-    with pytest.raises(ConfigError, match="pads variable-length sequences with '-'"):
-        ProteinDescriptor("charge", process=process)
+def test_descriptors_score_a_padded_model_s_proteins_without_their_padding():
+    letters = PROTEIN + "-"
+    process = MaskedDiffusionProcess(SequenceDenoiser(21, 6, dim=8, depth=0, heads=1), alphabet=letters, pad="-")
+    x = torch.nn.functional.one_hot(torch.tensor([[letters.index(c) for c in s] for s in
+                                                  ["ACD---", "MKWVTF", "A-C---", "------", "KKR---"]]), 22).float()
+    charge = ProteinDescriptor("charge", process=process)(x)
+    assert charge.feasible.tolist() == [True, True, False, False, True]
+    expected = [protein_descriptor(s, "charge") for s in ("ACD", "MKWVTF", "KKR")]
+    assert charge.value[charge.feasible].tolist() == pytest.approx(expected) and expected[2] > 2 > expected[0]
+    inside = DescriptorConstraint("charge", low=-2.0, high=2.0, process=process)(x).feasible
+    assert inside.tolist() == [True, True, False, False, False]
+    with pytest.raises(ConfigError, match="alphabet 'ACGT-' is not the letters .* and its padding letter '-'"):
+        ProteinDescriptor("charge", process=_process())
 
 
 @pytest.fixture(scope="module")

@@ -333,14 +333,6 @@ def padding_rule(tokens: Tensor, masked: Tensor, pad_id: int) -> Tensor:
     return torch.where(pad_before[..., None], is_pad_token, allowed)
 
 
-def check_fixed_length(process: Process | None, reader: str) -> None:
-    """Raise :class:`ConfigError` if ``process`` pads variable-length sequences, which
-    ``reader`` (a reward of fixed-length proteins) cannot score."""
-    if isinstance(process, MaskedDiffusionProcess) and process.pad is not None:
-        raise ConfigError(f"{reader} scores fixed-length proteins; this process pads variable-length "
-                          f"sequences with {process.pad!r} (score them with a function reward)")
-
-
 def masked_diffusion_loss(denoiser: SequenceDenoiser, tokens: Tensor, schedule: str = "linear",
                           generator: torch.Generator | None = None) -> Tensor:
     """MDLM's continuous-time negative ELBO per position, averaged over the batch.

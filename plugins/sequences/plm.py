@@ -17,7 +17,10 @@ one of two per-residue averages over the ``L`` positions:
   differentiable.
 
 Both are ``<= 0``; higher is more natural. A design with a position still masked
-(token id ``V``) is infeasible.
+(token id ``V``) is infeasible. A model of variable-length proteins (a padding letter) is
+read as ESM reads a batch of them: BOS, the design's letters, EOS, then ESM's padding,
+which attention ignores; the averages run over the letters, so each design scores what
+its unpadded sequence does. A design that is not letters-then-padding is infeasible.
 
 Differentiable path (``mean_logprob`` on an :class:`esm.ESM2` model): the letters of
 ``x`` are mapped to ESM's vocabulary with a fixed 0/1 matrix ``(V, n_esm)``, BOS/EOS
@@ -49,8 +52,8 @@ from difftilt.core.errors import ConfigError, InputDataError, OptionalDependency
 from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
-from .alphabets import PROTEIN
-from .mdlm import MaskedDiffusionProcess, check_fixed_length
+from .alphabets import PROTEIN, well_padded
+from .mdlm import MaskedDiffusionProcess
 
 __all__ = ["ESMReward", "load_esm_checkpoint"]
 
@@ -127,9 +130,10 @@ class ESMReward(Reward):
         score: ``"mean_logprob"`` (one pass, differentiable) or ``"pseudo_log_likelihood"``.
         letters: the design alphabet; token ``i`` of ``x`` is ``letters[i]``.
         batch_size: rows per ESM forward pass (designs, or masked copies for the PLL).
-        process: the chain, to check that it makes sequences over ``len(letters)`` letters.
+        process: the chain, to check that it makes sequences over ``letters`` (a padded
+            model's alphabet is ``letters`` and its padding letter).
 
-    ``evaluate(x)``: ``x`` is ``(b, L, len(letters) + 1)``; returns values ``(b,)``.
+    ``evaluate(x)``: ``x`` is ``(b, L, len(letters) + 1)`` (``+ 2`` padded); returns values ``(b,)``.
     """
 
     differentiable = True
@@ -155,8 +159,12 @@ class ESMReward(Reward):
         unknown = [c for c in letters if c not in alphabet.tok_to_idx]
         if unknown:
             raise ConfigError(f"letters {''.join(unknown)!r} are not in the ESM alphabet")
-        check_fixed_length(process, type(self).__name__)
-        if isinstance(process, MaskedDiffusionProcess) and process.vocab_size != len(letters):
+        self.pad = process.pad if isinstance(process, MaskedDiffusionProcess) else None
+        if self.pad is not None and process.alphabet != letters + self.pad:
+            raise ConfigError(f"ESMReward: the process's alphabet {process.alphabet!r} is not the letters "
+                              f"{letters!r} and its padding letter {self.pad!r}; pass its letters")
+        tokens = len(letters) + (self.pad is not None)
+        if isinstance(process, MaskedDiffusionProcess) and process.vocab_size != tokens:
             raise ConfigError(f"ESMReward reads sequences over {len(letters)} letters, but the process makes "
                               f"{process.vocab_size}")
 
@@ -166,6 +174,7 @@ class ESMReward(Reward):
         self.batch_size = int(batch_size)
         self.differentiable = score == "mean_logprob" and isinstance(model, esm.ESM2)
         self.cls_idx, self.eos_idx, self.mask_idx = alphabet.cls_idx, alphabet.eos_idx, alphabet.mask_idx
+        self.padding_idx = alphabet.padding_idx
         self.prepend_bos, self.append_eos = bool(alphabet.prepend_bos), bool(alphabet.append_eos)
         self.n_esm = len(alphabet)
         esm_ids = torch.tensor([alphabet.get_idx(c) for c in letters])
@@ -184,104 +193,118 @@ class ESMReward(Reward):
         return self
 
     # ------------------------------------------------------------------ helpers
-    def _check(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Token ids ``(b, L)`` (masked positions clamped to a letter) and ``masked`` ``(b,)``."""
-        V = len(self.letters)
+    def _check(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Letter ids ``(b, L)`` (masked positions and padding clamped to a letter), ``unscored``
+        ``(b,)`` (a position still masked, or, padded, not letters-then-padding) and each
+        design's length ``n`` ``(b,)`` (its letters before the first pad; ``L`` unpadded)."""
+        V = len(self.letters) + (self.pad is not None)
         if x.ndim != 3 or x.shape[-1] != V + 1 or x.shape[1] < 1:
-            raise InputDataError(f"ESMReward expects one-hot sequences (b, L, {V + 1}) over '{self.letters}' + mask, "
+            letters = self.letters + (self.pad or "")
+            raise InputDataError(f"ESMReward expects one-hot sequences (b, L, {V + 1}) over '{letters}' + mask, "
                                  f"got shape {tuple(x.shape)}")
         ids = x.argmax(-1)
-        return ids.clamp(max=V - 1), (ids >= V).any(-1)
+        unscored = (ids >= V).any(-1)
+        n = torch.full_like(unscored, x.shape[1], dtype=torch.long)
+        if self.pad is not None:
+            pad_id = len(self.letters)
+            unscored |= ~well_padded(ids, pad_id)
+            n = (ids == pad_id).long().cummax(-1).values.eq(0).sum(-1).clamp(min=1)  # letters before the first pad
+        return ids.clamp(max=len(self.letters) - 1), unscored, n
 
-    def _wrap(self, inner: Tensor) -> Tensor:
-        """Add BOS/EOS to ESM ids ``(n, L)`` -> ``(n, T)``."""
-        n = inner.shape[0]
-        parts = []
-        if self.prepend_bos:
-            parts.append(inner.new_full((n, 1), self.cls_idx))
-        parts.append(inner)
+    def esm_tokens(self, ids: Tensor, n: Tensor | None = None) -> Tensor:
+        """ESM token ids ``(b, T)`` (``T = L + bos + eos``) of letter ids ``(b, L)``: BOS, the
+        first ``n`` letters, EOS, then ESM's padding (``n``: default ``L``)."""
+        b, L = ids.shape
+        inner = self.esm_ids[ids]
+        if n is not None:
+            inner = inner.masked_fill(torch.arange(L, device=ids.device) >= n[:, None], self.padding_idx)
+        parts = [inner.new_full((b, 1), self.cls_idx)] if self.prepend_bos else []
+        tokens = torch.cat([*parts, inner, inner.new_full((b, 1), self.padding_idx)], 1)
         if self.append_eos:
-            parts.append(inner.new_full((n, 1), self.eos_idx))
-        return torch.cat(parts, 1)
+            ends = (n if n is not None else torch.full((b,), L, device=ids.device)) + int(self.prepend_bos)
+            tokens[torch.arange(b, device=ids.device), ends] = self.eos_idx
+        return tokens if self.append_eos else tokens[:, :-1]
 
-    def esm_tokens(self, ids: Tensor) -> Tensor:
-        """ESM token ids ``(b, T)`` (``T = L + bos + eos``) of our token ids ``(b, L)``."""
-        return self._wrap(self.esm_ids[ids])
-
-    def _logits_from_embeddings(self, one_hot: Tensor) -> Tensor:
+    def _logits_from_embeddings(self, one_hot: Tensor, padding: Tensor) -> Tensor:
         """ESM2's forward pass from one-hot (or relaxed) ESM tokens ``(n, T, n_esm)`` without
-        mask or padding tokens; returns logits ``(n, T, n_esm)``. Mirrors ``ESM2.forward``."""
+        mask tokens, ``padding`` ``(n, T)`` marking ESM's padding; returns logits
+        ``(n, T, n_esm)``. Mirrors ``ESM2.forward``."""
         m = self.model
         weight = m.embed_tokens.weight
         h = m.embed_scale * (one_hot.to(weight.dtype) @ weight)
         if m.token_dropout:  # no mask tokens: ESM2 rescales by (1 - 0.12) / (1 - 0)
             h = h * (1 - _MASK_RATIO_TRAIN) / 1.0
-        h = h.transpose(0, 1)  # (T, n, E); no padding, so ESM2 passes padding_mask=None
+        h = (h * (~padding).unsqueeze(-1).to(h.dtype)).transpose(0, 1)  # (T, n, E)
+        mask = padding if padding.any() else None
         for layer in m.layers:
-            h, _ = layer(h, self_attn_padding_mask=None, need_head_weights=False)
+            h, _ = layer(h, self_attn_padding_mask=mask, need_head_weights=False)
         h = m.emb_layer_norm_after(h).transpose(0, 1)
         return m.lm_head(h)
 
-    def _inner(self, T: int) -> slice:
-        return slice(int(self.prepend_bos), T - int(self.append_eos))
-
     # ------------------------------------------------------------------ scores
-    def _mean_logprob_tokens(self, ids: Tensor) -> Tensor:
-        """``mean_l log p(x_l | x)`` from token ids ``(b, L)`` via ``model(tokens)``; ``(b,)``."""
-        tokens = self.esm_tokens(ids)
-        out = []
-        for chunk in tokens.split(self.batch_size):
-            logp = self.model(chunk)["logits"].float().log_softmax(-1)[:, self._inner(chunk.shape[1])]
-            out.append(logp.gather(-1, chunk[:, self._inner(chunk.shape[1]), None]).squeeze(-1).mean(-1))
-        return torch.cat(out)
-
-    def _mean_logprob_relaxed(self, letters: Tensor) -> Tensor:
-        """``mean_l log p(x_l | x)`` from letter one-hots ``(b, L, V)``, differentiable; ``(b,)``."""
-        b, L, _ = letters.shape
-        one_hot = letters.to(self.to_esm.dtype) @ self.to_esm  # (b, L, n_esm)
-        eye = torch.eye(self.n_esm, dtype=one_hot.dtype, device=one_hot.device)
-        parts = [one_hot]
-        if self.prepend_bos:
-            parts.insert(0, eye[self.cls_idx].expand(b, 1, -1))
-        if self.append_eos:
-            parts.append(eye[self.eos_idx].expand(b, 1, -1))
-        full = torch.cat(parts, 1)  # (b, T, n_esm)
-        out = []
-        for f_chunk, oh_chunk in zip(full.split(self.batch_size), one_hot.split(self.batch_size)):
-            logp = self._logits_from_embeddings(f_chunk).float().log_softmax(-1)[:, self._inner(f_chunk.shape[1])]
-            out.append((oh_chunk.float() * logp).sum(-1).mean(-1))
-        return torch.cat(out)
-
-    def _pseudo_log_likelihood(self, ids: Tensor) -> Tensor:
-        """``mean_l log p(x_l | x_{-l})``: the ``b * L`` singly-masked copies, batched; ``(b,)``."""
-        b, L = ids.shape
-        tokens = self.esm_tokens(ids)  # (b, T)
+    def _letters(self, ids: Tensor, n: Tensor) -> tuple[slice, Tensor]:
+        """The letters' columns of ESM's tokens and which of them hold letters ``(b, L)``."""
         offset = int(self.prepend_bos)
-        pos = torch.arange(L, device=ids.device)
-        copies = tokens[:, None, :].repeat(1, L, 1)  # (b, L, T): copy l has residue l masked
-        copies[:, pos, pos + offset] = self.mask_idx
-        copies = copies.reshape(b * L, -1)
-        where = (pos + offset).repeat(b)  # (b * L,) masked column of each copy
-        truth = self.esm_ids[ids].reshape(-1)  # (b * L,)
+        return slice(offset, offset + ids.shape[1]), torch.arange(ids.shape[1], device=ids.device) < n[:, None]
+
+    def _mean_logprob_tokens(self, ids: Tensor, n: Tensor) -> Tensor:
+        """``mean_l log p(x_l | x)`` over each design's ``n`` letters, from letter ids ``(b, L)``
+        via ``model(tokens)``; ``(b,)``."""
+        tokens = self.esm_tokens(ids, n)
+        cols, is_letter = self._letters(ids, n)
         out = []
-        for c, w, t in zip(copies.split(self.batch_size), where.split(self.batch_size), truth.split(self.batch_size)):
-            logits = self.model(c)["logits"]
-            at = logits[torch.arange(c.shape[0], device=c.device), w].float().log_softmax(-1)  # (n, n_esm)
+        for chunk, keep in zip(tokens.split(self.batch_size), is_letter.split(self.batch_size)):
+            logp = self.model(chunk)["logits"].float().log_softmax(-1)[:, cols]
+            read = logp.gather(-1, chunk[:, cols, None]).squeeze(-1)
+            out.append((read * keep).sum(-1) / keep.sum(-1))
+        return torch.cat(out)
+
+    def _mean_logprob_relaxed(self, letters: Tensor, ids: Tensor, n: Tensor) -> Tensor:
+        """``mean_l log p(x_l | x)`` over each design's ``n`` letters, from letter one-hots
+        ``(b, L, V)``, differentiable; ``(b,)``."""
+        tokens = self.esm_tokens(ids, n)
+        cols, is_letter = self._letters(ids, n)
+        one_hot = letters.to(self.to_esm.dtype) @ self.to_esm  # (b, L, n_esm)
+        full = nn.functional.one_hot(tokens, self.n_esm).to(one_hot.dtype)  # BOS, EOS and padding: constants
+        full = torch.cat([full[:, : cols.start], torch.where(is_letter[..., None], one_hot, full[:, cols]),
+                          full[:, cols.stop:]], 1)
+        out = []
+        for f, oh, t, keep in zip(full.split(self.batch_size), one_hot.split(self.batch_size),
+                                  tokens.split(self.batch_size), is_letter.split(self.batch_size)):
+            logp = self._logits_from_embeddings(f, t.eq(self.padding_idx)).float().log_softmax(-1)[:, cols]
+            out.append(((oh.float() * logp).sum(-1) * keep).sum(-1) / keep.sum(-1))
+        return torch.cat(out)
+
+    def _pseudo_log_likelihood(self, ids: Tensor, n: Tensor) -> Tensor:
+        """``mean_l log p(x_l | x_{-l})`` over each design's ``n`` letters: one singly-masked
+        copy per letter, batched; ``(b,)``."""
+        tokens = self.esm_tokens(ids, n)  # (b, T)
+        cols, is_letter = self._letters(ids, n)
+        row, pos = is_letter.nonzero(as_tuple=True)  # one copy per (design, letter)
+        where = pos + cols.start  # the masked column of each copy
+        truth = tokens[row, where]
+        out = []
+        for r, w, t in zip(row.split(self.batch_size), where.split(self.batch_size), truth.split(self.batch_size)):
+            copies = tokens[r].clone()
+            copies[torch.arange(len(r), device=r.device), w] = self.mask_idx
+            logits = self.model(copies)["logits"]
+            at = logits[torch.arange(len(r), device=r.device), w].float().log_softmax(-1)  # (m, n_esm)
             out.append(at.gather(-1, t[:, None]).squeeze(-1))
-        return torch.cat(out).reshape(b, L).mean(-1)
+        total = torch.zeros(ids.shape[0], dtype=torch.float32, device=ids.device).index_add_(0, row, torch.cat(out))
+        return total / n
 
     def evaluate(self, x: Tensor) -> RewardOutput:
-        ids, masked = self._check(x)
+        ids, unscored, n = self._check(x)
         dev = next(self.model.parameters()).device
         if dev != x.device:
             self.to(x.device)
         if self.score == "pseudo_log_likelihood":
             with torch.no_grad():
-                value = self._pseudo_log_likelihood(ids)
+                value = self._pseudo_log_likelihood(ids, n)
         elif self.differentiable:
-            value = self._mean_logprob_relaxed(x[..., : len(self.letters)])
+            value = self._mean_logprob_relaxed(x[..., : len(self.letters)], ids, n)
         else:
             with torch.no_grad():
-                value = self._mean_logprob_tokens(ids)
+                value = self._mean_logprob_tokens(ids, n)
         dtype = x.dtype if x.is_floating_point() else torch.float32
-        return RewardOutput(value.to(dtype), ~masked)
+        return RewardOutput(value.to(dtype), ~unscored)

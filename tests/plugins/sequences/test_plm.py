@@ -69,7 +69,7 @@ def test_differentiable_path_matches_token_path_and_passes_gradients(tiny):
     x = _one_hot(ids).requires_grad_()
     value = reward(x).value
     with torch.no_grad():
-        by_tokens = reward._mean_logprob_tokens(ids)
+        by_tokens = reward._mean_logprob_tokens(ids, torch.full((5,), 16))
     torch.testing.assert_close(value.detach(), by_tokens, atol=1e-4, rtol=0)
     value.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad[..., :20].abs().sum() > 0
@@ -123,10 +123,40 @@ def test_loads_a_local_fair_esm_checkpoint(tiny, tmp_path):
         ESMReward(weights=str(junk))
 
 
-def test_a_padded_model_is_refused_with_a_clear_error(tiny):
+def test_a_padded_model_s_designs_are_scored_without_their_padding(tiny):
+    """ESM-2 reads a padded design as BOS, its letters, EOS, then ESM's own padding (masked out
+    of attention): every score equals the unpadded sequence's; a design that is not a
+    sequence is infeasible."""
     from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, SequenceDenoiser
 
     model, alphabet = tiny
-    process = MaskedDiffusionProcess(SequenceDenoiser(21, 6, dim=8, depth=0, heads=1), alphabet=PROTEIN + "-", pad="-")
-    with pytest.raises(ConfigError, match="ESMReward scores fixed-length proteins"):
-        ESMReward(model=model, alphabet=alphabet, process=process)
+    letters = PROTEIN + "-"
+    process = MaskedDiffusionProcess(SequenceDenoiser(21, 6, dim=8, depth=0, heads=1), alphabet=letters, pad="-")
+    designs = ["MKV---", "WYCHPA", "M-K---", "------", "CA----"]
+    x = torch.nn.functional.one_hot(torch.tensor([[letters.index(c) for c in s] for s in designs]), 22).float()
+    seqs = {0: "MKV", 1: "WYCHPA", 4: "CA"}
+    for score in ("mean_logprob", "pseudo_log_likelihood"):
+        padded = ESMReward(model=model, alphabet=alphabet, score=score, process=process, batch_size=4)
+        fixed = ESMReward(model=model, alphabet=alphabet, score=score)
+        out = padded(x.clone().requires_grad_(score == "mean_logprob"))
+        assert out.feasible.tolist() == [True, True, False, False, True]
+        for row, seq in seqs.items():
+            alone = fixed(_one_hot(torch.tensor([[PROTEIN.index(c) for c in seq]]))).value
+            assert out.value[row].item() == pytest.approx(alone.item(), abs=1e-5), (score, seq)
+    tokens = padded.esm_tokens(torch.tensor([[PROTEIN.index(c) for c in "MKVAAA"]]), torch.tensor([3]))
+    assert tokens[0].tolist() == [alphabet.cls_idx, *[alphabet.get_idx(c) for c in "MKV"], alphabet.eos_idx,
+                                  *[alphabet.padding_idx] * 3]
+    # the differentiable path: the same values as the token path, gradients to the letters only
+    relaxed = ESMReward(model=model, alphabet=alphabet, process=process)
+    x.requires_grad_()
+    value = relaxed(x).value
+    ids, unscored, n = relaxed._check(x)
+    with torch.no_grad():
+        by_tokens = relaxed._mean_logprob_tokens(ids, n)
+    assert torch.isfinite(value).all()
+    torch.testing.assert_close(value.detach()[~unscored], by_tokens[~unscored], atol=1e-4, rtol=0)
+    value[0].backward()
+    assert x.grad[0, :3, :20].abs().sum() > 0 and x.grad[0, 3:].abs().sum() == 0
+    with pytest.raises(ConfigError, match="alphabet 'ACGT-' is not the letters"):
+        ESMReward(model=model, alphabet=alphabet, process=MaskedDiffusionProcess(
+            SequenceDenoiser(5, 6, dim=8, depth=0, heads=1), alphabet="ACGT-", pad="-"))

@@ -517,7 +517,7 @@ class _MethodRun:
         taken = {self.key(r.design) for r in self.store.records() if r.round < i}
         mutates = _mutates(self.domain)
         g = torch.Generator().manual_seed(self._round_seed(i, 7))
-        mutate = lambda x, k: self.domain.mutate(x, generator=g, count=k)  # noqa: E731
+        mutate = lambda x, k: self.domain.mutate(x, generator=g, count=k, process=self.pretrained)  # noqa: E731
         best = rank = None
         if mutates and self.acquisition is not None and self._ranks_edits:
             # the acquisition fit on the answers before this round ranks edits of the best answers
@@ -551,15 +551,16 @@ class _MethodRun:
         if self.method == "hill_climb":
             best = x[order[:1]]
             return self._fresh(i, lambda n: self.domain.mutate(best.expand(n, *x.shape[1:]), generator=g,
-                                                                count=opts["mutations"]))
+                                                                count=opts["mutations"], process=self.pretrained))
         parents = x[order[: max(2, math.ceil(opts["survival"] * x.shape[0]))]]
 
         def children(n: int) -> Tensor:
             a = parents[torch.randint(parents.shape[0], (n,), generator=g)]
             b = parents[torch.randint(parents.shape[0], (n,), generator=g)]
             cross = torch.rand(n, generator=g) < opts["crossover_rate"]
-            kids = torch.where(cross.view(-1, *[1] * (x.dim() - 1)), self.domain.crossover(a, b, generator=g), a)
-            return self.domain.mutate(kids, generator=g, rate=opts["mutation_rate"])
+            crossed = self.domain.crossover(a, b, generator=g, process=self.pretrained)
+            kids = torch.where(cross.view(-1, *[1] * (x.dim() - 1)), crossed, a)
+            return self.domain.mutate(kids, generator=g, rate=opts["mutation_rate"], process=self.pretrained)
 
         return self._fresh(i, children)
 

@@ -111,15 +111,17 @@ class Domain:
         return None
 
     # ------------------------------------------------------------------ model-free baselines
-    def mutate(self, x: Tensor, *, generator: torch.Generator, rate: float | None = None, count: int | None = None) -> Tensor:
+    def mutate(self, x: Tensor, *, generator: torch.Generator, rate: float | None = None, count: int | None = None,
+               process: Process | None = None) -> Tensor:
         """Random edits of designs ``x`` ``(b, *event_shape)`` for the ``ga`` and ``hill_climb``
         baselines: each position changed with probability ``rate``, or exactly ``count``
-        positions per design. Domains with discrete designs implement it."""
+        positions per design. ``process``: the model the designs are read with (e.g. a
+        sequence model's padding letter). Domains with discrete designs implement it."""
         raise ConfigError(f"plugin '{self.name}' has no mutation operator, which the ga and hill_climb methods need")
 
-    def crossover(self, a: Tensor, b: Tensor, *, generator: torch.Generator) -> Tensor:
+    def crossover(self, a: Tensor, b: Tensor, *, generator: torch.Generator, process: Process | None = None) -> Tensor:
         """Uniform crossover: each position (index along dimension 1) from ``a`` or ``b`` with
-        equal probability; ``(b, *event_shape)``."""
+        equal probability; ``(b, *event_shape)``. ``process``: as in :meth:`mutate`."""
         take_a = torch.rand(a.shape[:2], generator=generator) < 0.5
         return torch.where(take_a.view(*a.shape[:2], *[1] * (a.dim() - 2)).to(a.device), a, b)
 

@@ -64,9 +64,10 @@ def load_tfbind8(num_steps: int | None = None) -> MaskedDiffusionProcess:
     return load_pretrained(checkpoint_path("tfbind8"), num_steps)
 
 
-def load_from_path(path: str, num_steps: int | None = None) -> MaskedDiffusionProcess:
-    """A model folder written by ``difftilt pretrain``."""
-    return load_pretrained(path, num_steps)
+def load_from_path(path: str, num_steps: int | None = None, sampler: str | None = None) -> MaskedDiffusionProcess:
+    """A model folder written by ``difftilt pretrain`` (``sampler``: ``ancestral`` or
+    ``first_hit`` instead of the saved one)."""
+    return load_pretrained(path, num_steps, sampler)
 
 
 def _check_process(process: Process | None, length: int, vocab: int, what: str) -> None:
@@ -215,6 +216,19 @@ def hamming_diversity(x: Tensor, max_samples: int = 512) -> float:
     return float((1.0 - same).sum() / (n * (n - 1)))
 
 
+def _pad_id(process: Process | None) -> int | None:
+    """The padding letter's token id of a padded sequence model, else ``None``."""
+    if isinstance(process, MaskedDiffusionProcess) and process.pad is not None:
+        return process.alphabet.index(process.pad)
+    return None
+
+
+def _cut_at_first_pad(ids: Tensor, pad: int) -> Tensor:
+    """Token ids ``(b, L)`` with every position after a row's first pad made a pad: the
+    sequence the row starts with."""
+    return ids.masked_fill((ids == pad).cummax(-1).values, pad)
+
+
 class SequencesDomain(Domain):
     """Masked discrete diffusion over biological sequences (proteins, DNA)."""
 
@@ -232,10 +246,17 @@ class SequencesDomain(Domain):
         return None
 
     def mutate(self, x: Tensor, *, generator: torch.Generator, rate: float | None = None,
-               count: int | None = None) -> Tensor:
+               count: int | None = None, process: Process | None = None) -> Tensor:
         """Point mutations of one-hot sequences ``(b, L, V + 1)``: each position redrawn with
         probability ``rate`` (default ``1 / L``), or exactly ``count`` distinct positions per
-        sequence, always to a different letter (never the mask)."""
+        sequence, always to a different letter (never the mask). With a padded ``process``
+        the sites are a design's letters and its first pad: a letter becomes another letter,
+        the last one may also become the pad (one shorter), the first pad a letter (one
+        longer); the rate's default is one over the sites, and the result ends at its first
+        pad (see :func:`_cut_at_first_pad`)."""
+        pad = _pad_id(process)
+        if pad is not None:
+            return self._mutate_padded(x, generator, rate, count, pad)
         b, L, S = x.shape
         V = S - 1
         if count is not None:
@@ -248,6 +269,39 @@ class SequencesDomain(Domain):
         shift = torch.randint(1, V, (b, L), generator=generator)  # a different letter: (id + shift) mod V
         new = torch.where(chosen, (ids.clamp(max=V - 1) + shift) % V, ids)
         return nn.functional.one_hot(new, S).to(x.dtype)
+
+    @staticmethod
+    def _mutate_padded(x: Tensor, generator: torch.Generator, rate: float | None, count: int | None,
+                       pad: int) -> Tensor:
+        b, L, S = x.shape
+        ids = x.argmax(-1).clamp(max=pad).cpu()
+        n = (ids == pad).long().cummax(-1).values.eq(0).sum(-1, keepdim=True)  # letters before the first pad
+        pos = torch.arange(L)
+        site = pos <= n  # the letters and the first pad
+        if count is not None:
+            scores = torch.rand(b, L, generator=generator).masked_fill(~site, 2.0)
+            chosen = torch.zeros(b, L, dtype=torch.bool)
+            chosen.scatter_(1, scores.argsort(1)[:, : min(count, L)], True)
+            chosen &= site
+        else:
+            p = 1.0 / site.sum(-1, keepdim=True) if rate is None else torch.full((b, 1), float(rate))
+            chosen = (torch.rand(b, L, generator=generator) < p) & site
+        letters = pad  # the pad is the last letter: ids 0..pad-1 are the sequence letters
+        other_letter = (ids.clamp(max=letters - 1) + torch.randint(1, letters, (b, L), generator=generator)) % letters
+        other_token = (ids + torch.randint(1, letters + 1, (b, L), generator=generator)) % (letters + 1)
+        any_letter = torch.randint(0, letters, (b, L), generator=generator)
+        last = (pos == n - 1) & (n > 1)  # may become the pad
+        new = torch.where(pos == n, any_letter, torch.where(last, other_token, other_letter))
+        out = _cut_at_first_pad(torch.where(chosen, new, ids), pad)
+        return nn.functional.one_hot(out, S).to(x)
+
+    def crossover(self, a: Tensor, b: Tensor, *, generator: torch.Generator, process: Process | None = None) -> Tensor:
+        """Uniform crossover; with a padded ``process`` each child ends at its first pad."""
+        child = super().crossover(a, b, generator=generator)
+        pad = _pad_id(process)
+        if pad is None:
+            return child
+        return nn.functional.one_hot(_cut_at_first_pad(child.argmax(-1), pad), child.shape[-1]).to(child)
 
     def featurizer(self, reference: Process, reverse_complement: bool = False) -> nn.Module | None:
         """:class:`OneHotFeatures` with gaps up to 16 and contiguous words up to 4 letters where

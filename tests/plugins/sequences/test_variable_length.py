@@ -123,6 +123,49 @@ def test_a_function_reward_is_asked_only_sequences_without_their_padding(tmp_pat
         FunctionReward(f"{assay}:length", letters="ACGTN", process=_process())
 
 
+def test_mutations_and_crossovers_of_padded_designs_are_sequences_one_letter_longer_or_shorter():
+    from difftilt.core.plugins import load_plugin
+
+    domain, process = load_plugin("sequences"), _process(length=6)
+    parents = _one_hot(["ACG---", "A-----", "ACGTAC"] * 4000)
+    g = torch.Generator().manual_seed(0)
+    kids = domain.mutate(parents, generator=g, count=1, process=process)
+    assert process.well_formed(kids).all() and (kids != parents).any(-1).any(-1).all()
+    lengths = torch.tensor([len(s) for s in process.decode(kids)]).view(-1, 3)
+    # ACG: 4 sites (3 letters, the first pad); the last letter becomes the pad 1 time in 4
+    share = {n: (lengths[:, 0] == n).float().mean().item() for n in (2, 3, 4)}
+    assert share == pytest.approx({2: 1 / 16, 3: 11 / 16, 4: 1 / 4}, abs=0.02)
+    assert set(lengths[:, 1].tolist()) == {1, 2} and set(lengths[:, 2].tolist()) == {5, 6}  # never empty or past L
+    assert process.well_formed(domain.mutate(parents, generator=g, process=process)).all()  # rate 1 / sites
+    crossed = domain.crossover(parents[:6000], parents[6000:].roll(1, 0), generator=g, process=process)
+    assert process.well_formed(crossed).all()
+    # without padding nothing changes: the same draws as with no process
+    fixed = MaskedDiffusionProcess(SequenceDenoiser(4, 6, dim=8, depth=0, heads=1), alphabet="ACGT")
+    x = torch.nn.functional.one_hot(torch.randint(4, (64, 6), generator=g), 5).float()
+    assert torch.equal(domain.mutate(x, generator=torch.Generator().manual_seed(1), count=2, process=fixed),
+                       domain.mutate(x, generator=torch.Generator().manual_seed(1), count=2))
+
+
+@pytest.mark.slow
+def test_the_baselines_ask_only_sequences_of_a_padded_first_hitting_model(padded_model, tmp_path):
+    from difftilt.core.online import run_online
+    from difftilt.core.store import SQLiteFeedbackStore
+
+    assay = tmp_path / "assay.py"
+    assay.write_text("def g_count(seqs):\n    return [float(s.count('G')) for s in seqs]\n")
+    cfg = {"plugin": "sequences", "seed": 0,
+           "process": {"name": "pretrained", "path": str(padded_model), "sampler": "first_hit"},
+           "oracle": {"reward": {"name": "function", "target": f"{assay}:g_count"}, "batch_size": 16},
+           "methods": ["ga", "hill_climb"], "schedule": [32, 32, 32], "eval_samples": 0}
+    run = run_online(cfg, output_dir=str(tmp_path), name="padded", progress=False)
+    for method in cfg["methods"]:
+        with SQLiteFeedbackStore(run.path / method / "feedback.sqlite", readonly=True) as store:
+            records = store.records()
+        assert len(records) == 96 and all(r.status == "answered" for r in records), method
+        lengths = {len(s) for s in load_pretrained(padded_model).decode(torch.stack([r.design for r in records]))}
+        assert len(lengths) > 2, lengths
+
+
 def test_descriptors_score_a_padded_model_s_proteins_without_their_padding():
     letters = PROTEIN + "-"
     process = MaskedDiffusionProcess(SequenceDenoiser(21, 6, dim=8, depth=0, heads=1), alphabet=letters, pad="-")

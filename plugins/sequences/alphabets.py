@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-__all__ = ["PROTEIN", "DNA", "default_alphabet", "to_strings", "token_ids", "well_padded"]
+__all__ = ["PROTEIN", "DNA", "default_alphabet", "to_strings", "token_ids", "well_padded", "sequence_lengths"]
 
 #: The 20 standard amino acids (token ``i`` is ``PROTEIN[i]``).
 PROTEIN = "ACDEFGHIKLMNPQRSTVWY"
@@ -24,6 +24,11 @@ def to_strings(ids: list[list[int]], letters: str, pad: str | None = None) -> li
     table = letters + "?"
     strings = ["".join(table[i] for i in row) for row in ids]
     return [s.rstrip(pad) for s in strings] if pad else strings
+
+
+def sequence_lengths(ids: Tensor, pad_id: int) -> Tensor:
+    """``(b,)``: how many letters each row of token ids ``(b, L)`` has before its first pad."""
+    return (ids == pad_id).long().cummax(-1).values.eq(0).sum(-1)
 
 
 def well_padded(ids: Tensor, pad_id: int) -> Tensor:

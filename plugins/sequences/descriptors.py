@@ -37,7 +37,7 @@ from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
 from .alphabets import PROTEIN, to_strings, well_padded
-from .mdlm import MaskedDiffusionProcess
+from .mdlm import MaskedDiffusionProcess, padding_letter
 
 __all__ = ["ProteinDescriptor", "DescriptorConstraint", "protein_descriptor", "DESCRIPTORS"]
 
@@ -78,11 +78,8 @@ class _DescriptorBase(Reward):
         unknown = sorted(set(letters) - set(PROTEIN))
         if unknown:
             raise ConfigError(f"letters {''.join(unknown)!r} are not standard amino acids ({PROTEIN})")
-        self.pad = process.pad if isinstance(process, MaskedDiffusionProcess) else None
+        self.pad = padding_letter(process, letters, type(self).__name__)
         if self.pad is not None:  # a model of variable-length proteins: its letters, then its padding letter
-            if process.alphabet != letters + self.pad:
-                raise ConfigError(f"{type(self).__name__}: the process's alphabet {process.alphabet!r} is not the "
-                                  f"letters {letters!r} and its padding letter {self.pad!r}; pass its letters")
             letters += self.pad
         if isinstance(process, MaskedDiffusionProcess) and process.vocab_size != len(letters):
             raise ConfigError(f"{type(self).__name__} reads sequences over {len(letters)} letters, but the process "

@@ -31,7 +31,7 @@ from difftilt.core.plugins import Domain
 from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
-from .alphabets import DNA, PROTEIN, default_alphabet, to_strings, token_ids
+from .alphabets import DNA, PROTEIN, default_alphabet, sequence_lengths, to_strings, token_ids
 from .descriptors import DescriptorConstraint, ProteinDescriptor
 from .ehrlich import EhrlichFunction
 from .function_reward import FunctionReward
@@ -275,7 +275,7 @@ class SequencesDomain(Domain):
                        pad: int) -> Tensor:
         b, L, S = x.shape
         ids = x.argmax(-1).clamp(max=pad).cpu()
-        n = (ids == pad).long().cummax(-1).values.eq(0).sum(-1, keepdim=True)  # letters before the first pad
+        n = sequence_lengths(ids, pad)[:, None]
         pos = torch.arange(L)
         site = pos <= n  # the letters and the first pad
         if count is not None:

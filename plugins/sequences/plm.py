@@ -52,8 +52,8 @@ from difftilt.core.errors import ConfigError, InputDataError, OptionalDependency
 from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
-from .alphabets import PROTEIN, well_padded
-from .mdlm import MaskedDiffusionProcess
+from .alphabets import PROTEIN, sequence_lengths, well_padded
+from .mdlm import MaskedDiffusionProcess, padding_letter
 
 __all__ = ["ESMReward", "load_esm_checkpoint"]
 
@@ -159,10 +159,7 @@ class ESMReward(Reward):
         unknown = [c for c in letters if c not in alphabet.tok_to_idx]
         if unknown:
             raise ConfigError(f"letters {''.join(unknown)!r} are not in the ESM alphabet")
-        self.pad = process.pad if isinstance(process, MaskedDiffusionProcess) else None
-        if self.pad is not None and process.alphabet != letters + self.pad:
-            raise ConfigError(f"ESMReward: the process's alphabet {process.alphabet!r} is not the letters "
-                              f"{letters!r} and its padding letter {self.pad!r}; pass its letters")
+        self.pad = padding_letter(process, letters, type(self).__name__)
         tokens = len(letters) + (self.pad is not None)
         if isinstance(process, MaskedDiffusionProcess) and process.vocab_size != tokens:
             raise ConfigError(f"ESMReward reads sequences over {len(letters)} letters, but the process makes "
@@ -208,21 +205,18 @@ class ESMReward(Reward):
         if self.pad is not None:
             pad_id = len(self.letters)
             unscored |= ~well_padded(ids, pad_id)
-            n = (ids == pad_id).long().cummax(-1).values.eq(0).sum(-1).clamp(min=1)  # letters before the first pad
+            n = sequence_lengths(ids, pad_id).clamp(min=1)
         return ids.clamp(max=len(self.letters) - 1), unscored, n
 
-    def esm_tokens(self, ids: Tensor, n: Tensor | None = None) -> Tensor:
+    def esm_tokens(self, ids: Tensor, n: Tensor) -> Tensor:
         """ESM token ids ``(b, T)`` (``T = L + bos + eos``) of letter ids ``(b, L)``: BOS, the
-        first ``n`` letters, EOS, then ESM's padding (``n``: default ``L``)."""
+        first ``n`` ``(b,)`` letters, EOS, then ESM's padding."""
         b, L = ids.shape
-        inner = self.esm_ids[ids]
-        if n is not None:
-            inner = inner.masked_fill(torch.arange(L, device=ids.device) >= n[:, None], self.padding_idx)
+        inner = self.esm_ids[ids].masked_fill(torch.arange(L, device=ids.device) >= n[:, None], self.padding_idx)
         parts = [inner.new_full((b, 1), self.cls_idx)] if self.prepend_bos else []
         tokens = torch.cat([*parts, inner, inner.new_full((b, 1), self.padding_idx)], 1)
         if self.append_eos:
-            ends = (n if n is not None else torch.full((b,), L, device=ids.device)) + int(self.prepend_bos)
-            tokens[torch.arange(b, device=ids.device), ends] = self.eos_idx
+            tokens[torch.arange(b, device=ids.device), n + int(self.prepend_bos)] = self.eos_idx
         return tokens if self.append_eos else tokens[:, :-1]
 
     def _logits_from_embeddings(self, one_hot: Tensor, padding: Tensor) -> Tensor:

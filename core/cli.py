@@ -114,22 +114,48 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 TEXT_SUFFIXES = (".fasta", ".fa", ".txt")
 
 
-def _cmd_sample(args: argparse.Namespace) -> int:
+def _load_sampler(path: Path):
+    """``(model, reference, domain)`` of a model folder: a fine-tuned one (``model_index.json``)
+    or a pretrained one that an installed plugin reads (``Domain.load_folder``)."""
     from .checkpoint import load_finetuned
+    from .errors import CheckpointError
+    from .plugins import load_plugin, plugin_entry_points
+
+    if (path / "model_index.json").is_file():
+        result = load_finetuned(path)
+        plugin = json.loads((path / "model_index.json").read_text())["plugin"]
+        return result.model, result.transitions.reference, load_plugin(plugin)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder")
+    tried = []
+    for name in sorted(plugin_entry_points()):
+        try:
+            domain = load_plugin(name)
+        except Exception as err:  # a broken plugin must not hide the one that reads the folder
+            tried.append(f"{name} (failed to load: {type(err).__name__})")
+            continue
+        process = domain.load_folder(path)
+        if process is not None:
+            return process, process, domain
+        tried.append(name)
+    raise CheckpointError(f"{path} is neither a fine-tuned model folder (no model_index.json) nor a pretrained "
+                          f"model folder of an installed plugin (tried: {', '.join(tried) or 'none installed'})")
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
     from .errors import ConfigError
-    from .plugins import load_plugin
+    from .rollout import step_generator
 
     out = Path(args.output)
     if out.suffix not in (".safetensors", ".npy", *TEXT_SUFFIXES):
         raise ConfigError(f"--output {out}: write .safetensors, .npy, or text designs to "
                           f"{' / '.join(TEXT_SUFFIXES)}")
-    result = load_finetuned(args.model)
-    x = result.sample(args.num_samples, seed=args.seed)
+    model, reference, domain = _load_sampler(Path(args.model))
+    x = model.sample(args.num_samples, generator=step_generator(args.seed, -3, model.device))
     if out.suffix in TEXT_SUFFIXES:
-        plugin = json.loads((Path(args.model) / "model_index.json").read_text())["plugin"]
-        text = load_plugin(plugin).decode(x, result.transitions.reference)
+        text = domain.decode(x, process=reference)
         if not all(isinstance(t, str) for t in text):
-            raise ConfigError(f"plugin '{plugin}' designs are not text; write .safetensors or .npy")
+            raise ConfigError(f"plugin '{domain.name}' designs are not text; write .safetensors or .npy")
         lines = [f">sample_{i}\n{t}" for i, t in enumerate(text)] if out.suffix != ".txt" else text
         out.write_text("\n".join(lines) + "\n")
         print(f"wrote {args.num_samples} designs to {out}")
@@ -184,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_pretrain)
 
-    p = sub.add_parser("sample", help="draw samples from a fine-tuned model folder")
-    p.add_argument("model", help="a model folder (e.g. RUN/model)")
+    p = sub.add_parser("sample", help="draw samples from a fine-tuned or pretrained model folder")
+    p.add_argument("model", help="a model folder: fine-tuned (e.g. RUN/model) or written by difftilt pretrain")
     p.add_argument("-n", "--num-samples", type=int, default=16)
     p.add_argument("-o", "--output", default="samples.safetensors",
                    help=".safetensors or .npy; .fasta / .fa / .txt: the designs as text (sequences)")

@@ -488,7 +488,7 @@ class _MethodRun:
         records = self.store.records(status=tuple(s for s in STATUSES if s != "pending"))
         if not records:
             return
-        text = self.domain.decode(torch.stack([r.design for r in records]), self.pretrained)
+        text = self.domain.decode(torch.stack([r.design for r in records]), process=self.pretrained)
         if not all(isinstance(t, str) for t in text):
             return
         out = io.StringIO()

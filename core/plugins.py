@@ -18,6 +18,7 @@ The toy plugin (``difftilt/plugins/toy``) is the worked example of writing one.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.metadata as md
 import inspect
 import logging
@@ -40,6 +41,23 @@ AUTOLOAD_ENV = "DIFFTILT_DISABLE_PLUGIN_AUTOLOAD"
 log = logging.getLogger(__name__)
 
 
+#: Domain hooks the callers pass ``process=`` (the model the designs came from)
+_TAKE_PROCESS = ("decode", "mutate", "crossover")
+
+
+def _takes_keyword(function: Callable, name: str) -> bool:
+    params = inspect.signature(function).parameters.values()
+    return any(p.name == name and p.kind is not p.POSITIONAL_ONLY or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _dropping_process(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def call(self, *args: Any, process: Process | None = None, **kwargs: Any) -> Any:
+        return method(self, *args, **kwargs)
+
+    return call
+
+
 class Domain:
     """A domain: pretrained chains, rewards, and how to read and judge samples.
 
@@ -60,6 +78,15 @@ class Domain:
     description: str = ""
     processes: dict[str, Callable[..., Process]] = {}
     rewards: dict[str, Callable[..., Reward]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # ``process`` was added to these hooks after plugins overrode them without it: such an
+        # override is called without the keyword (it never needed the model to read designs)
+        super().__init_subclass__(**kwargs)
+        for name in _TAKE_PROCESS:
+            method = cls.__dict__.get(name)
+            if callable(method) and not _takes_keyword(method, "process"):
+                setattr(cls, name, _dropping_process(method))
 
     # ------------------------------------------------------------------ building
     def _build(self, registry: dict[str, Callable], spec: Any, section: str, extra: dict | None = None) -> Any:
@@ -132,6 +159,11 @@ class Domain:
         and return the folder written; ``command``, the command that reproduces it, is
         recorded there. Domains without a trainable default raise."""
         raise ConfigError(f"plugin '{self.name}' has no pretrain command")
+
+    def load_folder(self, path: "os.PathLike") -> Process | None:
+        """The pretrained model in ``path`` if it is a folder this domain's :meth:`pretrain`
+        writes, else ``None`` (``difftilt sample`` asks each installed plugin)."""
+        return None
 
     # ------------------------------------------------------------------ reading samples
     def decode(self, x: Tensor, process: Process | None = None) -> list:

@@ -86,6 +86,9 @@ def test_finetune_writes_a_complete_run_folder_and_sample_reads_the_model(tmp_pa
         _run(["sample", str(run / "model"), "-o", str(tmp_path / "s.fasta")], tmp_path))
     assert "--output s.pt: write .safetensors, .npy, or text designs to .fasta / .fa / .txt" in _one_line_error(
         _run(["sample", str(run / "model"), "-o", "s.pt"], tmp_path))
+    # a folder that holds no model names what it looked for
+    assert f"{run} is neither a fine-tuned model folder (no model_index.json) nor a pretrained model folder of " \
+           "an installed plugin (tried: " in _one_line_error(_run(["sample", str(run)], tmp_path))
 
 
 @pytest.mark.parametrize(

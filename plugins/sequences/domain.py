@@ -37,7 +37,7 @@ from .ehrlich import EhrlichFunction
 from .function_reward import FunctionReward
 from .mdlm import MaskedDiffusionProcess
 from .plm import ESMReward
-from .pretrain import load_pretrained
+from .pretrain import is_pretrained_folder, load_pretrained
 from .tfbind8 import TFBind8
 
 __all__ = ["SequencesDomain", "EhrlichReward", "TFBind8Reward", "OneHotFeatures", "BothStrands", "PROTEIN", "DNA",
@@ -338,3 +338,7 @@ class SequencesDomain(Domain):
         from .pretrain_cli import pretrain_from_config
 
         return pretrain_from_config(config, progress=progress, output=output, command=command)
+
+    def load_folder(self, path) -> MaskedDiffusionProcess | None:
+        """A model folder written by ``difftilt pretrain`` (e.g. ``checkpoints/tfbind8``)."""
+        return load_pretrained(path) if is_pretrained_folder(path) else None

@@ -26,6 +26,7 @@ from .mdlm import MaskedDiffusionProcess, SequenceDenoiser, masked_diffusion_los
 __all__ = ["train_masked_diffusion", "save_pretrained", "load_pretrained"]
 
 PROCESS_FILE = "process.json"
+FORMAT = "difftilt.masked_diffusion/1"
 
 
 def train_masked_diffusion(
@@ -101,7 +102,7 @@ def save_pretrained(process: MaskedDiffusionProcess, directory: str | os.PathLik
     directory.mkdir(parents=True, exist_ok=True)
     process.denoiser.save_pretrained(directory, "denoiser")
     info = {
-        "format": "difftilt.masked_diffusion/1",
+        "format": FORMAT,
         "process": process.spec(),
         "data": data,
         "train": train,
@@ -136,3 +137,13 @@ def load_pretrained(directory: str | os.PathLike, num_steps: int | None = None,
     process = MaskedDiffusionProcess(denoiser, **spec)
     process.pretrained_info = info
     return process
+
+
+def is_pretrained_folder(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a model :func:`save_pretrained` wrote (its ``process.json``
+    names this format)."""
+    try:
+        info = json.loads((Path(directory) / PROCESS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("format") == FORMAT

@@ -169,6 +169,19 @@ def test_reward_and_process_of_different_sizes_are_refused(tiny_tfbind_model):
         domain.make_reward({"name": "ehrlich"}, process)
 
 
+def test_sample_writes_a_pretrained_folders_designs_as_fasta(tiny_tfbind_model, tmp_path):
+    from difftilt.core.cli import main
+    from difftilt.core.rollout import step_generator
+
+    out = tmp_path / "pre.fasta"
+    assert main(["sample", str(tiny_tfbind_model), "-n", "6", "--seed", "3", "-o", str(out)]) == 0
+    process = load_plugin("sequences").make_process({"name": "pretrained", "path": str(tiny_tfbind_model)})
+    drawn = process.sample(6, generator=step_generator(3, -3))
+    assert out.read_text() == "".join(f">sample_{i}\n{s}\n" for i, s in enumerate(process.decode(drawn)))
+    assert all(len(s) == 8 and set(s) <= set("ACGT") for s in process.decode(drawn))
+    assert load_plugin("sequences").load_folder(tmp_path) is None  # not a model folder: not this plugin's
+
+
 def test_pretrain_reports_a_bad_letter_in_one_line(tmp_path):
     fasta = tmp_path / "seqs.fa"
     fasta.write_text(">a\nACGT\n>b\nACXT\n")

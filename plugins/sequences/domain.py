@@ -250,10 +250,12 @@ class SequencesDomain(Domain):
         """Point mutations of one-hot sequences ``(b, L, V + 1)``: each position redrawn with
         probability ``rate`` (default ``1 / L``), or exactly ``count`` distinct positions per
         sequence, always to a different letter (never the mask). With a padded ``process``
-        the sites are a design's letters and its first pad: a letter becomes another letter,
-        the last one may also become the pad (one shorter), the first pad a letter (one
-        longer); the rate's default is one over the sites, and the result ends at its first
-        pad (see :func:`_cut_at_first_pad`)."""
+        the sites are a design's letters and its end (if shorter than the model's length),
+        and an edit at a letter is, with equal odds, another letter there, its deletion, or
+        a new letter inserted before it (not the same letter again; a full design loses its
+        last letter); at the end, a letter appended. The rate's default is one over the
+        sites; the result is letters then padding, never empty, and one edit always changes
+        a design."""
         pad = _pad_id(process)
         if pad is not None:
             return self._mutate_padded(x, generator, rate, count, pad)
@@ -277,7 +279,7 @@ class SequencesDomain(Domain):
         ids = x.argmax(-1).clamp(max=pad).cpu()
         n = sequence_lengths(ids, pad)[:, None]
         pos = torch.arange(L)
-        site = pos <= n  # the letters and the first pad
+        site = pos <= n  # the letters and, if there is room, the end
         if count is not None:
             scores = torch.rand(b, L, generator=generator).masked_fill(~site, 2.0)
             chosen = torch.zeros(b, L, dtype=torch.bool)
@@ -287,12 +289,26 @@ class SequencesDomain(Domain):
             p = 1.0 / site.sum(-1, keepdim=True) if rate is None else torch.full((b, 1), float(rate))
             chosen = (torch.rand(b, L, generator=generator) < p) & site
         letters = pad  # the pad is the last letter: ids 0..pad-1 are the sequence letters
-        other_letter = (ids.clamp(max=letters - 1) + torch.randint(1, letters, (b, L), generator=generator)) % letters
-        other_token = (ids + torch.randint(1, letters + 1, (b, L), generator=generator)) % (letters + 1)
+        kind = torch.randint(0, 3, (b, L), generator=generator)  # at a letter: 0 another letter, 1 deleted, 2 insertion
+        other = (ids.clamp(max=letters - 1) + torch.randint(1, letters, (b, L), generator=generator)) % letters
         any_letter = torch.randint(0, letters, (b, L), generator=generator)
-        last = (pos == n - 1) & (n > 1)  # may become the pad
-        new = torch.where(pos == n, any_letter, torch.where(last, other_token, other_letter))
-        out = _cut_at_first_pad(torch.where(chosen, new, ids), pad)
+        is_letter = pos < n
+        deleted = chosen & is_letter & (kind == 1)
+        empty = deleted.sum(-1, keepdim=True) == n  # every letter deleted: those edits are substitutions
+        deleted &= ~empty
+        inserted = chosen & ((pos == n) | (kind == 2))
+        substituted = chosen & is_letter & ~deleted & ~inserted
+        kept = is_letter & ~deleted
+        # before a letter the new one differs from it, so one edit always changes the design
+        new_letter = torch.where(is_letter, other, any_letter)
+        letter = torch.where(substituted, other, ids)
+        # each position emits its inserted letter (if any), then its own letter (if kept)
+        emitted = inserted.long() + kept.long()
+        start = emitted.cumsum(-1) - emitted
+        out = torch.full((b, 2 * L + 1), pad, dtype=ids.dtype)  # column 2L takes what is not emitted
+        out.scatter_(1, torch.where(inserted, start, 2 * L), new_letter)
+        out.scatter_(1, torch.where(kept, start + inserted.long(), 2 * L), letter)
+        out = out[:, :L]  # an insertion into a full design drops its last letter
         return nn.functional.one_hot(out, S).to(x)
 
     def crossover(self, a: Tensor, b: Tensor, *, generator: torch.Generator, process: Process | None = None) -> Tensor:

@@ -123,19 +123,36 @@ def test_a_function_reward_is_asked_only_sequences_without_their_padding(tmp_pat
         FunctionReward(f"{assay}:length", letters="ACGTN", process=_process())
 
 
-def test_mutations_and_crossovers_of_padded_designs_are_sequences_one_letter_longer_or_shorter():
+def _single_edits(s: str, letters: str, length: int) -> set[str]:
+    """Every design one substitution, deletion or insertion away from ``s`` (an insertion into
+    a full design drops its last letter), by brute force."""
+    subs = {s[:i] + c + s[i + 1:] for i in range(len(s)) for c in letters if c != s[i]}
+    dels = {s[:i] + s[i + 1:] for i in range(len(s))} if len(s) > 1 else set()
+    ins = {(s[:i] + c + s[i:])[:length] for i in range(len(s) + 1) for c in letters}
+    return (subs | dels | ins) - {s}
+
+
+def test_mutations_of_padded_designs_are_single_substitutions_insertions_or_deletions():
     from difftilt.core.plugins import load_plugin
 
     domain, process = load_plugin("sequences"), _process(length=6)
-    parents = _one_hot(["ACG---", "A-----", "ACGTAC"] * 4000)
+    words = ["ACG", "A", "ACGTAC"]
+    parents = _one_hot([w.ljust(6, "-") for w in words] * 4000)
     g = torch.Generator().manual_seed(0)
     kids = domain.mutate(parents, generator=g, count=1, process=process)
-    assert process.well_formed(kids).all() and (kids != parents).any(-1).any(-1).all()
+    assert process.well_formed(kids).all()
+    decoded = process.decode(kids)
+    for j, word in enumerate(words):  # exactly the single edits, every one of them drawn
+        assert set(decoded[j::3]) == _single_edits(word, "ACGT", 6), word
     lengths = torch.tensor([len(s) for s in process.decode(kids)]).view(-1, 3)
-    # ACG: 4 sites (3 letters, the first pad); the last letter becomes the pad 1 time in 4
+    # ACG: 4 sites (3 letters, the end); at a letter each kind 1 in 3, at the end an appended letter
     share = {n: (lengths[:, 0] == n).float().mean().item() for n in (2, 3, 4)}
-    assert share == pytest.approx({2: 1 / 16, 3: 11 / 16, 4: 1 / 4}, abs=0.02)
-    assert set(lengths[:, 1].tolist()) == {1, 2} and set(lengths[:, 2].tolist()) == {5, 6}  # never empty or past L
+    assert share == pytest.approx({2: 1 / 4, 3: 1 / 4, 4: 1 / 2}, abs=0.02)
+    # A: never emptied (its deletion is a substitution); ACGTAC: full, so no longer
+    assert (lengths[:, 1] == 1).float().mean().item() == pytest.approx(1 / 3, abs=0.02)
+    assert set(lengths[:, 1].tolist()) == {1, 2} and set(lengths[:, 2].tolist()) == {5, 6}
+    several = domain.mutate(parents, generator=g, count=3, process=process)
+    assert process.well_formed(several).all() and all(process.decode(several))  # none emptied
     assert process.well_formed(domain.mutate(parents, generator=g, process=process)).all()  # rate 1 / sites
     crossed = domain.crossover(parents[:6000], parents[6000:].roll(1, 0), generator=g, process=process)
     assert process.well_formed(crossed).all()

@@ -9,6 +9,7 @@ library only -- never a plugin.
 
 from .distributions import CategoricalStep, GaussianStep, SinglePositionStep, StepDistribution
 from .errors import (
+    AwaitingAnswers,
     BudgetExceededError,
     CheckpointError,
     ConfigError,
@@ -38,6 +39,7 @@ __all__ = [
     "StepDistribution", "GaussianStep", "CategoricalStep", "SinglePositionStep",
     "DifftiltError", "ConfigError", "ShapeError", "InputDataError", "RewardError", "DeterministicStepError",
     "PluginNotFoundError", "OptionalDependencyError", "CheckpointError", "BudgetExceededError", "OracleError",
+    "AwaitingAnswers",
     "Oracle", "OracleAnswer", "FeedbackStore", "SQLiteFeedbackStore",
     "RewardModel", "EnsembleRewardModel", "LastLayerUCBRewardModel", "Posterior", "AcquisitionReward",
     "UCB", "MaxOverHeads", "Greedy", "Thompson",

@@ -2,7 +2,9 @@
 
 Errors a user can cause (:class:`~difftilt.core.errors.DifftiltError`) end the
 command with one line on stderr and exit status 2; ``--debug`` (or
-``DIFFTILT_DEBUG=1``) shows the traceback instead.
+``DIFFTILT_DEBUG=1``) shows the traceback instead. An online run whose oracle is
+waiting for a lab's answers (:class:`~difftilt.core.errors.AwaitingAnswers`) stops with
+one line saying how to continue, and exit status 3.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import DifftiltError
+from .errors import AwaitingAnswers, DifftiltError
 
 __all__ = ["main", "build_parser"]
 
@@ -62,13 +64,27 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_online(args: argparse.Namespace) -> int:
     from .online import run_online
 
-    run = run_online(args.config, resume=args.resume, overrides=args.set, output_dir=args.output_dir, name=args.name,
-                     progress=not args.no_progress)
-    results = run.read_json("results.json")
+    try:
+        run = run_online(args.config, resume=args.resume, overrides=args.set, output_dir=args.output_dir,
+                         name=args.name, progress=not args.no_progress)
+    except AwaitingAnswers as err:  # the rounds answered so far, then the line saying what to do
+        if err.run is not None:
+            _print_online(err.run)
+        raise
+    _print_online(run.path)
+    return 0
+
+
+def _print_online(path: Path) -> None:
+    """An online run's rounds so far, each method's best design, and its plot (nothing before
+    its first round)."""
+    results = json.loads((path / "results.json").read_text()) if (path / "results.json").is_file() else {}
+    if not any(results.get("methods", {}).values()):
+        return
     cols = [("queries_used", "queries", "d"), ("best_true", "best", ".4f"), ("top10_true", "top-10", ".4f"),
             ("eval_mean_true", "model mean", ".4f"), ("eval_feasible", "feasible", ".3f"),
             ("eval_diversity", "diversity", ".3f"), ("kl_to_pretrained", "KL to pre", ".3f")]
-    print(f"run folder: {run.path}")
+    print(f"run folder: {path}")
     print(f"{'method':<12}{'round':>6}" + "".join(f"{label:>12}" for _, label, _ in cols))
     for method, rows in results["methods"].items():
         for r in rows:
@@ -77,13 +93,12 @@ def _cmd_online(args: argparse.Namespace) -> int:
             if "stopped" in r:
                 print(f"{'':<12}{'':>6}  stopped after {r['queries_used']:,} queries: {r['stopped']}")
     for method in results["methods"]:
-        best = _best_design(run.path / method / "designs.csv")
+        best = _best_design(path / method / "designs.csv")
         if best is not None:
             value, design = best
             shown = design if len(design) <= 60 else f"{design[:57]}..."
-            print(f"{method:<12}best design {value:.4f} {shown}  (all: {run.path / method / 'designs.csv'})")
-    print(f"plot: {run.path / 'reward_vs_queries.png'}")
-    return 0
+            print(f"{method:<12}best design {value:.4f} {shown}  (all: {path / method / 'designs.csv'})")
+    print(f"plot: {path / 'reward_vs_queries.png'}")
 
 
 def _best_design(path: Path) -> tuple[float, str] | None:
@@ -233,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
+    except AwaitingAnswers as err:  # not a failure: the oracle's answers come later
+        if debug:
+            raise
+        print(f"difftilt: waiting: {err}", file=sys.stderr)
+        return 3
     except DifftiltError as err:
         if debug:
             raise

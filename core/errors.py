@@ -54,3 +54,20 @@ class BudgetExceededError(DifftiltError, RuntimeError):
 
 class OracleError(DifftiltError, RuntimeError):
     """The ground-truth oracle failed on a batch after its retries (the failure is recorded)."""
+
+
+class AwaitingAnswers(DifftiltError):
+    """The oracle sent designs out to be measured and has no answers yet (a lab assay).
+
+    Raised by a reward (e.g. a function that finds no results yet); the oracle leaves those
+    designs ``pending`` in the feedback store, asks the rest of the batch's round, and raises
+    it again with ``count``, the designs that wait, and the reward's ``reason`` (e.g. which
+    file to fill in). ``difftilt online`` stops with exit status
+    3, and ``difftilt online --resume RUN`` asks for exactly those designs again.
+    """
+
+    def __init__(self, message: str, count: int = 0, reason: str | None = None):
+        super().__init__(message)
+        self.count = int(count)
+        self.reason = message if reason is None else reason  # what to do, without the count
+        self.run = None  # the online run folder that waits, once the online loop has one

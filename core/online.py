@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_finetuned, save_model
 from .config import atomic_write_text, load_yaml, validate_kwargs
-from .errors import CheckpointError, ConfigError, InputDataError, ShapeError
+from .errors import AwaitingAnswers, CheckpointError, ConfigError, InputDataError, ShapeError
 from .finetune import Finetuner, estimate_path_kl, estimate_tilt, quiet_lightning
 from .oracle import Oracle, OracleAnswer
 from .plotting import save_figure
@@ -853,7 +853,8 @@ def _plot(results: dict, path: Path) -> None:
         ax.set_xlabel("oracle queries used")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:  # nothing yet while the first round's answers are out
+        axes[0].legend(fontsize=8)
     save_figure(fig, path)
 
 
@@ -1119,17 +1120,32 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
         raise ConfigError(f"{run.path} is in use by another difftilt process") from None
     run.set_status("running", pid=os.getpid())
     results: dict = {"methods": {}, "schedule": cfg.schedule}
+    waiting: dict[str, AwaitingAnswers] = {}
     try:
         for method in cfg.methods:
             mrun = _MethodRun(cfg, method, domain, pretrained, truth, featurizer, run.path / method, progress)
             try:
                 results["methods"][method] = mrun.run(process_spec)
+            except AwaitingAnswers as err:  # its round is out for measurement: the other methods go on
+                waiting[method] = err
+                results["methods"][method] = mrun.rows()
             finally:
                 mrun.store.close()
             run.write_json("results.json", results)
         _plot(results, run.path / "reward_vs_queries.png")
         run.write_json("results.json", results)
+        if waiting:
+            count = sum(err.count for err in waiting.values())
+            reason = next(iter(waiting.values())).reason
+            message = (f"{count} designs ({', '.join(f'{m} {e.count}' for m, e in waiting.items())}) await the "
+                       f"oracle's answers: {reason}; then continue with: difftilt online --resume {run.path}")
+            run.set_status("waiting", error=message)
+            err = AwaitingAnswers(message, count=count, reason=reason)
+            err.run = run.path
+            raise err
         run.set_status("complete")
+    except AwaitingAnswers:
+        raise
     except (KeyboardInterrupt, SystemExit) as err:
         # Ctrl-C, or SIGTERM (which Lightning turns into a SystemExit during fine-tuning):
         # the run was stopped, not broken, and --resume (or a benchmark's reuse) continues it

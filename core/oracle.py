@@ -15,7 +15,10 @@ What happens to bad input, design by design:
   batch is recorded ``failed`` with the error and, with ``on_error="raise"``, the caller
   stops with one :class:`~difftilt.core.errors.OracleError`; with ``"skip"`` it goes on;
 * a NaN value for a feasible design marks that design ``failed``;
-* an infeasible design is recorded ``infeasible`` with no value, and uses budget.
+* an infeasible design is recorded ``infeasible`` with no value, and uses budget;
+* a batch whose reward raises :class:`~difftilt.core.errors.AwaitingAnswers` (sent out to
+  a lab, no results yet) stays ``pending``, uses no budget and is not retried; the other
+  batches are asked, then the query raises it with the number of designs that wait.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from .errors import BudgetExceededError, OracleError, ShapeError
+from .errors import AwaitingAnswers, BudgetExceededError, OracleError, ShapeError
 from .reward import FunctionReward, Reward, RewardOutput
 from .rollout import step_generator
 from .store import COUNTED, FeedbackStore
@@ -204,6 +207,7 @@ class Oracle:
         return torch.stack([torch.randn((), generator=step_generator(self.seed, i)) for i in ids]) * self.noise_std
 
     def _answer(self, ids: list[int], x: Tensor) -> None:
+        waiting, why = 0, None
         for start in range(0, len(ids), self.batch_size):
             bid, bx = ids[start:start + self.batch_size], x[start:start + self.batch_size]
             error: Exception | None = None
@@ -213,8 +217,14 @@ class Oracle:
                         out = self._call(bx)
                     error = None
                     break
+                except AwaitingAnswers as err:  # sent out to be measured: the batch stays pending
+                    error = why = err
+                    break
                 except Exception as err:  # anything the user's oracle raises is recorded
                     error = err
+            if isinstance(error, AwaitingAnswers):
+                waiting += len(bid)
+                continue
             if error is not None:
                 msg = f"{type(error).__name__}: {error}"
                 self._record(bid, ["failed"] * len(bid), error=f"after {self.retries + 1} attempts: {msg}")
@@ -237,3 +247,6 @@ class Oracle:
                 else:
                     status.append("answered"), vals.append(nv), tvals.append(v), feas.append(True), errs.append(None)
             self._record(bid, status, vals, tvals, feas, errs)
+        if waiting:
+            raise AwaitingAnswers(f"{waiting} designs await the oracle's answers: {why.reason}", count=waiting,
+                                  reason=why.reason)

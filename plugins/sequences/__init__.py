@@ -9,7 +9,7 @@ from .domain import (DNA, PROTEIN, BothStrands, EhrlichReward, OneHotFeatures, S
                      hamming_diversity, load_ehrlich, load_tfbind8)
 from .descriptors import DescriptorConstraint, ProteinDescriptor
 from .ehrlich import EhrlichFunction
-from .function_reward import FunctionReward
+from .function_reward import FunctionReward, MeasurementFile
 from .plm import ESMReward
 from .mdlm import MaskedDiffusionProcess, SequenceDenoiser, masked_diffusion_loss
 from .pretrain import load_pretrained, save_pretrained, train_masked_diffusion
@@ -19,5 +19,5 @@ __all__ = [
     "SequencesDomain", "EhrlichFunction", "TFBind8", "EhrlichReward", "TFBind8Reward", "OneHotFeatures", "BothStrands",
     "MaskedDiffusionProcess", "SequenceDenoiser", "masked_diffusion_loss", "train_masked_diffusion",
     "save_pretrained", "load_pretrained", "load_ehrlich", "load_tfbind8", "hamming_diversity", "PROTEIN", "DNA",
-    "ESMReward", "ProteinDescriptor", "DescriptorConstraint", "FunctionReward",
+    "ESMReward", "ProteinDescriptor", "DescriptorConstraint", "FunctionReward", "MeasurementFile",
 ]

@@ -13,8 +13,10 @@ configs/pretrain_<name>.yaml``; a missing one is a clear error naming that comma
 Rewards (``reward: {name: ...}``): ``ehrlich`` (an Ehrlich function instance, feasibility
 included), ``tfbind8`` (exact table lookup), ``esm`` (ESM-2 mean log-probability or
 pseudo-log-likelihood, weights from a local file), ``protein_descriptor`` and
-``descriptor_constraint`` (biopython hydrophobicity, charge, instability). All read the
-final one-hot states; a position still masked makes a design infeasible.
+``descriptor_constraint`` (biopython hydrophobicity, charge, instability), ``function``
+(your own function of sequence strings) and ``lab`` (a lab in the loop through a CSV file
+of sequences and measured values). All read the final one-hot states; a position still
+masked makes a design infeasible.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from difftilt.core.reward import Reward, RewardOutput
 from .alphabets import DNA, PROTEIN, default_alphabet, sequence_lengths, to_strings, token_ids
 from .descriptors import DescriptorConstraint, ProteinDescriptor
 from .ehrlich import EhrlichFunction
-from .function_reward import FunctionReward
+from .function_reward import FunctionReward, lab
 from .mdlm import MaskedDiffusionProcess
 from .plm import ESMReward
 from .pretrain import is_pretrained_folder, load_pretrained
@@ -237,7 +239,7 @@ class SequencesDomain(Domain):
     processes = {"ehrlich": load_ehrlich, "tfbind8": load_tfbind8, "pretrained": load_from_path}
     rewards = {"ehrlich": EhrlichReward, "tfbind8": TFBind8Reward, "esm": ESMReward,
                "protein_descriptor": ProteinDescriptor, "descriptor_constraint": DescriptorConstraint,
-               "function": FunctionReward}
+               "function": FunctionReward, "lab": lab}
 
     def make_policy(self, reference: Process, hidden: int = 64, depth: int = 2) -> Process | None:
         """Fine-tune a full copy of the denoiser (as DRAKES does)."""

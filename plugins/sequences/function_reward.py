@@ -24,10 +24,19 @@ samples outside the budget), unless the reward says ``cheap: true`` (a simulator
 ``target`` is ``module:attribute`` (imported as usual, so the module must be importable)
 or ``path/to/file.py:attribute`` (a path relative to the working directory). The function
 is found when the reward is built, so a typo fails before any run folder is made.
+
+A lab in the loop, whose answers come days later: ``reward: {name: lab, file:
+measurements.csv}`` (:class:`MeasurementFile`). Each round's sequences are appended to the
+file with an empty ``value``, and ``difftilt online`` stops (exit status 3) saying so. Fill
+in each value (a number, or ``infeasible``), then ``difftilt online --resume RUN`` reads
+them and runs the next round, which it appends in turn. A function of your own can do the
+same: raise :class:`~difftilt.core.errors.AwaitingAnswers` for a batch that has no results
+yet, and it stays pending until the run is resumed.
 """
 
 from __future__ import annotations
 
+import csv
 import importlib
 import importlib.util
 import numbers
@@ -38,14 +47,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from difftilt.core.errors import ConfigError, RewardError
+from difftilt.core.errors import AwaitingAnswers, ConfigError, RewardError
 from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
 from .alphabets import default_alphabet, to_strings, token_ids, well_padded
 from .mdlm import MaskedDiffusionProcess
 
-__all__ = ["FunctionReward", "load_target"]
+__all__ = ["FunctionReward", "MeasurementFile", "lab", "load_target"]
 
 
 def load_target(target: str) -> Callable:
@@ -83,8 +92,9 @@ class FunctionReward(Reward):
     """A user's function of sequence strings as a reward (not differentiable).
 
     Args:
-        target: ``"module:function"`` or ``"file.py:function"``; the function maps a list
-            of ``b`` strings to ``b`` numbers or ``None`` (no score: infeasible).
+        target: ``"module:function"`` or ``"file.py:function"`` (or the function itself);
+            the function maps a list of ``b`` strings to ``b`` numbers or ``None`` (no
+            score: infeasible).
         letters: the alphabet, token ``i`` is ``letters[i]``; by default the model's
             (``process``), else proteins for 20 tokens and DNA for 4.
         cheap: ``False`` (the default): the function is a real experiment, called only
@@ -99,11 +109,11 @@ class FunctionReward(Reward):
 
     differentiable = False
 
-    def __init__(self, target: str, letters: str | None = None, cheap: bool = False,
+    def __init__(self, target: str | Callable, letters: str | None = None, cheap: bool = False,
                  process: Process | None = None):
         super().__init__()
         self.target, self.simulated = str(target), bool(cheap)
-        self.fn = load_target(self.target)
+        self.fn = target if callable(target) else load_target(self.target)
         model = process.alphabet if isinstance(process, MaskedDiffusionProcess) else None
         if letters is not None:
             if not letters or len(set(letters)) != len(letters):
@@ -148,6 +158,81 @@ class FunctionReward(Reward):
                 raise RewardError(f"{self.target} returned {type(a).__name__} {a!r} for {strings[i]!r}; "
                                   "expected a number or None")
         return RewardOutput(values.to(x.device), feasible.to(x.device))
+
+
+class MeasurementFile:
+    """A lab in the loop through one CSV file with the columns ``sequence`` and ``value``.
+
+    Called with sequences, it returns their values if every one has a value in the file (a
+    number, or ``infeasible``: no score), and otherwise appends the ones not yet listed,
+    with an empty value, and raises :class:`~difftilt.core.errors.AwaitingAnswers`. Rows
+    are only ever appended, so the file can be edited between calls (other columns are
+    kept and ignored); a sequence listed twice must have one value. A file it cannot read
+    (a missing column, a value that is not a number) also leaves the designs waiting, with
+    the line to fix, rather than record them as failed.
+    """
+
+    INFEASIBLE = "infeasible"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+
+    def __str__(self) -> str:
+        return f"lab:{self.path}"
+
+    def read(self) -> dict[str, float | None | str]:
+        """``sequence -> value``: a number, ``None`` (infeasible) or ``""`` (not measured yet)."""
+        if not self.path.is_file():
+            return {}
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            if not {"sequence", "value"} <= set(reader.fieldnames or ()):
+                raise AwaitingAnswers(f"{self.path}: needs the columns 'sequence' and 'value', has "
+                                  f"{', '.join(reader.fieldnames or ()) or 'none'}")
+            known: dict[str, float | None | str] = {}
+            for line, row in enumerate(reader, start=2):
+                seq, text = (row["sequence"] or "").strip(), (row["value"] or "").strip()
+                value = self._value(text, line)
+                if seq in known and known[seq] != value and "" not in (known[seq], value):
+                    raise AwaitingAnswers(f"{self.path} line {line}: {seq} is listed again with another value "
+                                      f"({text!r} after {known[seq]!r})")
+                if value != "" or seq not in known:
+                    known[seq] = value
+        return known
+
+    def _value(self, text: str, line: int) -> float | None | str:
+        if text == "" or text.lower() == self.INFEASIBLE:
+            return None if text else ""
+        try:
+            return float(text)
+        except ValueError:
+            raise AwaitingAnswers(f"{self.path} line {line}: value {text!r} is neither a number nor "
+                              f"'{self.INFEASIBLE}'") from None
+
+    def __call__(self, sequences: list[str]) -> list[float | None]:
+        known = self.read()
+        waiting = [s for s in dict.fromkeys(sequences) if known.get(s, "") == ""]
+        if not waiting:
+            return [known[s] for s in sequences]
+        new = [s for s in waiting if s not in known]
+        if new:
+            header = not self.path.is_file() or self.path.stat().st_size == 0
+            new_line = not header and not self.path.read_bytes().endswith(b"\n")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", newline="") as f:
+                if new_line:
+                    f.write("\n")
+                writer = csv.writer(f, lineterminator="\n")
+                if header:
+                    writer.writerow(["sequence", "value"])
+                writer.writerows([s, ""] for s in new)
+        raise AwaitingAnswers(f"fill in their value (a number, or '{self.INFEASIBLE}') in {self.path}",
+                              count=len(waiting))
+
+
+def lab(file: str, letters: str | None = None, process: Process | None = None) -> FunctionReward:
+    """The ``lab`` reward: a :class:`MeasurementFile` as the oracle (a real experiment)."""
+    return FunctionReward(MeasurementFile(file), letters=letters, process=process)
 
 
 def _is_scalar_tensor(a) -> bool:

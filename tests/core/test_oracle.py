@@ -158,3 +158,32 @@ def test_a_new_store_appears_with_its_table(tmp_path, monkeypatch):
     with SQLiteFeedbackStore(path, readonly=True) as reader:
         assert reader.count(("answered",)) == 0
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_designs_out_for_measurement_stay_pending_use_no_budget_and_are_asked_again_later(store):
+    from difftilt.core.errors import AwaitingAnswers
+
+    class Lab:
+        """Has results for designs whose first coordinate is below 2 only, until the plate is read."""
+
+        def __init__(self):
+            self.calls, self.read = 0, False
+
+        def __call__(self, x):
+            self.calls += 1
+            if not self.read and (x[:, 0] >= 2).any():
+                raise AwaitingAnswers("read plate 7")
+            return x.sum(-1)
+
+    lab = Lab()
+    oracle = Oracle(lab, budget=10, store=store, batch_size=2)
+    x = torch.tensor([[0.0, 1.0], [1.0, 1.0], [2.0, 0.0], [3.0, 0.0], [1.5, 0.0]])
+    with pytest.raises(AwaitingAnswers, match="^2 designs await the oracle's answers: read plate 7$") as err:
+        oracle.query(x)
+    assert (err.value.count, err.value.reason) == (2, "read plate 7")
+    assert [r.status for r in store.records()] == ["answered", "answered", "pending", "pending", "answered"]
+    assert oracle.used == 3 and lab.calls == 3  # each batch asked once: waiting is not retried
+    lab.read = True
+    answer = oracle.answer_pending()
+    assert answer.status == ["answered", "answered"] and answer.value.tolist() == [2.0, 3.0]
+    assert oracle.used == 5 and [r.status for r in store.records()] == ["answered"] * 5

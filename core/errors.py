@@ -59,11 +59,11 @@ class OracleError(DifftiltError, RuntimeError):
 class AwaitingAnswers(DifftiltError):
     """The oracle sent designs out to be measured and has no answers yet (a lab assay).
 
-    Raised by a reward (e.g. a function that finds no results yet); the oracle leaves those
-    designs ``pending`` in the feedback store, asks the rest of the batch's round, and raises
-    it again with ``count``, the designs that wait, and the reward's ``reason`` (e.g. which
-    file to fill in). ``difftilt online`` stops with exit status
-    3, and ``difftilt online --resume RUN`` asks for exactly those designs again.
+    Raised by a reward (e.g. a function that finds no results yet); the oracle leaves that
+    batch's designs ``pending`` in the feedback store, asks the query's other batches, and
+    raises it again with ``count``, the designs that wait, and the reward's ``reason`` (e.g.
+    which file to fill in). ``difftilt online`` stops with exit status 3, and
+    ``difftilt online --resume RUN`` asks for exactly those designs again.
     """
 
     def __init__(self, message: str, count: int = 0, reason: str | None = None):

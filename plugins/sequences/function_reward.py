@@ -167,7 +167,8 @@ class MeasurementFile:
     number, or ``infeasible``: no score), and otherwise appends the ones not yet listed,
     with an empty value, and raises :class:`~difftilt.core.errors.AwaitingAnswers`. Rows
     are only ever appended, so the file can be edited between calls (other columns are
-    kept and ignored); a sequence listed twice must have one value. A file it cannot read
+    kept and ignored); a sequence listed twice must have one value. A relative path is read
+    from the working directory, so resume a run from where it started. A file it cannot read
     (a missing column, a value that is not a number) also leaves the designs waiting, with
     the line to fix, rather than record them as failed.
     """
@@ -226,7 +227,7 @@ class MeasurementFile:
                 if header:
                     writer.writerow(["sequence", "value"])
                 writer.writerows([s, ""] for s in new)
-        raise AwaitingAnswers(f"fill in their value (a number, or '{self.INFEASIBLE}') in {self.path}",
+        raise AwaitingAnswers(f"fill in their value (a number, or '{self.INFEASIBLE}') in {self.path.absolute()}",
                               count=len(waiting))
 
 

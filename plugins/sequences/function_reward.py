@@ -189,26 +189,28 @@ class MeasurementFile:
             reader = csv.DictReader(f)
             if not {"sequence", "value"} <= set(reader.fieldnames or ()):
                 raise AwaitingAnswers(f"{self.path}: needs the columns 'sequence' and 'value', has "
-                                  f"{', '.join(reader.fieldnames or ()) or 'none'}")
+                                      f"{', '.join(reader.fieldnames or ()) or 'none'}")
             known: dict[str, float | None | str] = {}
             for line, row in enumerate(reader, start=2):
                 seq, text = (row["sequence"] or "").strip(), (row["value"] or "").strip()
                 value = self._value(text, line)
                 if seq in known and known[seq] != value and "" not in (known[seq], value):
                     raise AwaitingAnswers(f"{self.path} line {line}: {seq} is listed again with another value "
-                                      f"({text!r} after {known[seq]!r})")
+                                          f"({text!r} after {known[seq]!r})")
                 if value != "" or seq not in known:
                     known[seq] = value
         return known
 
     def _value(self, text: str, line: int) -> float | None | str:
-        if text == "" or text.lower() == self.INFEASIBLE:
-            return None if text else ""
+        if text == "":
+            return ""  # not measured yet
+        if text.lower() == self.INFEASIBLE:
+            return None
         try:
             return float(text)
         except ValueError:
             raise AwaitingAnswers(f"{self.path} line {line}: value {text!r} is neither a number nor "
-                              f"'{self.INFEASIBLE}'") from None
+                                  f"'{self.INFEASIBLE}'") from None
 
     def __call__(self, sequences: list[str]) -> list[float | None]:
         known = self.read()

@@ -40,6 +40,7 @@ masked sequence, ``-a'(t) / (1 - a(t)) * sum_{masked l} log p_theta(x_l | x_t)``
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Literal
 
@@ -53,7 +54,7 @@ from difftilt.core.process import Process
 
 from .alphabets import default_alphabet, to_strings, well_padded
 
-__all__ = ["SequenceDenoiser", "MaskedDiffusionProcess", "masked_diffusion_loss", "alpha_schedule",
+__all__ = ["SequenceDenoiser", "MaskedDiffusionProcess", "masked_diffusion_loss", "alpha_schedule", "schedule_time",
            "order_log_likelihoods", "log_likelihood", "revealed_order"]
 
 
@@ -68,6 +69,16 @@ def alpha_schedule(t: Tensor, schedule: str) -> tuple[Tensor, Tensor]:
         return 1.0 - t, torch.ones_like(t)
     if schedule == "cosine":
         return torch.cos(0.5 * math.pi * t), 0.5 * math.pi * torch.sin(0.5 * math.pi * t)
+    raise ConfigError(f"schedule must be 'linear' or 'cosine', got '{schedule}'")
+
+
+def schedule_time(masked: Tensor, schedule: str) -> Tensor:
+    """The time ``t`` at which the masking probability ``1 - a(t)`` is ``masked`` (the
+    inverse of :func:`alpha_schedule`)."""
+    if schedule == "linear":
+        return masked.clone()
+    if schedule == "cosine":
+        return torch.arccos((1.0 - masked).clamp(0.0, 1.0)) * (2.0 / math.pi)
     raise ConfigError(f"schedule must be 'linear' or 'cosine', got '{schedule}'")
 
 
@@ -205,7 +216,7 @@ class MaskedDiffusionProcess(Process):
         schedule: masking schedule (see :func:`alpha_schedule`).
         alphabet: the token letters (``len == V``), used to decode; optional.
         sampler: ``"ancestral"`` or ``"first_hit"`` (see the module docstring).
-        pad: a letter of ``alphabet`` that pads sequences shorter than ``L`` at their end
+        pad: the last letter of ``alphabet``, which pads sequences shorter than ``L`` at their end
             (a model of variable-length sequences, made by the ``file`` corpus's ``pad``);
             :meth:`decode` cuts it off, and a design with a letter after a pad is not a
             sequence (:meth:`well_formed`). Each step lets a masked position take only what
@@ -238,12 +249,20 @@ class MaskedDiffusionProcess(Process):
         self.alphabet = alphabet
         if pad is not None and (alphabet is None or len(pad) != 1 or pad not in alphabet):
             raise ConfigError(f"pad must be one letter of the alphabet {alphabet!r}, got {pad!r}")
+        if pad is not None and alphabet[-1] != pad:
+            # the padding rule, mutations and decoding take the pad to be the last token
+            raise ConfigError(f"pad must be the last letter of the alphabet (e.g. 'ACGT-' with pad '-'), got pad "
+                              f"{pad!r} in {alphabet!r}")
         self.pad = pad
         self.mask_index = self.vocab_size
         self.num_steps = int(num_steps)
         self.schedule = schedule
         self.event_shape = (self.length, self.vocab_size + 1)
         t = torch.linspace(1.0, 0.0, self.num_steps + 1, dtype=torch.float64)
+        if sampler == "first_hit":
+            # step k starts with L - k of L positions masked: the time whose masking
+            # probability 1 - a(t) is (L - k) / L (what a time-conditioned denoiser was trained on)
+            t = schedule_time(1.0 - torch.arange(self.num_steps + 1, dtype=torch.float64) / self.num_steps, schedule)
         a, _ = alpha_schedule(t, schedule)
         a_t, a_s = a[:-1], a[1:]
         p_unmask = (a_s - a_t) / (1.0 - a_t)
@@ -430,20 +449,32 @@ def _path_log_likelihood(process: Process, tokens: Tensor, rank: Tensor, vocab: 
     return total.cpu()
 
 
-def log_likelihood(process: Process, tokens: Tensor, orders: int = 16,
+MAX_ALL_ORDERS = 40_320  # 8!: orders="all" for up to 8 positions
+
+
+def log_likelihood(process: Process, tokens: Tensor, orders: int | Literal["all"] = 16,
                    generator: torch.Generator | None = None) -> Tensor:
     """``log p(x)`` under a first-hitting chain, estimated from ``orders`` random reveal
     orders per sequence (see :func:`order_log_likelihoods`): ``log mean_sigma L! P(path_sigma)``.
 
     The mean inside the log is unbiased for ``p(x)``, so the estimate is biased low (by
     Jensen) and tightens as ``orders`` grows; differences between two models' estimates on
-    the same sequences and orders estimate their log-likelihood ratio. Costs ``L * orders``
-    denoiser calls per sequence. Returns ``(b,)`` float64.
+    the same sequences and orders estimate their log-likelihood ratio. ``orders="all"``
+    sums over every one of the ``L!`` orders: the exact ``log p(x)``, for ``L <= 8``
+    (TFBind8's 8-mers: 40,320 orders). Costs ``L * orders`` denoiser calls per sequence.
+    Returns ``(b,)`` float64.
     """
-    if orders < 1:
-        raise ConfigError(f"orders must be >= 1, got {orders}")
     length = process.event_shape[0]
     b = tokens.shape[0]
+    if orders == "all":
+        if math.factorial(length) > MAX_ALL_ORDERS:
+            raise ConfigError(f"orders='all' sums over the {length}! = {math.factorial(length):,} reveal orders of "
+                              f"{length} positions; it is for up to 8 positions (pass a number of random orders)")
+        every = torch.tensor(list(itertools.permutations(range(length))), dtype=torch.long)
+        ll = order_log_likelihoods(process, tokens, every.expand(b, *every.shape))
+        return torch.logsumexp(ll, 1) - math.lgamma(length + 1)
+    if isinstance(orders, bool) or not isinstance(orders, int) or orders < 1:
+        raise ConfigError(f"orders must be a number >= 1 or 'all', got {orders!r}")
     perms = torch.argsort(torch.rand(b, orders, length, generator=generator), dim=-1)
     ll = order_log_likelihoods(process, tokens, perms)
     return torch.logsumexp(ll, 1) - math.log(orders)

@@ -243,6 +243,7 @@ def test_likelihood_over_every_reveal_order_is_the_chains_exact_law():
         exact = torch.logsumexp(ll, 1) - math.log(ll.shape[1])
         law = _sampler_law(q if model is not p else p, seqs)  # every path enumerated step by step
         assert torch.allclose(exact.exp(), law.double(), atol=1e-6)
+        assert torch.allclose(log_likelihood(model, seqs, orders="all"), exact, atol=1e-9)
         assert exact.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
         assert ll.std(1).max() > 1e-3  # a random denoiser's conditionals are not one joint law's
     # one sampled path's value is that path's own log-probability (times L!)
@@ -282,5 +283,30 @@ def test_likelihood_refuses_bad_input():
         order_log_likelihoods(fh, ok, torch.zeros(2, 1, L, dtype=torch.long))
     with pytest.raises(ShapeError, match="orders"):
         order_log_likelihoods(fh, ok, torch.arange(L).expand(3, 1, L))
-    with pytest.raises(ConfigError, match="orders"):
-        log_likelihood(fh, ok, orders=0)
+    for bad in (0, 2.5, "every"):
+        with pytest.raises(ConfigError, match="orders must be a number >= 1 or 'all'"):
+            log_likelihood(fh, ok, orders=bad)
+    long = MaskedDiffusionProcess(SequenceDenoiser(V, 9, dim=16, depth=1, heads=2), sampler="first_hit")
+    with pytest.raises(ConfigError, match=r"9! = 362,880 reveal orders"):
+        log_likelihood(long, torch.zeros(1, 9, dtype=torch.long), orders="all")
+
+
+class _TimeRecorder(SequenceDenoiser):
+    def forward(self, x, t):
+        self.seen.append((float(t), float(x[0, :, -1].mean())))  # the time and the masked fraction
+        return super().forward(x, t)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_first_hit_steps_give_a_time_conditioned_denoiser_the_time_of_their_masked_fraction(schedule):
+    # step k of a first-hitting chain has L - k of L positions masked: the denoiser, trained on
+    # x_t with masking probability 1 - a(t), should read the t at which 1 - a(t) = (L - k) / L
+    V, L = 3, 5
+    den = _TimeRecorder(V, L, dim=16, depth=1, heads=2, time_conditioning=True)
+    den.seen = []
+    p = MaskedDiffusionProcess(den, sampler="first_hit", schedule=schedule)
+    p.sample(1)
+    assert [m for _, m in den.seen] == pytest.approx([(L - k) / L for k in range(L)])
+    for t, masked in den.seen:
+        a = 1 - t if schedule == "linear" else math.cos(math.pi * t / 2)
+        assert 1 - a == pytest.approx(masked, abs=1e-6)

@@ -53,6 +53,9 @@ def test_bad_padding_gets_a_clear_error(tmp_path):
         encode_strings(["ACG", "ACGT"], "ACGT")
     with pytest.raises(ConfigError, match="pad must be one letter of the alphabet"):
         MaskedDiffusionProcess(SequenceDenoiser(4, 4, dim=8, depth=0, heads=1), alphabet="ACGT", pad="-")
+    for alphabet in ("-ACG", "AC-G"):  # the padding rule, mutations and decoding read the pad as the last token
+        with pytest.raises(ConfigError, match="pad must be the last letter of the alphabet"):
+            MaskedDiffusionProcess(SequenceDenoiser(4, 4, dim=8, depth=0, heads=1), alphabet=alphabet, pad="-")
 
 
 def test_a_padded_model_samples_with_the_first_hitting_chain_unless_the_config_says_otherwise(tmp_path):

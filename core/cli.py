@@ -120,9 +120,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if "plugin" not in config:
         raise ConfigError(f"{args.config}: a pretraining config needs 'plugin'")
     command = shlex.join(["difftilt", "pretrain", args.config, *(["--out", args.out] if args.out else [])])
-    folder = load_plugin(str(config["plugin"])).pretrain(config, progress=not args.no_progress, output=args.out,
-                                                         command=command)
+    domain = load_plugin(str(config["plugin"]))
+    folder = (domain.pretrain(config, progress=not args.no_progress, output=args.out, command=command, resume=True)
+              if args.resume else
+              domain.pretrain(config, progress=not args.no_progress, output=args.out, command=command))
     print(f"pretrained model: {folder}")
+    if (Path(folder) / "training.png").is_file():
+        print(f"loss curve: {Path(folder) / 'training.png'}")
     return 0
 
 
@@ -222,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train a domain's default model on data that ships with the package")
     p.add_argument("config", help="YAML pretraining config (see the domain's configs/pretrain_*.yaml)")
     p.add_argument("--out", help="model folder to write (overrides output)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a pretraining that was stopped, from its last saved state in the model folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_pretrain)
 

@@ -154,10 +154,12 @@ class Domain:
 
     # ------------------------------------------------------------------ pretraining
     def pretrain(self, config: dict, progress: bool = True, output: str | None = None,
-                 command: str | None = None) -> "os.PathLike":
+                 command: str | None = None, resume: bool = False) -> "os.PathLike":
         """Train this domain's default model from a pretraining config (``difftilt pretrain``)
         and return the folder written; ``command``, the command that reproduces it, is
-        recorded there. Domains without a trainable default raise."""
+        recorded there. ``resume``: continue a pretraining that was stopped
+        (``difftilt pretrain --resume``; only passed when asked, so a plugin that cannot
+        resume need not take it). Domains without a trainable default raise."""
         raise ConfigError(f"plugin '{self.name}' has no pretrain command")
 
     def load_folder(self, path: "os.PathLike") -> Process | None:

@@ -352,10 +352,10 @@ class SequencesDomain(Domain):
 
     # ------------------------------------------------------------------ pretraining
     def pretrain(self, config: dict, progress: bool = True, output: str | None = None,
-                 command: str | None = None) -> Path:
+                 command: str | None = None, resume: bool = False) -> Path:
         from .pretrain_cli import pretrain_from_config
 
-        return pretrain_from_config(config, progress=progress, output=output, command=command)
+        return pretrain_from_config(config, progress=progress, output=output, command=command, resume=resume)
 
     def load_folder(self, path) -> MaskedDiffusionProcess | None:
         """A model folder written by ``difftilt pretrain`` (e.g. ``checkpoints/tfbind8``)."""

@@ -10,6 +10,8 @@ A pretraining config (YAML)::
     model: {dim: 128, depth: 3, heads: 4}          # SequenceDenoiser options
     process: {num_steps: 64, schedule: linear}     # the reverse chain's settings
     train: {steps: 3000, batch_size: 256, lr: 1e-3, seed: 0}
+    # also: val_fraction (hold out that share, log its loss), save_every (steps between
+    # saves of the training state, for --resume)
 
 Data sources:
 
@@ -42,7 +44,7 @@ from difftilt.core.errors import ConfigError, InputDataError
 from .alphabets import DNA, PROTEIN, default_alphabet
 from .ehrlich import EhrlichFunction
 from .mdlm import MaskedDiffusionProcess, SequenceDenoiser
-from .pretrain import save_pretrained, train_masked_diffusion
+from .pretrain import STATE_FILE, plot_pretraining, read_state, save_pretrained, train_masked_diffusion
 from .tfbind8 import TFBind8
 
 __all__ = ["pretrain_from_config", "ehrlich_corpus", "tfbind8_corpus", "file_corpus", "encode_strings"]
@@ -113,11 +115,15 @@ SOURCES = {"ehrlich": ehrlich_corpus, "tfbind8": tfbind8_corpus, "file": file_co
 
 
 def pretrain_from_config(config: dict, progress: bool = True, output: str | None = None,
-                         command: str | None = None) -> Path:
+                         command: str | None = None, resume: bool = False) -> Path:
     """Train a masked-diffusion model as ``config`` says and write its folder; returns the folder.
 
     ``command`` is recorded in ``process.json`` as the command that made the model (by
-    default, by :func:`save_pretrained`, this process's own command line)."""
+    default, by :func:`save_pretrained`, this process's own command line). While it trains,
+    the folder holds its state (:data:`~.pretrain.STATE_FILE`, every ``train.save_every``
+    steps); a pretraining stopped at any moment continues with ``resume=True``
+    (``difftilt pretrain CONFIG --resume``) and ends with the same model. The finished
+    folder also holds ``training.png``, the loss (and held-out loss) against steps."""
     known = {"plugin", "output", "data", "model", "process", "train"}
     unknown = set(config) - known
     if unknown:
@@ -136,7 +142,7 @@ def pretrain_from_config(config: dict, progress: bool = True, output: str | None
     train = dict(config.get("train") or {})
     proc = dict(config.get("process") or {})
     options = validate_kwargs(train_masked_diffusion, {**model, **train}, "model/train",
-                              skip=("tokens", "vocab_size", "progress"))
+                              skip=("tokens", "vocab_size", "progress", "state_file", "resume"))
     proc_opts = validate_kwargs(MaskedDiffusionProcess, proc, "process", skip=("denoiser", "alphabet", "pad"))
     proc_opts["pad"] = pad
     if pad is not None and "sampler" not in proc_opts and "num_steps" not in proc_opts:
@@ -144,7 +150,18 @@ def pretrain_from_config(config: dict, progress: bool = True, output: str | None
     # Check the chain's settings on a throwaway denoiser before spending the training time.
     MaskedDiffusionProcess(SequenceDenoiser(len(alphabet), tokens.shape[1], dim=8, depth=0, heads=1),
                            alphabet=alphabet, **proc_opts)
-    net, losses = train_masked_diffusion(tokens, len(alphabet), progress=progress, **options)
+    state_file = Path(out) / STATE_FILE
+    if not resume and state_file.exists():
+        state = read_state(state_file)
+        raise ConfigError(f"{out} holds an unfinished pretraining (step {state['step']:,} of "
+                          f"{state['settings']['steps']:,}); continue it with --resume, or delete {state_file} "
+                          f"to start over")
+    net, log = train_masked_diffusion(tokens, len(alphabet), progress=progress, state_file=state_file,
+                                      resume=resume, **options)
     process = MaskedDiffusionProcess(net, alphabet=alphabet, **proc_opts)
-    return save_pretrained(process, out, data={"name": name, **data, "num_sequences_used": int(tokens.shape[0])},
-                           train={**model, **train}, losses=losses, command=command)
+    folder = save_pretrained(process, out, data={"name": name, **data, "num_sequences_used": int(tokens.shape[0])},
+                             train={**model, **train}, losses=log.losses, val_losses=log.val_losses,
+                             command=command)
+    plot_pretraining(log, folder / "training.png", title=f"{name} corpus, {tokens.shape[0]:,} sequences")
+    state_file.unlink(missing_ok=True)
+    return folder

@@ -87,8 +87,9 @@ def test_trajectory_kl_is_zero_for_identical_models_and_positive_otherwise():
 def test_pretraining_learns_a_fixed_pattern_and_round_trips(tmp_path):
     V, L = 4, 5
     data = torch.tensor([[0, 1, 2, 3, 0], [3, 2, 1, 0, 3]]).repeat(64, 1)
-    net, losses = train_masked_diffusion(data, V, dim=32, depth=2, heads=2, steps=800, batch_size=64, lr=3e-3,
-                                         warmup=10, progress=False)
+    net, log = train_masked_diffusion(data, V, dim=32, depth=2, heads=2, steps=800, batch_size=64, lr=3e-3,
+                                      warmup=10, progress=False)
+    losses = log.losses
     assert losses[-1] < 0.5 * losses[0]
     p = MaskedDiffusionProcess(net, num_steps=100, alphabet="ACGT")  # few simultaneous unmaskings
     x = p.sample(200, generator=torch.Generator().manual_seed(0))

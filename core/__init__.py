@@ -20,6 +20,7 @@ from .errors import (
     OracleError,
     PluginNotFoundError,
     RewardError,
+    TrainingDivergedError,
     ShapeError,
 )
 from .finetune import Finetuner, FinetuneResult, ValueReward, estimate_kl, estimate_path_kl
@@ -39,7 +40,7 @@ __all__ = [
     "StepDistribution", "GaussianStep", "CategoricalStep", "SinglePositionStep",
     "DifftiltError", "ConfigError", "ShapeError", "InputDataError", "RewardError", "DeterministicStepError",
     "PluginNotFoundError", "OptionalDependencyError", "CheckpointError", "BudgetExceededError", "OracleError",
-    "AwaitingAnswers",
+    "AwaitingAnswers", "TrainingDivergedError",
     "Oracle", "OracleAnswer", "FeedbackStore", "SQLiteFeedbackStore",
     "RewardModel", "EnsembleRewardModel", "LastLayerUCBRewardModel", "Posterior", "AcquisitionReward",
     "UCB", "MaxOverHeads", "Greedy", "Thompson",

@@ -69,10 +69,15 @@ def save_model(model: Process, pretrained: Process, directory: str | os.PathLike
     trained copy of it), possibly preceded by a learned initial chain (a tilted Brownian
     chain), possibly after several rounds -- as long as its transitions are a tilt of
     ``pretrained`` itself it is self-contained. The pretrained chain is not stored: it is
-    rebuilt from ``plugin`` and ``process`` on loading.
+    rebuilt from ``plugin`` and ``process`` on loading. A relative ``path`` in ``process``
+    (a pretrained model folder named from the run's working directory) is stored absolute,
+    so that the checkpoint loads from any other.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    path = process.get("path")
+    if isinstance(path, str) and not Path(path).is_absolute() and Path(path).exists():
+        process = {**process, "path": str(Path(path).resolve())}
     index: dict[str, Any] = {
         "format": FORMAT,
         "plugin": plugin,

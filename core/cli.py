@@ -161,6 +161,17 @@ def _load_sampler(path: Path):
                           f"model folder of an installed plugin (tried: {', '.join(tried) or 'none installed'})")
 
 
+def _sample_in_batches(model, n: int, batch_size: int, generator, progress: bool):
+    """``n`` samples, ``batch_size`` chains at a time from one generator (memory stays that of
+    one batch; ``n <= batch_size`` is one ``model.sample`` call), with a progress bar."""
+    import torch
+    from tqdm.auto import tqdm
+
+    sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
+    bar = tqdm(sizes, desc="sampling", unit="batch", disable=not progress or len(sizes) == 1, dynamic_ncols=True)
+    return torch.cat([model.sample(size, generator=generator).detach() for size in bar])
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .rollout import step_generator
@@ -169,8 +180,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if out.suffix not in (".safetensors", ".npy", *TEXT_SUFFIXES):
         raise ConfigError(f"--output {out}: write .safetensors, .npy, or text designs to "
                           f"{' / '.join(TEXT_SUFFIXES)}")
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise ConfigError(f"--num-samples and --batch-size must be >= 1, got {args.num_samples} and {args.batch_size}")
+    if out.is_dir():
+        raise ConfigError(f"--output {out} is a folder; name a file in it")
+    try:  # before the sampling, which may take long
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--output {out}: cannot make its folder ({e.strerror or e})") from None
     model, reference, domain = _load_sampler(Path(args.model))
-    x = model.sample(args.num_samples, generator=step_generator(args.seed, -3, model.device))
+    x = _sample_in_batches(model, args.num_samples, args.batch_size,
+                           step_generator(args.seed, -3, model.device), progress=not args.no_progress)
     if out.suffix in TEXT_SUFFIXES:
         text = domain.decode(x, process=reference)
         if not all(isinstance(t, str) for t in text):
@@ -237,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="samples.safetensors",
                    help=".safetensors or .npy; .fasta / .fa / .txt: the designs as text (sequences)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1024, help="chains sampled at once (memory)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_sample)
     return parser
 

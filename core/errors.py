@@ -56,6 +56,10 @@ class OracleError(DifftiltError, RuntimeError):
     """The ground-truth oracle failed on a batch after its retries (the failure is recorded)."""
 
 
+class TrainingDivergedError(DifftiltError, FloatingPointError):
+    """A training loss became NaN or infinite (a learning rate too high, most often)."""
+
+
 class AwaitingAnswers(DifftiltError):
     """The oracle sent designs out to be measured and has no answers yet (a lab assay).
 

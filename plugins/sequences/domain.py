@@ -332,6 +332,9 @@ class SequencesDomain(Domain):
         kmer = max((k for k in (3, 4) if reference.vocab_size**k <= 1024), default=0)
         phi = OneHotFeatures(reference.vocab_size, max_gap=min(16, reference.length - 1), max_kmer=kmer)
         if reverse_complement:
+            if reference.pad is not None:  # the other strand of a shorter design would start with padding
+                raise ConfigError(f"features.reverse_complement reads designs of one length; this model pads "
+                                  f"shorter ones with {reference.pad!r} (its alphabet {reference.alphabet!r})")
             letters = reference.alphabet or default_alphabet(reference.vocab_size)
             phi = BothStrands(phi, complement_order(letters))
         return phi

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difftilt.core.config import atomic_write_text
-from difftilt.core.errors import CheckpointError, ConfigError
+from difftilt.core.errors import CheckpointError, ConfigError, TrainingDivergedError
 
 from .mdlm import MaskedDiffusionProcess, SequenceDenoiser, masked_diffusion_loss
 
@@ -111,8 +111,15 @@ def train_masked_diffusion(
         raise ConfigError(f"pretraining data must be (n >= 2, length) token ids, got shape {tuple(tokens.shape)}")
     if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
         raise ConfigError(f"pretraining tokens must be in [0, {vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
-    if save_every < 1:
-        raise ConfigError(f"train.save_every must be >= 1, got {save_every}")
+    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("save_every", save_every, 1),
+                             ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"train.{name} must be a whole number >= {low}, got {value!r}")
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                or (name == "lr" and value == 0):
+            raise ConfigError(f"train.{name} must be a {'positive' if name == 'lr' else 'non-negative'} number, "
+                              f"got {value!r}")
     if resume and state_file is None:
         raise ConfigError("resume needs the state_file to continue from")
     settings = {"vocab_size": vocab_size, "dim": dim, "depth": depth, "heads": heads,
@@ -153,7 +160,8 @@ def train_masked_diffusion(
         idx = torch.randint(tokens.shape[0], (batch_size,), generator=g)
         loss = masked_diffusion_loss(net, tokens[idx], schedule, generator=g)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretraining loss is {loss.item()} at step {i}; lower the learning rate")
+            raise TrainingDivergedError(f"the pretraining loss is {loss.item()} at step {i}: training diverged; "
+                                        f"lower train.lr (now {lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -203,7 +211,8 @@ def read_state(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"nothing to resume: no unfinished pretraining at {path}") from None
     except Exception as e:  # noqa: BLE001 - a torn or foreign file
-        raise CheckpointError(f"{path} is not a readable pretraining state ({type(e).__name__}: {e}); "
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path} is not a readable pretraining state ({type(e).__name__}: {first}); "
                               f"delete it to start over") from None
 
 

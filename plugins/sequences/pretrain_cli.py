@@ -19,8 +19,8 @@ Data sources:
   (its Markov chain), with ``num_states, length, num_motifs, motif_length, quantization,
   seed``; data seed ``data_seed``.
 * ``tfbind8``: the lower half of the TFBind8 table (design-bench's offline set), ``table``.
-* ``file``: one sequence per line (FASTA headers ``>`` skipped) over ``alphabet``, all of
-  the same length; or, with ``pad`` (a character outside ``alphabet``, e.g. ``"-"``), of
+* ``file``: one sequence per line, or FASTA (each record's lines joined), over ``alphabet``
+  (upper case; the file is read in upper case), all of the same length; or, with ``pad`` (a character outside ``alphabet``, e.g. ``"-"``), of
   any lengths: each is padded at its end with ``pad`` to the longest one's length
   (``length``, if given, longer sequences are an error), and the model learns where its
   sequences end. ``pad`` becomes the alphabet's last letter and the process's padding letter
@@ -34,6 +34,8 @@ Data sources:
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,11 +53,11 @@ __all__ = ["pretrain_from_config", "ehrlich_corpus", "tfbind8_corpus", "file_cor
 
 
 def encode_strings(lines: list[str], alphabet: str, pad: str | None = None,
-                   length: int | None = None) -> torch.Tensor:
+                   length: int | None = None, where: list[str] | None = None) -> torch.Tensor:
     """Strings over ``alphabet`` -> ``(n, L)`` token ids, with a clear error naming the first
     bad letter or length. Without ``pad`` all must have one length; with ``pad`` (a letter of
     ``alphabet`` that no string uses) each is padded at its end to ``length`` (default: the
-    longest string's)."""
+    longest string's). ``where``: each string's place in its file, for the errors."""
     lookup = {c: i for i, c in enumerate(alphabet)}
     if not lines:
         raise InputDataError("no sequences given")
@@ -67,19 +69,20 @@ def encode_strings(lines: list[str], alphabet: str, pad: str | None = None,
             raise InputDataError(f"length must be >= 1, got {L}")
     out = torch.empty(len(lines), L, dtype=torch.long)
     for n, s in enumerate(lines):
+        name = f"sequence {n}" + (f" ({where[n]})" if where else "")
         if pad is None:
             if len(s) != L:
-                raise InputDataError(f"sequence {n} has length {len(s)}, expected {L} (all sequences must have one "
+                raise InputDataError(f"{name} has length {len(s)}, expected {L} (all sequences must have one "
                                      "length, or give a padding letter)")
         else:
             if not 1 <= len(s) <= L:
-                raise InputDataError(f"sequence {n} has length {len(s)}, expected 1 to {L}")
+                raise InputDataError(f"{name} has length {len(s)}, expected 1 to {L}")
             if pad in s:
-                raise InputDataError(f"sequence {n} contains the padding letter {pad!r} at position {s.index(pad)}")
+                raise InputDataError(f"{name} contains the padding letter {pad!r} at position {s.index(pad)}")
             s += pad * (L - len(s))
         for j, c in enumerate(s):
             if c not in lookup:
-                raise InputDataError(f"sequence {n} has letter {c!r} at position {j}, outside the alphabet {alphabet!r}")
+                raise InputDataError(f"{name} has letter {c!r} at position {j}, outside the alphabet {alphabet!r}")
             out[n, j] = lookup[c]
     return out
 
@@ -101,14 +104,66 @@ def file_corpus(path: str, alphabet: str = PROTEIN, pad: str | None = None,
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"data.path: no file {p}")
-    if pad is not None and (not isinstance(pad, str) or len(pad) != 1 or pad.upper() in alphabet.upper()):
-        raise ConfigError(f"data.pad must be one character outside the alphabet {alphabet!r}, got {pad!r}")
+    if not isinstance(alphabet, str) or not alphabet:
+        raise ConfigError(f"data.alphabet must be a string of letters, got {alphabet!r}")
+    alphabet = alphabet.upper()  # the file is read in upper case
+    twice = sorted({c for c in alphabet if alphabet.count(c) > 1})
+    if twice:
+        raise ConfigError(f"data.alphabet {alphabet!r} has {', '.join(map(repr, twice))} more than once")
+    if pad is not None and (not isinstance(pad, str) or len(pad) != 1 or pad.upper() in alphabet
+                            or pad in "?>" or pad.isspace()):
+        raise ConfigError(f"data.pad must be one character outside the alphabet {alphabet!r} (not '?', which shows "
+                          f"a masked position, '>' or a space), got {pad!r}")
     if length is not None and pad is None:
         raise ConfigError("data.length pads sequences to a length: it needs data.pad")
-    lines = [ln.strip().upper() for ln in p.read_text().splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith(">")]
+    seqs, where = read_sequences(p)
     letters = alphabet if pad is None else alphabet + pad
-    return encode_strings(lines, letters, pad, length), letters, pad
+    tokens = encode_strings(seqs, letters, pad, length, where)
+    used = set("".join(seqs))
+    if alphabet == PROTEIN and (used <= set("ACGT") or used <= set("ACGU")):
+        warnings.warn(f"{p}: data.alphabet is the 20 amino acids (the default), but the file uses only "
+                      f"{''.join(sorted(used))}: for nucleotides, set data.alphabet (e.g. ACGT)", UserWarning,
+                      stacklevel=2)
+    return tokens, letters, pad
+
+
+def read_sequences(path: Path) -> tuple[list[str], list[str]]:
+    """The sequences of a text file, upper-cased, and where each starts (``line N of
+    NAME``): one per line, or FASTA (a ``>`` header, then the record's sequence over one
+    line or several, which are joined). Blank lines are skipped; a byte-order mark and
+    Windows line ends are read as nothing."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputDataError(f"{path}: line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file "
+                             f"as UTF-8 or plain ASCII") from None
+    lines = [ln.strip() for ln in text.splitlines()]
+    fasta = any(ln.startswith(">") for ln in lines)
+    seqs: list[str] = []
+    where: list[str] = []
+    joining = False
+    for n, ln in enumerate(lines, 1):
+        if ln.startswith(">"):
+            joining = False
+        elif ln:
+            if fasta and joining:
+                seqs[-1] += ln.upper()
+            else:
+                seqs.append(ln.upper())
+                where.append(f"line {n} of {path.name}")
+                joining = fasta
+    return seqs, where
+
+
+def _check_writable_folder(out: Path) -> None:
+    """A model folder that cannot be written is an error before the training, not after it."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} is a file, not a model folder")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output {out}: cannot make the model folder there ({existing} is not a writable folder)")
 
 
 SOURCES = {"ehrlich": ehrlich_corpus, "tfbind8": tfbind8_corpus, "file": file_corpus}
@@ -150,6 +205,7 @@ def pretrain_from_config(config: dict, progress: bool = True, output: str | None
     # Check the chain's settings on a throwaway denoiser before spending the training time.
     MaskedDiffusionProcess(SequenceDenoiser(len(alphabet), tokens.shape[1], dim=8, depth=0, heads=1),
                            alphabet=alphabet, **proc_opts)
+    _check_writable_folder(Path(out))
     state_file = Path(out) / STATE_FILE
     if not resume and state_file.exists():
         state = read_state(state_file)

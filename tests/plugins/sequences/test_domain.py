@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from difftilt.core.errors import ConfigError
+from difftilt.core.errors import ConfigError, InputDataError
 from difftilt.core.plugins import load_plugin
 from difftilt.core.testing import DomainContract
 from difftilt.plugins.sequences import (PROTEIN, EhrlichFunction, EhrlichReward, OneHotFeatures, TFBind8,
@@ -191,7 +191,7 @@ def test_pretrain_reports_a_bad_letter_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "difftilt", "pretrain", str(cfg)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "difftilt: error: sequence 1 has letter 'X' at position 2, outside the alphabet 'ACGT'"]
+        "difftilt: error: sequence 1 (line 4 of seqs.fa) has letter 'X' at position 2, outside the alphabet 'ACGT'"]
     assert not (tmp_path / "m").exists()
 
 
@@ -405,3 +405,58 @@ def test_edit_share_must_leave_the_model_a_share():
     for bad in (1.0, -0.1):
         with pytest.raises(ConfigError, match=r"config.edit_share: a share of each round in \[0, 1\)"):
             _validate({**base, "edit_share": bad})
+
+
+def test_a_sequence_file_is_read_as_fasta_records_or_lines_whatever_its_encoding_marks(tmp_path):
+    from difftilt.plugins.sequences.pretrain_cli import file_corpus
+
+    wrapped = tmp_path / "wrapped.fa"  # records over several lines, as most FASTA files write them
+    wrapped.write_bytes(b"\xef\xbb\xbf>one\r\nACGT\r\nTT\r\n\r\n>two\r\nacgtac\r\n")  # Excel's BOM, Windows ends
+    tokens, letters, _ = file_corpus(str(wrapped), alphabet="acgt")
+    assert letters == "ACGT" and tokens.tolist() == [[0, 1, 2, 3, 3, 3], [0, 1, 2, 3, 0, 1]]
+    plain = tmp_path / "plain.txt"  # no headers: one sequence per line
+    plain.write_text("ACG\nTTA\n")
+    assert file_corpus(str(plain), alphabet="ACGT")[0].tolist() == [[0, 1, 2], [3, 3, 0]]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"ACGT\nAC\xb5T\n")
+    with pytest.raises(InputDataError, match=r"latin.txt: line 2 is not UTF-8 text \(byte 0xb5\)"):
+        file_corpus(str(latin), alphabet="ACGT")
+    with pytest.raises(ConfigError, match="'A' more than once"):
+        file_corpus(str(plain), alphabet="ACGTa")
+    with pytest.warns(UserWarning, match="uses only ACGT: for nucleotides, set data.alphabet"):
+        file_corpus(str(plain))  # the default alphabet is the amino acids'
+
+
+def test_sample_checks_its_output_and_count_before_sampling_and_makes_the_output_folder(tiny_tfbind_model, tmp_path,
+                                                                                       capsys):
+    from difftilt.core.cli import main
+
+    for args, message in ((["-n", "0"], "--num-samples and --batch-size must be >= 1, got 0 and 1024"),
+                          (["-n", "4", "-o", str(tmp_path / "dir.fasta")], "is a folder; name a file in it")):
+        (tmp_path / "dir.fasta").mkdir(exist_ok=True)
+        out = ["-o", str(tmp_path / "x.fasta")] if "-o" not in args else []
+        assert main(["sample", str(tiny_tfbind_model), *args, *out]) == 2
+        assert message in capsys.readouterr().err
+    nested = tmp_path / "new" / "folder" / "designs.fasta"
+    assert main(["sample", str(tiny_tfbind_model), "-n", "5", "-o", str(nested)]) == 0
+    assert nested.read_text().count(">sample_") == 5
+    # in batches of 2 from one generator: the same designs as the first call's of its size
+    batched = tmp_path / "batched.txt"
+    assert main(["sample", str(tiny_tfbind_model), "-n", "5", "--batch-size", "2", "-o", str(batched),
+                 "--no-progress"]) == 0
+    assert len(batched.read_text().split()) == 5
+
+
+def test_a_fine_tuned_checkpoint_of_a_model_named_by_a_relative_path_loads_from_any_folder(tiny_tfbind_model,
+                                                                                           tmp_path, monkeypatch):
+    import copy
+
+    from difftilt.core.checkpoint import load_finetuned, save_model
+
+    monkeypatch.chdir(tiny_tfbind_model.parent)
+    spec = {"name": "pretrained", "path": tiny_tfbind_model.name}  # as a config names it, from the run's folder
+    process = load_plugin("sequences").make_process(spec)
+    save_model(copy.deepcopy(process), process, tmp_path / "ck", plugin="sequences", process=spec)
+    monkeypatch.chdir(tmp_path)
+    assert json.loads((tmp_path / "ck" / "model_index.json").read_text())["process"]["path"] == str(tiny_tfbind_model)
+    assert load_finetuned(tmp_path / "ck").model.sample(2).shape == (2, 8, 5)

@@ -111,3 +111,34 @@ def test_the_pretrain_command_refuses_to_overwrite_a_stopped_run_and_resumes_it_
     assert (whole / "denoiser.safetensors").read_bytes() == (folder / "denoiser.safetensors").read_bytes()
     assert main(["pretrain", str(path), "--no-progress", "--resume"]) == 2  # nothing left to resume
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_bad_training_settings_and_an_unwritable_output_are_errors_before_any_training(tmp_path, capsys):
+    plain = tmp_path / "seqs.txt"
+    plain.write_text("ACGT\nTTGA\nCCAA\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    base = {"plugin": "sequences", "output": str(tmp_path / "m"),
+            "data": {"name": "file", "path": str(plain), "alphabet": "ACGT"},
+            "model": {"dim": 8, "depth": 1, "heads": 1}, "train": {"steps": 3, "batch_size": 2, "warmup": 1}}
+    cases = [({"train": {"steps": 0}}, "train.steps must be a whole number >= 1, got 0"),
+             ({"train": {"batch_size": 0}}, "train.batch_size must be a whole number >= 1, got 0"),
+             ({"train": {"lr": 0.0}}, "train.lr must be a positive number, got 0.0"),
+             ({"output": str(a_file)}, f"output {a_file} is a file, not a model folder"),
+             ({"output": str(a_file / "m")}, "is not a writable folder"),
+             ({"train": {"steps": 5, "lr": 1e30}}, "training diverged; lower train.lr (now 1e+30)")]
+    for change, message in cases:
+        cfg = {**base, **{k: ({**base[k], **v} if isinstance(v, dict) else v) for k, v in change.items()}}
+        path = tmp_path / "p.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        assert main(["pretrain", str(path), "--no-progress"]) == 2, change
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (change, err)
+        assert not (tmp_path / "m").exists() or change["train"].get("lr") == 1e30
+    state = tmp_path / "m" / STATE_FILE
+    state.parent.mkdir(exist_ok=True)
+    state.write_bytes(b"not a state")
+    path.write_text(yaml.safe_dump(base))
+    assert main(["pretrain", str(path), "--no-progress", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a readable pretraining state" in err[0] and "delete it to start over" in err[0]

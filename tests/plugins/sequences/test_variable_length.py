@@ -12,6 +12,7 @@ from difftilt.plugins.sequences import FunctionReward
 from difftilt.plugins.sequences.alphabets import PROTEIN, well_padded
 from difftilt.plugins.sequences.descriptors import DescriptorConstraint, ProteinDescriptor, protein_descriptor
 from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, SequenceDenoiser, padding_rule
+from difftilt.plugins.sequences.domain import SequencesDomain
 from difftilt.plugins.sequences.pretrain import load_pretrained
 from difftilt.plugins.sequences.pretrain_cli import encode_strings, file_corpus, pretrain_from_config
 
@@ -30,7 +31,7 @@ def _one_hot(seqs: list[str]) -> torch.Tensor:
 
 def test_a_file_of_sequences_of_any_length_is_padded_at_their_ends(tmp_path):
     fasta = tmp_path / "seqs.fa"
-    fasta.write_text(">a\nACG\n>b\nA\nacgta\n")
+    fasta.write_text(">a\nACG\n>b\nA\n>c\nacgta\n")
     tokens, letters, pad = file_corpus(str(fasta), alphabet="ACGT", pad="-")
     assert (letters, pad) == (LETTERS, "-")
     assert tokens.tolist() == [[0, 1, 2, 4, 4], [0, 4, 4, 4, 4], [0, 1, 2, 3, 0]]
@@ -41,18 +42,22 @@ def test_a_file_of_sequences_of_any_length_is_padded_at_their_ends(tmp_path):
 def test_bad_padding_gets_a_clear_error(tmp_path):
     fasta = tmp_path / "seqs.fa"
     fasta.write_text("ACG\nAC-G\n")
-    with pytest.raises(InputDataError, match="sequence 1 contains the padding letter '-' at position 2"):
+    with pytest.raises(InputDataError, match=r"sequence 1 \(line 2 of seqs.fa\) contains the padding letter '-' at position 2"):
         file_corpus(str(fasta), alphabet="ACGT", pad="-")
     with pytest.raises(ConfigError, match="one character outside the alphabet"):
         file_corpus(str(fasta), alphabet="ACGT", pad="A")
     with pytest.raises(ConfigError, match="needs data.pad"):
         file_corpus(str(fasta), alphabet="ACGT", length=8)
+    with pytest.raises(ConfigError, match="not '\\?', which shows a masked position"):
+        file_corpus(str(fasta), alphabet="ACGT", pad="?")
     with pytest.raises(InputDataError, match="sequence 1 has length 4, expected 1 to 3"):
         encode_strings(["ACG", "ACGT"], LETTERS, pad="-", length=3)
     with pytest.raises(InputDataError, match="or give a padding letter"):
         encode_strings(["ACG", "ACGT"], "ACGT")
     with pytest.raises(ConfigError, match="pad must be one letter of the alphabet"):
         MaskedDiffusionProcess(SequenceDenoiser(4, 4, dim=8, depth=0, heads=1), alphabet="ACGT", pad="-")
+    with pytest.raises(ConfigError, match="reverse_complement reads designs of one length; this model pads"):
+        SequencesDomain().featurizer(_process(), reverse_complement=True)
     for alphabet in ("-ACG", "AC-G"):  # the padding rule, mutations and decoding read the pad as the last token
         with pytest.raises(ConfigError, match="pad must be the last letter of the alphabet"):
             MaskedDiffusionProcess(SequenceDenoiser(4, 4, dim=8, depth=0, heads=1), alphabet=alphabet, pad="-")

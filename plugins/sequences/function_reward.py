@@ -36,9 +36,12 @@ yet, and it stays pending until the run is resumed.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib
 import importlib.util
+import io
+import math
 import numbers
 import sys
 from pathlib import Path
@@ -169,37 +172,69 @@ class MeasurementFile:
     are only ever appended, so the file can be edited between calls (other columns are
     kept and ignored); a sequence listed twice must have one value. A relative path is read
     from the working directory, so resume a run from where it started. A file it cannot read
-    (a missing column, a value that is not a number) also leaves the designs waiting, with
-    the line to fix, rather than record them as failed.
+    (not UTF-8 text, a missing column, a value that is not a finite number) also leaves the
+    designs waiting, with the line to fix, rather than record them as failed: a typo must
+    not cost a measurement, nor budget.
+
+    The file is UTF-8, with or without the byte-order mark that Excel's "CSV UTF-8" puts
+    first. ``letters``, the model's alphabet, says whether case matters: with letters all in
+    one case (``ACGT``), a sequence typed as ``acgt`` is that design, as a person means it;
+    with both cases (or no alphabet given) it is another sequence, and the message that
+    the designs wait names the lines that differ from a waiting design only in case.
     """
 
     INFEASIBLE = "infeasible"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, letters: str | None = None):
         self.path = Path(path).expanduser()
+        self.letters = letters
 
     def __str__(self) -> str:
         return f"lab:{self.path}"
 
     def read(self) -> dict[str, float | None | str]:
-        """``sequence -> value``: a number, ``None`` (infeasible) or ``""`` (not measured yet)."""
+        """``sequence -> value``: a number, ``None`` (infeasible) or ``""`` (not measured yet);
+        with an alphabet in one case, the sequences are in its case, as the designs are."""
+        return {seq: value for seq, (value, _, _) in self._read(_case_fold(self.letters))[0].items()}
+
+    def _read(self, fold: Callable[[str], str] | None) -> tuple[dict[str, tuple[float | None | str, int, str]], str]:
+        """The file's sequences (through ``fold``) as ``sequence -> (value, line, as typed)``,
+        from the line that gives the value (else the first that lists it), and its text."""
         if not self.path.is_file():
-            return {}
-        with open(self.path, newline="") as f:
-            reader = csv.DictReader(f)
-            if not {"sequence", "value"} <= set(reader.fieldnames or ()):
+            return {}, ""
+        data = self.path.read_bytes()
+        if data.startswith(codecs.BOM_UTF8):  # Excel's "CSV UTF-8"; a header '\ufeffsequence' is no column
+            data = data[len(codecs.BOM_UTF8):]
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:  # an Excel "CSV" export in the computer's code page (µ as 0xb5)
+            line = data.count(b"\n", 0, e.start) + 1
+            raise AwaitingAnswers(f"{self.path} line {line}: byte {data[e.start]:#04x} is not UTF-8 text; save the "
+                                  "file as 'CSV UTF-8' (in Excel: Save As, CSV UTF-8)") from None
+        if not text.strip():
+            return {}, text  # an empty file, as if there were none: it gets its header
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        known: dict[str, tuple[float | None | str, int, str]] = {}
+        try:
+            reader.fieldnames = [name.strip() for name in reader.fieldnames or ()]
+            if not {"sequence", "value"} <= set(reader.fieldnames):
                 raise AwaitingAnswers(f"{self.path}: needs the columns 'sequence' and 'value', has "
-                                      f"{', '.join(reader.fieldnames or ()) or 'none'}")
-            known: dict[str, float | None | str] = {}
-            for line, row in enumerate(reader, start=2):
-                seq, text = (row["sequence"] or "").strip(), (row["value"] or "").strip()
-                value = self._value(text, line)
-                if seq in known and known[seq] != value and "" not in (known[seq], value):
-                    raise AwaitingAnswers(f"{self.path} line {line}: {seq} is listed again with another value "
-                                          f"({text!r} after {known[seq]!r})")
-                if value != "" or seq not in known:
-                    known[seq] = value
-        return known
+                                      f"{', '.join(reader.fieldnames) or 'none'}")
+            for row in reader:
+                line = reader.line_num  # the file's line, blank lines counted
+                typed, text_value = (row["sequence"] or "").strip(), (row["value"] or "").strip()
+                seq, value = fold(typed) if fold else typed, self._value(text_value, line)
+                if seq in known:
+                    before = known[seq][0]
+                    if before != value and "" not in (before, value):
+                        raise AwaitingAnswers(f"{self.path} line {line}: {typed} is listed again with another "
+                                              f"value ({text_value!r} after {before!r})")
+                    if value == "" or before != "":
+                        continue
+                known[seq] = (value, line, typed)
+        except csv.Error as e:  # a quote left open, say
+            raise AwaitingAnswers(f"{self.path} line {reader.line_num}: {e}") from None
+        return known, text
 
     def _value(self, text: str, line: int) -> float | None | str:
         if text == "":
@@ -207,35 +242,71 @@ class MeasurementFile:
         if text.lower() == self.INFEASIBLE:
             return None
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise AwaitingAnswers(f"{self.path} line {line}: value {text!r} is neither a number nor "
                                   f"'{self.INFEASIBLE}'") from None
+        if not math.isfinite(value):  # float() reads 'nan' and 'inf', which no assay measures
+            raise AwaitingAnswers(f"{self.path} line {line}: value {text!r} is not a finite number; a value must "
+                                  f"be a finite number or '{self.INFEASIBLE}'")
+        return value
 
     def __call__(self, sequences: list[str]) -> list[float | None]:
-        known = self.read()
-        waiting = [s for s in dict.fromkeys(sequences) if known.get(s, "") == ""]
+        fold = _case_fold(self.letters)
+        known, text = self._read(fold)
+        key = fold or (lambda s: s)
+        waiting = [s for s in dict.fromkeys(sequences) if known.get(key(s), ("",))[0] == ""]
         if not waiting:
-            return [known[s] for s in sequences]
-        new = [s for s in waiting if s not in known]
+            return [known[key(s)][0] for s in sequences]
+        new = list(dict.fromkeys(key(s) for s in waiting if key(s) not in known))
         if new:
-            header = not self.path.is_file() or self.path.stat().st_size == 0
-            new_line = not header and not self.path.read_bytes().endswith(b"\n")
+            header = not text.strip()  # no file, or an empty one: written anew, with the header
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", newline="") as f:
-                if new_line:
-                    f.write("\n")
-                writer = csv.writer(f, lineterminator="\n")
+            end = "\r\n" if "\r\n" in text else "\n"  # as the file ends its lines (Excel: CRLF)
+            with open(self.path, "w" if header else "a", encoding="utf-8", newline="") as f:
+                if not header and not text.endswith(("\n", "\r")):
+                    f.write(end)
+                writer = csv.writer(f, lineterminator=end)
                 if header:
                     writer.writerow(["sequence", "value"])
                 writer.writerows([s, ""] for s in new)
-        raise AwaitingAnswers(f"fill in their value (a number, or '{self.INFEASIBLE}') in {self.path.absolute()}",
-                              count=len(waiting))
+        raise AwaitingAnswers(f"fill in their value (a number, or '{self.INFEASIBLE}') in {self.path.absolute()}"
+                              f"{self._case_hint(waiting, known) if fold is None else ''}", count=len(waiting))
+
+    def _case_hint(self, waiting: list[str], known: dict[str, tuple[float | None | str, int, str]]) -> str:
+        """Where case matters: the lines whose sequence is a waiting design's in another case
+        (typed as a person reads it), which otherwise wait with no word why."""
+        designs = {s.casefold(): s for s in waiting}
+        near = sorted((line, typed, designs[typed.casefold()]) for seq, (_, line, typed) in known.items()
+                      if typed.casefold() in designs and typed != designs[typed.casefold()])
+        if not near:
+            return ""
+        lines = ", ".join(f"line {line} lists {typed!r} for the design {design!r}" for line, typed, design in near[:3])
+        more = f" (and {len(near) - 3} lines more)" if len(near) > 3 else ""
+        why = f"the alphabet {self.letters!r} tells" if self.letters else "with no alphabet given, the file tells"
+        return f"; {lines}{more}: {why} upper from lower case, so write a sequence as its design is written"
 
 
 def lab(file: str, letters: str | None = None, process: Process | None = None) -> FunctionReward:
-    """The ``lab`` reward: a :class:`MeasurementFile` as the oracle (a real experiment)."""
-    return FunctionReward(MeasurementFile(file), letters=letters, process=process)
+    """The ``lab`` reward: a :class:`MeasurementFile` as the oracle (a real experiment), with
+    the alphabet the reward decodes designs with, which says whether the file's case matters."""
+    sheet = MeasurementFile(file)
+    reward = FunctionReward(sheet, letters=letters, process=process)
+    sheet.letters = reward.letters  # checked against the model's alphabet by the reward
+    return reward
+
+
+def _case_fold(letters: str | None) -> Callable[[str], str] | None:
+    """``str.upper`` (or ``str.lower``) for an alphabet whose letters are all in that case, so
+    that it cannot tell ``a`` from ``A``; ``None`` where case matters, or the alphabet is not known."""
+    if not letters:
+        return None
+    cased = [c for c in letters if c.upper() != c.lower()]
+    if all(c == c.upper() for c in cased):
+        return str.upper
+    if all(c == c.lower() for c in cased):
+        return str.lower
+    return None
 
 
 def _is_scalar_tensor(a) -> bool:

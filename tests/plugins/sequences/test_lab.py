@@ -9,8 +9,10 @@ import torch
 from difftilt.core.cli import main
 from difftilt.core.errors import AwaitingAnswers
 from difftilt.core.online import run_online
+from difftilt.core.oracle import Oracle
 from difftilt.core.store import SQLiteFeedbackStore
-from difftilt.plugins.sequences import MeasurementFile
+from difftilt.plugins.sequences import DNA, MeasurementFile
+from difftilt.plugins.sequences.function_reward import lab as lab_reward
 
 ASSAY = '''
 def score(seqs):
@@ -64,6 +66,84 @@ def test_the_file_lists_what_waits_once_and_reads_numbers_and_infeasible(tmp_pat
     (tmp_path / "m.csv").write_text("seq,value\nACGT,0.5\n")
     with pytest.raises(AwaitingAnswers, match=r"needs the columns 'sequence' and 'value', has seq, value"):
         lab(["ACGT"])
+
+
+
+def _one_hot(seqs, letters=DNA):
+    ids = torch.tensor([[letters.index(c) for c in s] for s in seqs])
+    return torch.nn.functional.one_hot(ids, len(letters) + 1).float()
+
+
+def _statuses(store):
+    return [r.status for r in store.records()]
+
+
+def test_a_file_that_is_not_utf8_waits_naming_the_line_and_loses_no_measurement(tmp_path):
+    """An Excel "CSV" export in a Latin-1 code page (µ as byte 0xb5) is not a failed batch:
+    the designs stay pending, with the line, until the file is saved as UTF-8."""
+    sheet = tmp_path / "m.csv"
+    with SQLiteFeedbackStore(tmp_path / "f.sqlite") as store:
+        oracle = Oracle(lab_reward(str(sheet), letters=DNA), budget=4, store=store, batch_size=2)
+        with pytest.raises(AwaitingAnswers):
+            oracle.query(_one_hot(["ACGT", "GGGG"]))
+        sheet.write_bytes(b"sequence,value,note\nACGT,0.5,\nGGGG,0.25,5 \xb5g\n")
+        with pytest.raises(AwaitingAnswers, match=r"m.csv line 3: byte 0xb5 is not UTF-8 text; save the file as "
+                                                  r"'CSV UTF-8'") as err:
+            oracle.answer_pending()
+        assert err.value.count == 2 and _statuses(store) == ["pending", "pending"] and oracle.used == 0
+        sheet.write_bytes(b"sequence,value,note\nACGT,0.5,\nGGGG,0.25,5 \xc2\xb5g\n")
+        assert oracle.answer_pending().value.tolist() == [0.5, 0.25] and _statuses(store) == ["answered"] * 2
+
+
+def test_a_file_saved_as_csv_utf8_by_excel_is_read_past_its_byte_order_mark_and_appended_to(tmp_path):
+    sheet = tmp_path / "m.csv"
+    sheet.write_bytes(b"\xef\xbb\xbfsequence,value\r\nACGT,0.5\r\n")  # Excel: a BOM, CRLF line ends
+    lab = MeasurementFile(sheet)
+    assert lab(["ACGT"]) == [0.5]
+    with pytest.raises(AwaitingAnswers):
+        lab(["ACGT", "GGGG"])
+    assert sheet.read_bytes() == b"\xef\xbb\xbfsequence,value\r\nACGT,0.5\r\nGGGG,\r\n"
+    sheet.write_bytes(sheet.read_bytes().replace(b"GGGG,", b"GGGG,0.25"))
+    assert lab(["GGGG", "ACGT"]) == [0.25, 0.5]
+
+
+def test_sequences_typed_in_the_other_case_are_the_designs_when_the_alphabet_has_one_case(tmp_path):
+    sheet = tmp_path / "m.csv"
+    lab = MeasurementFile(sheet, letters=DNA)
+    with pytest.raises(AwaitingAnswers):
+        lab(["ACGT", "GGGG"])
+    sheet.write_text("sequence,value\nacgt,0.5\ngggg,\n")  # retyped in lower case by the lab
+    with pytest.raises(AwaitingAnswers) as err:
+        lab(["ACGT", "GGGG"])
+    assert err.value.count == 1 and sheet.read_text() == "sequence,value\nacgt,0.5\ngggg,\n"  # nothing listed again
+    sheet.write_text("sequence,value\nacgt,0.5\nGgGg,infeasible\n")
+    assert lab(["GGGG", "ACGT"]) == [None, 0.5]
+    sheet.write_text("sequence,value\nACGT,0.5\nacgt,0.6\n")
+    with pytest.raises(AwaitingAnswers, match=r"line 3: acgt is listed again with another value"):
+        lab(["ACGT"])
+    # an alphabet with both cases tells them apart: the file says which lines are not the designs
+    sheet.write_text("sequence,value\naCgt,0.5\n")
+    with pytest.raises(AwaitingAnswers, match=r"; line 2 lists 'aCgt' for the design 'ACgt': the alphabet "
+                                              r"'ACGTacgt' tells upper from lower case"):
+        MeasurementFile(sheet, letters="ACGTacgt")(["ACgt"])
+    reward = lab_reward(str(sheet), letters="ACGT")
+    assert reward.fn.letters == "ACGT"  # the reward's alphabet decides for the file
+
+
+def test_nan_and_infinite_values_wait_naming_the_line_rather_than_fail_the_design(tmp_path):
+    sheet = tmp_path / "m.csv"
+    with SQLiteFeedbackStore(tmp_path / "f.sqlite") as store:
+        oracle = Oracle(lab_reward(str(sheet), letters=DNA), budget=4, store=store, batch_size=2)
+        with pytest.raises(AwaitingAnswers):
+            oracle.query(_one_hot(["ACGT", "GGGG"]))
+        for value in ["NaN", "nan", "inf", "-inf", "-Infinity"]:
+            sheet.write_text(f"sequence,value\nACGT,0.5\nGGGG,{value}\n")
+            with pytest.raises(AwaitingAnswers, match=rf"m.csv line 3: value '{value}' is not a finite number; a "
+                                                      r"value must be a finite number or 'infeasible'"):
+                oracle.answer_pending()
+            assert _statuses(store) == ["pending", "pending"]
+        sheet.write_text("sequence,value\nACGT,0.5\nGGGG,infeasible\n")
+        assert oracle.answer_pending().status == ["answered", "infeasible"]
 
 
 @pytest.mark.slow

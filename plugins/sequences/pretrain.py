@@ -3,7 +3,9 @@
 A pretrained model folder holds ``denoiser.json`` + ``denoiser.safetensors`` (the
 network, :class:`~difftilt.core.config.ConfigMixin` layout) and ``process.json`` (the
 chain's settings, the data it was trained on, the seed, the final loss and the command
-that reproduces it). Nothing is pickled.
+that reproduces it). Nothing in it is pickled. While a pretraining runs, the folder also
+holds its state for ``--resume`` (:data:`STATE_FILE`, ``torch.save``, read back with
+``weights_only``), removed once the model is written.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ import importlib.util
 import io
 import math
 import numbers
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -291,6 +292,14 @@ def lab(file: str, letters: str | None = None, process: Process | None = None) -
     """The ``lab`` reward: a :class:`MeasurementFile` as the oracle (a real experiment), with
     the alphabet the reward decodes designs with, which says whether the file's case matters."""
     sheet = MeasurementFile(file)
+    # checked before any run folder is made: a file that cannot be written would fail the first round
+    folder = next(p for p in (sheet.path, *sheet.path.absolute().parents) if p.exists())
+    if sheet.path.is_dir():
+        raise ConfigError(f"oracle.reward.file {file} is a folder; name a CSV file (e.g. {file}/measurements.csv)")
+    if folder == sheet.path and not os.access(folder, os.R_OK | os.W_OK):
+        raise ConfigError(f"oracle.reward.file {file}: cannot read and write it")
+    if folder != sheet.path and (not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK)):
+        raise ConfigError(f"oracle.reward.file {file}: cannot make it ({folder} is not a writable folder)")
     reward = FunctionReward(sheet, letters=letters, process=process)
     sheet.letters = reward.letters  # checked against the model's alphabet by the reward
     return reward

@@ -78,6 +78,18 @@ def _statuses(store):
     return [r.status for r in store.records()]
 
 
+def test_a_lab_file_that_cannot_be_written_is_a_config_error_before_any_run(tmp_path):
+    from difftilt.core.errors import ConfigError
+
+    (tmp_path / "plates").mkdir()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match="is a folder; name a CSV file"):
+        lab_reward(str(tmp_path / "plates"), letters=DNA)
+    with pytest.raises(ConfigError, match="is not a writable folder"):
+        lab_reward(str(tmp_path / "a_file" / "m.csv"), letters=DNA)
+    assert lab_reward(str(tmp_path / "new" / "m.csv"), letters=DNA) is not None  # its folder is made when written
+
+
 def test_a_file_that_is_not_utf8_waits_naming_the_line_and_loses_no_measurement(tmp_path):
     """An Excel "CSV" export in a Latin-1 code page (µ as byte 0xb5) is not a failed batch:
     the designs stay pending, with the line, until the file is saved as UTF-8."""

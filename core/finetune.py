@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -47,8 +49,8 @@ from .rollout import sample_trajectories, step_generator
 from .strategies import Strategy, make_strategy
 from .system import EntropyRegularizedSystem
 
-__all__ = ["Finetuner", "FinetuneResult", "ValueReward", "default_policy", "make_trainer", "estimate_kl",
-           "estimate_path_kl", "tilt_weights", "estimate_tilt"]
+__all__ = ["Finetuner", "FinetuneResult", "ValueReward", "default_policy", "make_trainer", "fit_interruptibly",
+           "estimate_kl", "estimate_path_kl", "tilt_weights", "estimate_tilt"]
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +162,44 @@ def make_trainer(
         callbacks=callbacks,
         default_root_dir=default_root_dir,
     )
+
+
+class _LastException(L.Callback):
+    """Keeps the exception that stopped a fit (Lightning's ``on_exception`` hook)."""
+
+    def __init__(self):
+        self.exception: BaseException | None = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.exception = exception
+
+
+def fit_interruptibly(trainer: L.Trainer, system: L.LightningModule) -> None:
+    """``trainer.fit(system)``, with a Ctrl-C that stays a :class:`KeyboardInterrupt`.
+
+    Lightning catches a KeyboardInterrupt inside ``fit``, makes SIGINT ignored (for its
+    "graceful shutdown") and calls ``sys.exit(1)``: a command would end with status 1 and
+    no word, a run could not record itself interrupted, and a notebook would lose Ctrl-C
+    for the rest of its session. Here the interrupt is raised again as what it was, and the
+    SIGINT handler in place before the fit is put back, whatever ends the fit. Other
+    exits (a SIGTERM's :class:`SystemExit`) pass through unchanged.
+    """
+    seen = _LastException()
+    trainer.callbacks.append(seen)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(system)
+    except SystemExit:
+        if isinstance(seen.exception, KeyboardInterrupt):
+            raise seen.exception from None
+        raise
+    finally:
+        # signal.signal works in the main thread only; None: a handler not set from Python
+        if (handler is not None and signal.getsignal(signal.SIGINT) is not handler
+                and threading.current_thread() is threading.main_thread()):
+            signal.signal(signal.SIGINT, handler)
+    if trainer.interrupted:  # a Lightning that stops the fit without raising
+        raise KeyboardInterrupt
 
 
 @dataclass
@@ -451,9 +491,7 @@ class Finetuner:
             return
         with quiet_lightning():
             trainer = make_trainer(stage, iterations, loggers=self.loggers, **self.trainer_kwargs)
-            trainer.fit(system)
-        if trainer.interrupted:
-            raise KeyboardInterrupt
+            fit_interruptibly(trainer, system)
 
     def fit(self, stages: Callable[[str, "Finetuner"], None] | None = None) -> FinetuneResult:
         """Run ELEGANT's steps (or drift-only) and return the fine-tuned model.

@@ -25,6 +25,8 @@ Resuming: a round's designs are a deterministic function of the previous round's
 checkpoint and the seed, so a resumed run regenerates them, checks them against the
 stored ones, reuses every stored answer, asks only what was still ``pending``, and
 ends with the same number of oracle calls and the same results as an uninterrupted run.
+A run the oracle stopped with an error (``on_error: raise``) also asks again the batch it
+failed on, which never got an answer: fix the oracle, then resume.
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ from .plotting import save_figure
 from .plugins import Domain, load_plugin
 from .process import ControlledProcess, Process, ResidualControlProcess, freeze, transitions_of
 from .reward import Reward, RewardOutput
-from .reward_models import (AcquisitionReward, Flatten, Greedy, MaxOverHeads, RewardModel, Thompson, UCB,
-                            make_reward_model)
+from .reward_models import (AcquisitionReward, EnsembleRewardModel, Flatten, Greedy, LastLayerUCBRewardModel,
+                            MaxOverHeads, RewardModel, Thompson, UCB, make_reward_model)
 from .rollout import step_generator
 from .run import RunFolder, read_config
 from .store import COUNTED, STATUSES, SQLiteFeedbackStore
@@ -79,9 +81,18 @@ def OracleSpec(reward: dict | str, noise_std: float = 0.0, batch_size: int = 64,
         noise_std: std of observation noise added to each answer.
         batch_size: designs per call of the ground truth.
         retries: extra attempts of a failing batch.
-        timeout: seconds allowed per call.
+        timeout: seconds allowed per call, > 0 (``None``: no limit).
         on_error: ``raise`` (record and stop) or ``skip`` (record and go on).
     """
+    # checked here, before a run folder exists, rather than by the Oracle once one does
+    if not batch_size >= 1:
+        raise ConfigError(f"oracle.batch_size must be >= 1, got {batch_size}")
+    if not retries >= 0:
+        raise ConfigError(f"oracle.retries must be >= 0, got {retries}")
+    if not noise_std >= 0:
+        raise ConfigError(f"oracle.noise_std must be >= 0, got {noise_std}")
+    if timeout is not None and not timeout > 0:  # 0 or less would fail every batch
+        raise ConfigError(f"oracle.timeout: seconds > 0, or null for no limit, got {timeout}")
     return dict(reward=reward, noise_std=noise_std, batch_size=batch_size, retries=retries, timeout=timeout,
                 on_error=on_error)
 
@@ -218,6 +229,9 @@ class OnlineRunConfig:
 
 
 _FT_SKIP = ("reference", "reward", "policy", "value_net", "initial_policy", "loggers", "on_metrics", "seed", "alpha")
+_REWARD_MODELS = {"ucb": LastLayerUCBRewardModel, "ensemble": EnsembleRewardModel}
+#: The methods that fit a reward model (``ucb`` its own kind, the others an ensemble).
+_FITS_REWARD_MODEL = (*SEIKO_FAMILY, "guidance")
 
 
 def _validate(raw: dict) -> OnlineRunConfig:
@@ -239,6 +253,13 @@ def _validate(raw: dict) -> OnlineRunConfig:
     cfg.ppo = PPOSpec(**validate_kwargs(PPOSpec, cfg.ppo, "ppo"))
     cfg.evolution = EvolutionSpec(**validate_kwargs(EvolutionSpec, cfg.evolution, "evolution"))
     validate_kwargs(Finetuner, cfg.finetune, "finetune", skip=_FT_SKIP)
+    # Every kind, whatever the methods: a typo is caught before any run, not once a round's
+    # answers are in (or never, for methods without a reward model). The kinds the methods
+    # fit come first, so that an error lists the fields of the model the user has in mind.
+    used = {"ucb" if m == "ucb" else "ensemble" for m in cfg.methods if m in _FITS_REWARD_MODEL}
+    for kind in sorted(_REWARD_MODELS, key=lambda k: k not in used):
+        validate_kwargs(_REWARD_MODELS[kind], _model_options(kind, cfg.reward_model), "reward_model",
+                        skip=("featurizer", "in_dim"))
     return cfg
 
 
@@ -366,8 +387,11 @@ class _MethodRun:
                 f"cannot resume {self.method} round {round}: the regenerated designs differ from the stored ones "
                 "(was the config or the code changed?)"
             )
-        if any(r.status == "pending" for r in stored):
-            self.oracle.answer_pending(round=round)
+        # With on_error: raise, a batch recorded failed by its call stopped the run unanswered:
+        # asked again now (with skip, a failure is the answer the run went on with).
+        retry = self.cfg.oracle["on_error"] == "raise"
+        if any(r.status == "pending" or (retry and r.status == "failed") for r in stored):
+            self.oracle.answer_pending(round=round, failed=retry)
         return self.oracle.answers([r.id for r in stored])
 
     # ------------------------------------------------------------------ models
@@ -870,6 +894,15 @@ def _setup(cfg: OnlineRunConfig) -> tuple[Domain, Process, Reward, nn.Module, di
     truth = domain.make_reward(cfg.oracle["reward"], pretrained)
     options = validate_kwargs(domain.featurizer, cfg.features, "features", skip=("reference",))
     featurizer = domain.featurizer(pretrained, **options) or Flatten(tuple(pretrained.event_shape))
+    kinds = sorted({"ucb" if m == "ucb" else "ensemble" for m in cfg.methods if m in _FITS_REWARD_MODEL})
+    if kinds:
+        # Built once and dropped, so that a bad value (num_heads: 1) stops the run before its
+        # folder exists, not after the first round's queries; on a forked RNG, so that the
+        # run's random stream is the one it always was.
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            phi_dim = int(featurizer(pretrained.initial(1)).shape[-1])
+            for kind in kinds:
+                make_reward_model(kind, featurizer, phi_dim, **_model_options(kind, cfg.reward_model))
     process_spec = cfg.process if isinstance(cfg.process, dict) else {"name": cfg.process or next(iter(domain.processes))}
     return domain, pretrained, truth, featurizer, process_spec
 

@@ -14,6 +14,13 @@ What happens to bad input, design by design:
 * an exception or a timeout inside the user's oracle is retried; if it persists, the
   batch is recorded ``failed`` with the error and, with ``on_error="raise"``, the caller
   stops with one :class:`~difftilt.core.errors.OracleError`; with ``"skip"`` it goes on;
+* an answer of the wrong shape, type or count (a :class:`~difftilt.core.errors.RewardError`,
+  :class:`~difftilt.core.errors.ShapeError` or :class:`~difftilt.core.errors.InputDataError`,
+  from the oracle's checks or from the reward's own) is the same on every attempt -- and
+  each attempt may be a real experiment -- so it is not retried: the batch fails at once;
+* a batch that failed and stopped the caller (``on_error="raise"``) never got an answer:
+  :meth:`Oracle.answer_pending` with ``failed=True`` asks it again (a resumed run does,
+  once the oracle is fixed), without using budget a second time;
 * a NaN value for a feasible design marks that design ``failed``;
 * an infeasible design is recorded ``infeasible`` with no value, and uses budget;
 * a batch whose reward raises :class:`~difftilt.core.errors.AwaitingAnswers` (sent out to
@@ -30,12 +37,18 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from .errors import AwaitingAnswers, BudgetExceededError, OracleError, ShapeError
+from .errors import (AwaitingAnswers, BudgetExceededError, ConfigError, InputDataError, OracleError, RewardError,
+                     ShapeError)
 from .reward import FunctionReward, Reward, RewardOutput
 from .rollout import step_generator
 from .store import COUNTED, FeedbackStore
 
 __all__ = ["Oracle", "OracleAnswer"]
+
+#: A malformed answer: asking again gives the same, so the batch fails without a retry.
+_NOT_RETRIED = (RewardError, ShapeError, InputDataError)
+#: How the stored error of a batch whose call failed begins (a NaN answer's does not).
+_CALL_FAILED = "after "
 
 
 @dataclass
@@ -68,9 +81,10 @@ class Oracle:
         batch_size: designs per call of the ground truth.
         noise_std: std of Gaussian observation noise added to values (simulated assays);
             seeded by the query id, so a resumed run observes the same noise.
-        retries: extra attempts of a batch whose call raised or timed out.
-        timeout: seconds allowed per call (``None``: unlimited). A call that times out is
-            abandoned (its thread cannot be killed); a late answer is ignored.
+        retries: extra attempts of a batch whose call raised or timed out (a malformed
+            answer is not retried: see the module's notes).
+        timeout: seconds allowed per call, > 0 (``None``: unlimited). A call that times out
+            is abandoned (its thread cannot be killed); a late answer is ignored.
         on_error: ``"raise"`` (record the failure, then stop) or ``"skip"`` (record, go on).
         event_shape: the shape of one design, checked on every query.
         seed: seeds the observation noise.
@@ -90,7 +104,12 @@ class Oracle:
         seed: int = 0,
     ):
         if budget < 0 or batch_size < 1 or retries < 0 or noise_std < 0:
-            raise ValueError("budget, retries and noise_std must be >= 0 and batch_size >= 1")
+            raise ConfigError("oracle: budget, retries and noise_std must be >= 0 and batch_size >= 1, got "
+                              f"{budget}, {retries}, {noise_std} and {batch_size}")
+        if timeout is not None and not timeout > 0:  # 0 or less would fail every batch
+            raise ConfigError(f"oracle.timeout: seconds > 0, or null for no limit, got {timeout}")
+        if on_error not in ("raise", "skip"):
+            raise ConfigError(f"oracle.on_error: 'raise' or 'skip', got {on_error!r}")
         self.reward = reward if isinstance(reward, Reward) else FunctionReward(reward, name="oracle")
         self.budget = int(budget)
         self.store = store
@@ -146,14 +165,23 @@ class Oracle:
         self._answer([i for i, ok in zip(ids, finite.tolist()) if ok], x[finite])
         return self.answers(ids)
 
-    def answer_pending(self, round: int | None = None) -> OracleAnswer:
-        """Query the designs recorded as ``pending`` (e.g. after a crash) and nothing else."""
-        recs = self.store.records(round=round, status=("pending",))
+    def answer_pending(self, round: int | None = None, failed: bool = False) -> OracleAnswer:
+        """Query the designs recorded as ``pending`` (e.g. after a crash) and nothing else.
+
+        With ``failed``, also the designs of batches whose call failed (an exception, a
+        timeout or a malformed answer; not a NaN answer, which is one): with
+        ``on_error="raise"`` such a batch stopped the caller without an answer, and once the
+        oracle is fixed it is asked again, in the order first asked. Their budget was
+        already counted, so asking them uses none.
+        """
+        recs = self.store.records(round=round, status=("pending", "failed") if failed else ("pending",))
+        recs = [r for r in recs if r.status == "pending" or (r.error or "").startswith(_CALL_FAILED)]
         if not recs:
             return OracleAnswer([], [], torch.empty(0), torch.empty(0), torch.zeros(0, dtype=torch.bool))
-        if len(recs) > self.remaining:
+        pending = sum(r.status == "pending" for r in recs)
+        if pending > self.remaining:
             raise BudgetExceededError(
-                f"oracle: {len(recs)} pending queries but only {self.remaining} of the budget of {self.budget} remain"
+                f"oracle: {pending} pending queries but only {self.remaining} of the budget of {self.budget} remain"
             )
         ids = [r.id for r in recs]
         self._answer(ids, torch.stack([r.design for r in recs]))
@@ -196,6 +224,9 @@ class Oracle:
                 pool.shutdown(wait=False, cancel_futures=True)
         if isinstance(out, Tensor):
             out = RewardOutput(out, torch.ones(out.shape[:1], dtype=torch.bool, device=out.device))
+        if not (isinstance(out, RewardOutput) and isinstance(out.value, Tensor) and isinstance(out.feasible, Tensor)):
+            raise RewardError(f"the oracle returned {type(out).__name__}; expected a (b,) tensor of values "
+                              "or a RewardOutput")
         b = x.shape[0]
         if tuple(out.value.shape) != (b,) or tuple(out.feasible.shape) != (b,):
             raise ShapeError(f"the oracle returned values of shape {tuple(out.value.shape)} for {b} designs")
@@ -211,7 +242,7 @@ class Oracle:
         for start in range(0, len(ids), self.batch_size):
             bid, bx = ids[start:start + self.batch_size], x[start:start + self.batch_size]
             error: Exception | None = None
-            for _ in range(self.retries + 1):
+            for attempt in range(1, self.retries + 2):
                 try:
                     with torch.no_grad():
                         out = self._call(bx)
@@ -220,6 +251,9 @@ class Oracle:
                 except AwaitingAnswers as err:  # sent out to be measured: the batch stays pending
                     error = why = err
                     break
+                except _NOT_RETRIED as err:  # a malformed answer: the same on every attempt
+                    error = err
+                    break
                 except Exception as err:  # anything the user's oracle raises is recorded
                     error = err
             if isinstance(error, AwaitingAnswers):
@@ -227,10 +261,11 @@ class Oracle:
                 continue
             if error is not None:
                 msg = f"{type(error).__name__}: {error}"
-                self._record(bid, ["failed"] * len(bid), error=f"after {self.retries + 1} attempts: {msg}")
+                tries = f"{attempt} attempt{'s' if attempt > 1 else ''}"
+                self._record(bid, ["failed"] * len(bid), error=f"{_CALL_FAILED}{tries}: {msg}")
                 if self.on_error == "raise":
                     raise OracleError(
-                        f"the oracle failed on a batch of {len(bid)} designs after {self.retries + 1} attempts ({msg}); "
+                        f"the oracle failed on a batch of {len(bid)} designs after {tries} ({msg}); "
                         "the failure is recorded in the feedback store"
                     ) from error
                 continue

@@ -81,8 +81,12 @@ class RunFolder:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     def set_status(self, state: str, **info: Any) -> None:
-        """Record the run's state (``running``, ``complete``, ``failed``, ``interrupted``)."""
+        """Record the run's state (``running``, ``complete``, ``failed``, ``interrupted``).
+
+        An ``error`` explains the state it was given with: a new state drops it (a run
+        resumed after a failure does not read ``complete`` beside the old error)."""
         prev = self.status() if (self.path / "status.json").is_file() else {}
+        prev.pop("error", None)
         now = _dt.datetime.now().isoformat(timespec="seconds")
         status = {**prev, "state": state, "updated": now, **info}
         status.setdefault("started", now)

@@ -187,3 +187,68 @@ def test_designs_out_for_measurement_stay_pending_use_no_budget_and_are_asked_ag
     answer = oracle.answer_pending()
     assert answer.status == ["answered", "answered"] and answer.value.tolist() == [2.0, 3.0]
     assert oracle.used == 5 and [r.status for r in store.records()] == ["answered"] * 5
+
+
+def test_a_malformed_answer_is_not_retried(store):
+    """A wrong count, shape or type is the same on every attempt, and each attempt may be a
+    real experiment: the batch fails at once (an exception of the user's own is retried)."""
+    from difftilt.core.errors import RewardError
+
+    calls = []
+
+    def short(x):  # one value too few
+        calls.append(len(x))
+        return x.sum(-1)[:-1]
+
+    def listed(x):  # not a tensor
+        calls.append(len(x))
+        return x.sum(-1).tolist()
+
+    class Checked(FunctionReward):  # a reward that checks its own answer (as the sequences plugin's does)
+        def evaluate(self, x):
+            calls.append(len(x))
+            raise RewardError("my_assay.py:score returned 2 values for 3 sequences")
+
+    for truth, kind in [(short, "ShapeError"), (listed, "RewardError"), (Checked(short), "RewardError")]:
+        calls.clear()
+        oracle = Oracle(truth, budget=100, store=store, retries=2)
+        with pytest.raises(OracleError, match=f"^the oracle failed on a batch of 3 designs after 1 attempt \\({kind}: "):
+            oracle.query(torch.ones(3, 2))
+        assert calls == [3]
+        assert store.records(status=("failed",))[-1].error.startswith(f"after 1 attempt: {kind}: ")
+
+
+def test_bad_settings_are_config_errors(store):
+    from difftilt.core.errors import ConfigError
+
+    for bad, match in [({"timeout": -1}, "timeout: seconds > 0"), ({"timeout": 0}, "timeout: seconds > 0"),
+                       ({"batch_size": 0}, "batch_size >= 1"), ({"retries": -1}, "retries"),
+                       ({"on_error": "ignore"}, "on_error: 'raise' or 'skip'")]:
+        with pytest.raises(ConfigError, match=match):
+            Oracle(Counting(), budget=10, store=store, **bad)
+    assert Oracle(Counting(), budget=10, store=store, timeout=0.5).timeout == 0.5
+
+
+def test_answer_pending_with_failed_asks_again_the_batch_that_stopped_the_caller(store):
+    truth = Counting()
+    oracle = Oracle(truth, budget=7, store=store, batch_size=2, retries=0)
+    oracle.query(torch.full((1, 2), 9.0), round=0)  # answered: never asked again
+    truth.calls, truth.fail_times = 0, 1  # then the next call fails, and the caller stops
+    with pytest.raises(OracleError):
+        oracle.query(torch.arange(12.0).reshape(6, 2), round=1)
+    assert [r.status for r in store.records()] == ["answered", "failed", "failed", "pending", "pending",
+                                                   "pending", "pending"]
+    assert oracle.used == 3 and oracle.remaining == 4  # the failed batch used its budget
+    assert oracle.answer_pending(round=0, failed=True).ids == []  # round 0 has nothing to ask
+    ans = oracle.answer_pending(round=1, failed=True)  # fixed: the failed batch, then what waited
+    assert ans.ids == [1, 2, 3, 4, 5, 6] and ans.status == ["answered"] * 6 and truth.calls == 1 + 3
+    assert oracle.used == 7 and len(store.records()) == 7 and store.records()[0].value == 18.0
+    assert oracle.answer_pending(failed=True).ids == []
+
+    # a NaN answer is an answer, and without failed=True (on_error="skip") a failure stays
+    skip = Oracle(Counting(fail_times=1), budget=20, store=store, batch_size=2, retries=0, on_error="skip")
+    assert skip.query(torch.ones(2, 2), round=2).status == ["failed", "failed"]
+    assert skip.answer_pending(round=2).ids == []
+    nan = Oracle(Counting(nan_at=0), budget=20, store=store, retries=0)
+    assert nan.query(torch.ones(2, 2), round=3).status == ["failed", "answered"]
+    assert nan.answer_pending(round=3, failed=True).ids == []

@@ -1,0 +1,130 @@
+"""difftilt online: bad settings stop it before a run folder exists; a Ctrl-C during a
+fine-tuning stays a Ctrl-C; a run the oracle stopped with an error resumes once it is fixed."""
+
+import json
+import signal
+
+import pytest
+import torch
+
+from difftilt.core.errors import ConfigError, OracleError
+from difftilt.core.online import run_online
+from difftilt.core.store import COUNTED, SQLiteFeedbackStore
+
+CFG = {
+    "plugin": "toy",
+    "seed": 3,
+    "process": {"name": "mixture", "num_steps": 8},
+    "oracle": {"reward": {"name": "bumps", "centers": [[0.0, -3.0], [2.0, 0.3]], "heights": [1.0, 0.6],
+                          "widths": 0.5},
+               "noise_std": 0.05, "batch_size": 4},
+    "methods": ["ucb"],
+    "schedule": [8, 8],
+    "finetune": {"iterations": 2, "batch_size": 16, "value_refit_iterations": 1, "initial_iterations": 1,
+                 "initial_steps": 3},
+    "reward_model": {"epochs": 5},
+    "eval_samples": 0,
+}
+
+
+def _refused(tmp_path, match, **change):
+    out = tmp_path / "runs"
+    with pytest.raises(ConfigError, match=match):
+        run_online({**CFG, **change}, output_dir=str(out), name="run", progress=False)
+    assert not out.exists()  # refused before any run folder, so before any oracle query
+
+
+@pytest.mark.parametrize("methods", [["ucb"], ["bootstrap"], ["best_of_n"], ["ppo"]])
+def test_an_unknown_reward_model_option_is_refused_before_any_run_whatever_the_methods(tmp_path, methods):
+    _refused(tmp_path, r"^reward_model: unknown field 'foo'", methods=methods, reward_model={"epochs": 5, "foo": 1})
+    _refused(tmp_path, r"^reward_model: unknown field 'epoch' \(did you mean 'epochs'\?\)", methods=methods,
+             reward_model={"epoch": 5})
+    _refused(tmp_path, r"^reward_model\.hidden", methods=methods, reward_model={"hidden": "wide"})
+
+
+def test_a_bad_reward_model_value_is_refused_before_any_run_for_the_methods_that_fit_one(tmp_path):
+    _refused(tmp_path, r"^reward_model\.num_heads must be >= 2", methods=["bootstrap"], reward_model={"num_heads": 1})
+    _refused(tmp_path, r"^reward_model\.lambda_ must be positive", methods=["ucb"], reward_model={"lambda_": 0.0})
+    # an option of the other kind is not this kind's to judge (ucb has no heads)
+    from difftilt.core.online import _setup, _validate
+
+    _setup(_validate({**CFG, "methods": ["ucb"], "reward_model": {"num_heads": 1}}))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("batch_size", 0, r"^oracle\.batch_size must be >= 1, got 0"),
+    ("retries", -1, r"^oracle\.retries must be >= 0, got -1"),
+    ("noise_std", -0.1, r"^oracle\.noise_std must be >= 0"),
+    ("timeout", -1, r"^oracle\.timeout: seconds > 0, or null for no limit, got -1"),
+    ("timeout", 0, r"^oracle\.timeout: seconds > 0"),
+])
+def test_bad_oracle_settings_are_refused_before_any_run(tmp_path, field, value, match):
+    _refused(tmp_path, match, oracle={**CFG["oracle"], field: value})
+
+
+def test_a_ctrl_c_during_fine_tuning_is_an_interrupt_and_keeps_the_sigint_handler(tmp_path, monkeypatch, capsys):
+    from difftilt.core.cli import main
+    from difftilt.core.system import EntropyRegularizedSystem
+
+    def pressed(self, *a, **k):  # Ctrl-C in the middle of a fine-tuning step
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(EntropyRegularizedSystem, "training_step", pressed)
+    cfg = tmp_path / "online.yaml"
+    cfg.write_text(json.dumps(CFG))  # JSON is YAML
+
+    def notebook(signum, frame):  # a handler of the caller's own
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGINT, notebook)
+    try:
+        status = main(["online", str(cfg), "--output-dir", str(tmp_path / "r"), "--name", "run", "--no-progress"])
+        assert signal.getsignal(signal.SIGINT) is notebook
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert status == 130 and capsys.readouterr().err.strip().splitlines()[-1] == "difftilt: interrupted"
+    state = json.loads((tmp_path / "r" / "run" / "status.json").read_text())
+    assert state["state"] == "interrupted" and "KeyboardInterrupt" in state["error"] and "--resume" in state["error"]
+
+
+def test_a_run_stopped_by_a_failing_oracle_resumes_once_it_is_fixed(tmp_path, monkeypatch):
+    from difftilt.plugins.toy import BumpsReward
+
+    real = BumpsReward.evaluate
+    calls, broken = [], [True]
+
+    def assay(self, x):
+        calls.append(x.shape[0])
+        if broken[0] and len(calls) == 2:  # round 0's second batch: a bug in the user's oracle
+            raise RuntimeError("plate reader offline")
+        return real(self, x)
+
+    monkeypatch.setattr(BumpsReward, "evaluate", assay)
+    cfg = {**CFG, "oracle": {**CFG["oracle"], "retries": 0}}
+    with pytest.raises(OracleError, match="plate reader offline"):
+        run_online(cfg, output_dir=str(tmp_path / "r"), name="run", progress=False)
+    run = tmp_path / "r" / "run"
+    db = run / "ucb" / "feedback.sqlite"
+    with SQLiteFeedbackStore(db, readonly=True) as s:
+        before = {r.id: (r.status, r.value) for r in s.records()}
+    assert [st for st, _ in before.values()] == ["answered"] * 4 + ["failed"] * 4
+
+    broken[0] = False
+    calls.clear()
+    run_online(resume=run, progress=False)
+    assert calls == [4, 4, 4]  # the failed batch, then round 1: nothing answered is asked again
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "complete" and "error" not in status  # not beside the old error
+    with SQLiteFeedbackStore(db, readonly=True) as s:
+        after = {r.id: (r.status, r.value) for r in s.records()}
+        assert s.count(COUNTED) == 16 and s.count(("failed",)) == 0 and s.count(("pending",)) == 0
+    assert len(after) == 16 and all(after[i] == before[i] for i in range(4))
+
+    # the same as a run whose oracle never failed
+    monkeypatch.setattr(BumpsReward, "evaluate", real)
+    clean = run_online(cfg, output_dir=str(tmp_path / "r"), name="clean", progress=False)
+    with SQLiteFeedbackStore(clean.path / "ucb" / "feedback.sqlite", readonly=True) as s:
+        assert {r.id: (r.status, r.value) for r in s.records()} == after
+    rows = [json.loads((p / "results.json").read_text())["methods"]["ucb"] for p in (run, clean.path)]
+    keys = ("queries_used", "best_true", "top10_true", "kl_to_pretrained")
+    assert [{k: r[k] for k in keys} for r in rows[0]] == [{k: r[k] for k in keys} for r in rows[1]]

@@ -35,6 +35,7 @@ Data sources:
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -212,8 +213,15 @@ def pretrain_from_config(config: dict, progress: bool = True, output: str | None
         raise ConfigError(f"{out} holds an unfinished pretraining (step {state['step']:,} of "
                           f"{state['settings']['steps']:,}); continue it with --resume, or delete {state_file} "
                           f"to start over")
-    net, log = train_masked_diffusion(tokens, len(alphabet), progress=progress, state_file=state_file,
-                                      resume=resume, **options)
+    try:
+        net, log = train_masked_diffusion(tokens, len(alphabet), progress=progress, state_file=state_file,
+                                          resume=resume, **options)
+    except KeyboardInterrupt:
+        if state_file.is_file():
+            step = read_state(state_file)["step"]
+            print(f"pretraining stopped; its state at step {step:,} is in {state_file}: continue it with "
+                  f"difftilt pretrain CONFIG --resume", file=sys.stderr)
+        raise
     process = MaskedDiffusionProcess(net, alphabet=alphabet, **proc_opts)
     folder = save_pretrained(process, out, data={"name": name, **data, "num_sequences_used": int(tokens.shape[0])},
                              train={**model, **train}, losses=log.losses, val_losses=log.val_losses,

@@ -96,7 +96,9 @@ def test_the_pretrain_command_refuses_to_overwrite_a_stopped_run_and_resumes_it_
     monkeypatch.undo()
     state = tmp_path / "model" / STATE_FILE
     assert state.is_file()
-    capsys.readouterr()
+    assert capsys.readouterr().err.strip().splitlines()[-2:] == [
+        f"pretraining stopped; its state at step 50 is in {state}: continue it with difftilt pretrain CONFIG --resume",
+        "difftilt: interrupted"]
     assert main(["pretrain", str(path), "--no-progress"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"difftilt: error: {tmp_path / 'model'} holds an unfinished pretraining (step 50 of 120); continue it with "

@@ -201,6 +201,20 @@ class RewardModel(nn.Module, ABC):
         """One posterior draw, as a function ``x -> (b,)`` (Thompson sampling)."""
 
 
+def _check_options(hidden: int, depth: int, epochs: int, batch_size: int, lr: float, weight_decay: float) -> None:
+    """The reward model's sizes and optimizer settings, checked when it is built (an online
+    run builds one before its folder exists), not when its first fit fails on them."""
+    for name, value, low in (("hidden", hidden, 1), ("depth", depth, 0), ("epochs", epochs, 1),
+                             ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"reward_model.{name} must be a whole number >= {low}, got {value!r}")
+    for name, value, positive in (("lr", lr, True), ("weight_decay", weight_decay, False)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value < 0 or (positive and value == 0):
+            raise ConfigError(f"reward_model.{name} must be a {'positive' if positive else 'non-negative'} number, "
+                              f"got {value!r}")
+
+
 def _adam_fit(params, loss_fn, n: int, epochs: int, batch_size: int, lr: float, weight_decay: float,
               generator: torch.Generator) -> float:
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -241,8 +255,9 @@ class EnsembleRewardModel(RewardModel):
                  bootstrap: bool = True, epochs: int = 200, batch_size: int = 256, lr: float = 3e-3,
                  weight_decay: float = 1e-4, standardize_features: bool = True, clip_features: bool = False):
         super().__init__(featurizer, standardize_features, clip_features)
-        if num_heads < 2:
-            raise ConfigError("reward_model.num_heads must be >= 2 for an ensemble")
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 2:
+            raise ConfigError(f"reward_model.num_heads must be a whole number >= 2 for an ensemble, got {num_heads!r}")
+        _check_options(hidden, depth, epochs, batch_size, lr, weight_decay)
         self.heads = BatchedMLP(num_heads, in_dim, hidden, depth)
         self.num_heads, self.bootstrap = num_heads, bootstrap
         self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
@@ -316,6 +331,7 @@ class LastLayerUCBRewardModel(RewardModel):
         super().__init__(featurizer, standardize_features, clip_features)
         if lambda_ <= 0:
             raise ConfigError("reward_model.lambda_ must be positive")
+        _check_options(hidden, depth, epochs, batch_size, lr, weight_decay)
         self.net = BatchedMLP(1, in_dim, hidden, depth)
         self.lambda_ = lambda_
         self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay

@@ -43,7 +43,10 @@ def test_an_unknown_reward_model_option_is_refused_before_any_run_whatever_the_m
 
 
 def test_a_bad_reward_model_value_is_refused_before_any_run_for_the_methods_that_fit_one(tmp_path):
-    _refused(tmp_path, r"^reward_model\.num_heads must be >= 2", methods=["bootstrap"], reward_model={"num_heads": 1})
+    _refused(tmp_path, r"^reward_model\.num_heads must be a whole number >= 2", methods=["bootstrap"],
+             reward_model={"num_heads": 1})
+    _refused(tmp_path, r"^reward_model\.hidden must be a whole number >= 1, got -3", methods=["ucb"],
+             reward_model={"hidden": -3})
     _refused(tmp_path, r"^reward_model\.lambda_ must be positive", methods=["ucb"], reward_model={"lambda_": 0.0})
     # an option of the other kind is not this kind's to judge (ucb has no heads)
     from difftilt.core.online import _setup, _validate

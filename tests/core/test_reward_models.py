@@ -126,6 +126,19 @@ def test_make_reward_model_validates_options():
         make_reward_model("ensemble", Flatten((2,)), 2, num_hedas=3)
     with pytest.raises(ConfigError, match="unknown 'gp'"):
         make_reward_model("gp", Flatten((2,)), 2)
+    # sizes and optimizer settings that would fail (or do nothing) at the first fit
+    for kind in ("ucb", "ensemble"):
+        for option, message in (({"hidden": -3}, "hidden must be a whole number >= 1, got -3"),
+                                ({"hidden": 0}, "hidden must be a whole number >= 1, got 0"),
+                                ({"depth": -1}, "depth must be a whole number >= 0"),
+                                ({"epochs": 0}, "epochs must be a whole number >= 1"),
+                                ({"batch_size": 0}, "batch_size must be a whole number >= 1"),
+                                ({"lr": 0.0}, "lr must be a positive number"),
+                                ({"weight_decay": -1e-4}, "weight_decay must be a non-negative number")):
+            with pytest.raises(ConfigError, match=f"reward_model.{message}"):
+                make_reward_model(kind, Flatten((2,)), 2, **option)
+    with pytest.raises(ConfigError, match="num_heads must be a whole number >= 2"):
+        make_reward_model("ensemble", Flatten((2,)), 2, num_heads=1)
 
 
 @pytest.mark.parametrize("cls", [EnsembleRewardModel, LastLayerUCBRewardModel])

@@ -22,6 +22,13 @@ differentiable; both compose with other rewards through ``+`` and ``*``
 A design with a position still masked is infeasible. A model of variable-length proteins
 (a padding letter) is scored on each design without its padding, and a design that is not
 a sequence (a letter after a pad) is infeasible.
+
+Designs are read in the process's alphabet (``letters=None``, the default; :data:`PROTEIN`
+without a process or one without an alphabet): a model pretrained with its letters in
+another order (``ARNDCQEGHILKMFPSTWYV``) is scored on its own letters, and an explicit
+``letters`` that differs from the model's is refused rather than silently misread. A
+nucleotide alphabet (all letters in ``ACGTU``) is refused too: A, C, G and T are amino
+acids as well, so a DNA design would otherwise get a protein's score.
 """
 
 from __future__ import annotations
@@ -37,11 +44,48 @@ from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
 from .alphabets import PROTEIN, to_strings, well_padded
-from .mdlm import MaskedDiffusionProcess, padding_letter
+from .mdlm import MaskedDiffusionProcess
 
-__all__ = ["ProteinDescriptor", "DescriptorConstraint", "protein_descriptor", "DESCRIPTORS"]
+__all__ = ["ProteinDescriptor", "DescriptorConstraint", "protein_descriptor", "protein_letters", "DESCRIPTORS"]
 
 DESCRIPTORS = ("hydrophobicity", "charge", "instability")
+_NUCLEOTIDES = "ACGTU"
+
+
+def protein_letters(process: Process | None, letters: str | None, reader: str) -> tuple[str, str | None]:
+    """The letters a protein reward (``reader``) reads designs in, and the process's padding
+    letter (``None`` if it has none).
+
+    ``letters=None`` means the process's alphabet without its padding letter, else
+    :data:`PROTEIN` (as :class:`FunctionReward` defaults to the model's alphabet): a reward
+    that assumed :data:`PROTEIN` would read a model with another letter order as other
+    amino acids and score it silently wrong. :class:`ConfigError` for explicit ``letters``
+    that are not the process's, for letters that are all nucleotides (A, C, G, T are amino
+    acids too, so a DNA model would be scored as a protein), and for a token count that
+    is not the process's.
+    """
+    model = process if isinstance(process, MaskedDiffusionProcess) else None
+    pad = model.pad if model is not None else None
+    own = None
+    if model is not None and model.alphabet is not None:
+        own = model.alphabet[:-1] if pad is not None else model.alphabet
+    if letters is None:
+        letters = own or PROTEIN
+    elif own is not None and letters != own:
+        without = f" (without its padding letter {pad!r})" if pad is not None else ""
+        raise ConfigError(f"{reader}: letters {letters!r} are not the process's alphabet {own!r}{without}; leave "
+                          "letters out to read designs in the process's alphabet")
+    if not letters or len(set(letters)) != len(letters):
+        raise ConfigError(f"letters must be distinct characters, got '{letters}'")
+    if set(letters.upper()) <= set(_NUCLEOTIDES):
+        whose = "the model's alphabet" if letters == own else "the letters"
+        raise ConfigError(f"{reader} scores proteins, but {whose} {letters!r} looks like nucleotides (all in "
+                          f"{_NUCLEOTIDES}); score a DNA/RNA model with a nucleotide reward (tfbind8, function)")
+    tokens = len(letters) + (pad is not None)
+    if model is not None and model.vocab_size != tokens:
+        raise ConfigError(f"{reader} reads sequences over {len(letters)} letters, but the process makes "
+                          f"{model.vocab_size}")
+    return letters, pad
 
 
 def _analysis(sequence: str):
@@ -52,8 +96,31 @@ def _analysis(sequence: str):
     return ProteinAnalysis(sequence)
 
 
+def _check_ph(ph: float) -> float:
+    if not 0.0 <= float(ph) <= 14.0:  # NaN fails too
+        raise ConfigError(f"ph must be between 0 and 14, got {ph}")
+    return float(ph)
+
+
 def protein_descriptor(sequence: str, descriptor: str, ph: float = 7.0) -> float:
-    """One descriptor of one protein sequence (upper-case one-letter codes)."""
+    """One descriptor of one protein sequence (upper-case one-letter codes of the 20 standard
+    amino acids).
+
+    :class:`InputDataError` for an empty sequence or other letters (X, B, Z, U, O, lower
+    case, ...): biopython divides by the length, and has no values for those letters (a
+    ``KeyError`` for some descriptors, a number that silently ignores them for others).
+    The rewards never hit either (they score only complete designs over standard letters),
+    so no NaN is needed to mark such a sequence.
+    """
+    if descriptor not in DESCRIPTORS:
+        raise ConfigError(f"unknown protein descriptor '{descriptor}'; choose one of {', '.join(DESCRIPTORS)}")
+    ph = _check_ph(ph)
+    if not sequence:
+        raise InputDataError(f"cannot compute the {descriptor} of an empty protein sequence")
+    unknown = sorted(set(sequence) - set(PROTEIN))
+    if unknown:
+        raise InputDataError(f"protein sequence has letters {''.join(unknown)!r} outside the 20 standard amino "
+                             f"acids ({PROTEIN}, upper case), for which the {descriptor} is not defined")
     analysis = _analysis(sequence)
     if descriptor == "hydrophobicity":
         return float(analysis.gravy())
@@ -61,30 +128,23 @@ def protein_descriptor(sequence: str, descriptor: str, ph: float = 7.0) -> float
         return float(analysis.charge_at_pH(ph))
     if descriptor == "instability":
         return float(analysis.instability_index())
-    raise ConfigError(f"unknown protein descriptor '{descriptor}'; choose one of {', '.join(DESCRIPTORS)}")
 
 
 class _DescriptorBase(Reward):
     differentiable = False
 
-    def __init__(self, descriptor: str, ph: float, letters: str, process: Process | None):
+    def __init__(self, descriptor: str, ph: float, letters: str | None, process: Process | None):
         super().__init__()
         if descriptor not in DESCRIPTORS:
             raise ConfigError(f"unknown protein descriptor '{descriptor}'; choose one of {', '.join(DESCRIPTORS)}")
-        if not math.isfinite(float(ph)):
-            raise ConfigError(f"ph must be a finite number, got {ph}")
-        if not letters or len(set(letters)) != len(letters):
-            raise ConfigError(f"letters must be distinct characters, got '{letters}'")
+        ph = _check_ph(ph)
+        letters, self.pad = protein_letters(process, letters, type(self).__name__)
         unknown = sorted(set(letters) - set(PROTEIN))
         if unknown:
             raise ConfigError(f"letters {''.join(unknown)!r} are not standard amino acids ({PROTEIN})")
-        self.pad = padding_letter(process, letters, type(self).__name__)
         if self.pad is not None:  # a model of variable-length proteins: its letters, then its padding letter
             letters += self.pad
-        if isinstance(process, MaskedDiffusionProcess) and process.vocab_size != len(letters):
-            raise ConfigError(f"{type(self).__name__} reads sequences over {len(letters)} letters, but the process "
-                              f"makes {process.vocab_size}")
-        self.descriptor, self.ph, self.letters = descriptor, float(ph), letters
+        self.descriptor, self.ph, self.letters = descriptor, ph, letters
 
     def descriptors(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Descriptor values ``(b,)`` (float64, 0 where unscored) and ``unscored`` ``(b,)`` of
@@ -116,15 +176,17 @@ class ProteinDescriptor(_DescriptorBase):
             ``ph``) or ``"instability"`` (Guruprasad instability index).
         ph: the pH of ``charge``.
         target: if given, the value is ``-|descriptor - target|`` (0 at the target).
-        letters: the design alphabet; token ``i`` of ``x`` is ``letters[i]``.
-        process: the chain, to check that it makes sequences over ``letters`` (a padded
-            model's alphabet is ``letters`` and its padding letter, cut off before scoring).
+        letters: the design alphabet; token ``i`` of ``x`` is ``letters[i]``. By default the
+            process's alphabet (without its padding letter), else :data:`PROTEIN`; explicit
+            letters must be the process's.
+        process: the chain, whose alphabet the designs are read in (a padded model's
+            alphabet is ``letters`` and its padding letter, cut off before scoring).
 
     ``evaluate(x)``: ``x`` is ``(b, L, len(letters) + 1)``; returns values ``(b,)``.
     """
 
     def __init__(self, descriptor: Literal["hydrophobicity", "charge", "instability"], ph: float = 7.0,
-                 target: float | None = None, letters: str = PROTEIN, process: Process | None = None):
+                 target: float | None = None, letters: str | None = None, process: Process | None = None):
         super().__init__(descriptor, ph, letters, process)
         if target is not None and not math.isfinite(float(target)):
             raise ConfigError(f"target must be a finite number, got {target}")
@@ -147,11 +209,14 @@ class DescriptorConstraint(_DescriptorBase):
 
     Args:
         descriptor, ph, letters, process: as in :class:`ProteinDescriptor`.
-        low, high: the bounds (inclusive); one may be omitted.
+        low, high: the bounds (inclusive); one may be omitted. Bounds that no value can meet
+            (``low=inf``, ``high=-inf``, ``low > high``) or that every value meets (none
+            finite) are refused: the first makes every design infeasible, the second is no
+            constraint, and either is a mistake.
     """
 
     def __init__(self, descriptor: Literal["hydrophobicity", "charge", "instability"], low: float | None = None,
-                 high: float | None = None, ph: float = 7.0, letters: str = PROTEIN,
+                 high: float | None = None, ph: float = 7.0, letters: str | None = None,
                  process: Process | None = None):
         super().__init__(descriptor, ph, letters, process)
         if low is None and high is None:
@@ -160,6 +225,12 @@ class DescriptorConstraint(_DescriptorBase):
         self.high = math.inf if high is None else float(high)
         if math.isnan(self.low) or math.isnan(self.high) or self.low > self.high:
             raise ConfigError(f"DescriptorConstraint needs low <= high, got [{low}, {high}]")
+        if self.low == math.inf or self.high == -math.inf:
+            raise ConfigError(f"DescriptorConstraint's bounds [{low}, {high}] admit no value (low must be below "
+                              "inf, high above -inf)")
+        if self.low == -math.inf and self.high == math.inf:
+            raise ConfigError(f"DescriptorConstraint's bounds [{low}, {high}] admit every value; give a finite "
+                              "low or high")
 
     @property
     def name(self) -> str:

@@ -352,17 +352,6 @@ def padding_rule(tokens: Tensor, masked: Tensor, pad_id: int) -> Tensor:
     return torch.where(pad_before[..., None], is_pad_token, allowed)
 
 
-def padding_letter(process: Process | None, letters: str, reader: str) -> str | None:
-    """The padding letter of ``process`` if it is a padded sequence model (else ``None``),
-    whose alphabet must then be ``letters`` and the pad; :class:`ConfigError` for ``reader``
-    (a reward of ``letters``) otherwise."""
-    pad = process.pad if isinstance(process, MaskedDiffusionProcess) else None
-    if pad is not None and process.alphabet != letters + pad:
-        raise ConfigError(f"{reader}: the process's alphabet {process.alphabet!r} is not the letters {letters!r} "
-                          f"and its padding letter {pad!r}; pass its letters")
-    return pad
-
-
 def masked_diffusion_loss(denoiser: SequenceDenoiser, tokens: Tensor, schedule: str = "linear",
                           generator: torch.Generator | None = None) -> Tensor:
     """MDLM's continuous-time negative ELBO per position, averaged over the batch.

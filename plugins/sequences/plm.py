@@ -32,15 +32,21 @@ as ``sum_v one_hot_v * log_softmax(logits)_v``, so a gradient reaches ``x`` both
 the model input and through the read-out. On hard one-hot inputs the value equals the
 token-id path.
 
+Designs are read in the process's alphabet by default, as the descriptors read them (see
+:func:`~difftilt.plugins.sequences.descriptors.protein_letters`): explicit ``letters``
+other than the process's, or a nucleotide alphabet, are refused.
+
 Weights are read from a local fair-esm checkpoint only (e.g. ``esm2_t6_8M_UR50D.pt`` as
 distributed); nothing is ever downloaded. The co-located ``<name>-contact-regression.pt``
-is optional: it only serves contact prediction, which this reward does not use.
+is optional: it only serves contact prediction, which this reward does not use, so one
+that cannot be read or does not fit the model is skipped with a warning naming it.
 """
 
 from __future__ import annotations
 
 import argparse
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -52,8 +58,8 @@ from difftilt.core.errors import ConfigError, InputDataError, OptionalDependency
 from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
-from .alphabets import PROTEIN, sequence_lengths, well_padded
-from .mdlm import MaskedDiffusionProcess, padding_letter
+from .alphabets import sequence_lengths, well_padded
+from .descriptors import protein_letters
 
 __all__ = ["ESMReward", "load_esm_checkpoint"]
 
@@ -70,20 +76,83 @@ def _import_esm():
     return esm
 
 
-def _safe_load(path: Path) -> dict:
+def _safe_load(path: Path, what: str = "ESM weights") -> dict:
     """``torch.load`` of a fair-esm file with ``weights_only=True`` (``argparse.Namespace`` allowed:
-    fair-esm checkpoints store their config as one). Never unpickles arbitrary objects."""
+    fair-esm checkpoints store their config as one). Never unpickles arbitrary objects.
+
+    Every failure is one :class:`ConfigError` line. Only a pickle that torch's safe unpickler
+    refused (an ``Unsupported global``) can be loaded by trusting the file, so only then is
+    building the model yourself suggested; any other file (text, FASTA, empty, truncated)
+    is simply not a torch checkpoint, whatever torch's internal error (a ``KeyError`` or
+    ``IndexError`` on text, an empty ``EOFError`` on an empty file).
+    """
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder, not a file (give the .pt checkpoint inside it)")
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"{what} {path} is not a torch checkpoint (the file is empty)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except Exception as e:  # torch raises whatever its unpickler hits on a file that is not a checkpoint
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else type(e).__name__)
-        raise ConfigError(f"cannot read ESM weights {path} with torch.load(weights_only=True) ({why}); if you "
-                          "trust the file, build the model yourself and pass ESMReward(model=..., alphabet=...)"
-                          ) from None
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ConfigError(f"cannot read ESM weights {path}: {e}") from None
+        refused = next((ln for ln in lines if "Unsupported global" in ln), None)
+        if isinstance(e, pickle.UnpicklingError) and refused is not None:
+            why = refused.split(" was not an allowed global")[0].removeprefix("WeightsUnpickler error: ")
+            raise ConfigError(f"cannot read {what} {path} with torch.load(weights_only=True) ({why}); if you "
+                              "trust the file, build the model yourself and pass ESMReward(model=..., alphabet=...)"
+                              ) from None
+        detail = next((ln for ln in lines if "Unsupported" in ln), None)
+        if detail is None and lines and not isinstance(e, LookupError):  # a KeyError's text is a stray byte
+            detail = lines[0]
+        why = (f"{detail.removeprefix('WeightsUnpickler error: ')[:120]}" if detail
+               else f"torch.load failed with {type(e).__name__}")
+        with path.open("rb") as f:
+            head = f.read(64)
+        if b"\0" not in head:
+            try:
+                why = f"it is a text file, starting {head.decode().splitlines()[0][:40]!r}"
+            except (UnicodeDecodeError, IndexError):
+                pass
+        raise ConfigError(f"{what} {path} is not a torch checkpoint ({why})") from None
+
+
+def _first_error(e: Exception) -> str:
+    """One line of a model-building error: a ``load_state_dict`` error lists every mismatched
+    tensor (dozens of lines for a config that does not fit the weights); keep the first and
+    a count."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    details = lines[1:] if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict") else lines
+    first, more = details[0], len(details) - 1
+    keys = re.fullmatch(r"((?:Missing|Unexpected) key\(s\) in state_dict: )\{(.*)\}\.?", first)
+    if keys:  # a set of every missing (or unexpected) tensor name
+        names = keys.group(2).split(", ")
+        first, more = keys.group(1) + names[0], more + len(names) - 1
+    return first + (f" (and {more} more)" if more else "")
+
+
+def _check_layout(path: Path, data) -> None:
+    """:class:`ConfigError` unless ``data`` is laid out as fair-esm's loaders read it, which
+    otherwise fail with a bare ``KeyError`` (``'model'``) or ``TypeError``."""
+    if not isinstance(data, dict) or "model" not in data or not ({"cfg", "args"} & set(data)):
+        raise ConfigError(f"{path} is not a fair-esm checkpoint (expected a dict with 'model' and 'cfg' or 'args')")
+    if not isinstance(data["model"], dict):
+        raise ConfigError(f"{path}: 'model' must be the weights (a dict of tensors), got "
+                          f"{type(data['model']).__name__}")
+    if "cfg" in data and "args" not in data:
+        cfg = data["cfg"]
+        model = cfg.get("model") if isinstance(cfg, dict) else None
+        keys = ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads", "token_dropout")
+        if model is None:
+            raise ConfigError(f"{path}: 'cfg' must be a dict with a 'model' entry (an ESM-2 config), got "
+                              f"{cfg!r:.60}")
+        missing = [k for k in keys if not hasattr(model, k)]
+        if missing:
+            raise ConfigError(f"{path}: cfg['model'] lacks {', '.join(missing)} (an ESM-2 config has "
+                              f"{', '.join(keys)})")
 
 
 def load_esm_checkpoint(path: str | Path):
@@ -93,30 +162,51 @@ def load_esm_checkpoint(path: str | Path):
     the files are read with ``weights_only=True`` (fair-esm 2.0's own ``torch.load`` fails on
     torch >= 2.6, whose default became ``weights_only=True``, on the ``argparse.Namespace`` in
     the checkpoint), and a missing ``<stem>-contact-regression.pt`` is allowed (fair-esm
-    raises; the regression only serves contact prediction). The ESM-2 branch of fair-esm's
+    raises; the regression only serves contact prediction), an unreadable or misfit one
+    skipped with a warning that names it. Every failure is one :class:`ConfigError` line. The ESM-2 branch of fair-esm's
     loader is chosen by the file name starting with ``esm2``; a renamed ESM-2 file (one with
     a ``cfg`` entry) is routed there too.
     """
     esm = _import_esm()
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"ESM weights file not found: {path} (weights are read from a local file and "
                           "never downloaded; get e.g. esm2_t6_8M_UR50D.pt from fair-esm's release)")
     data = _safe_load(path)
-    if not isinstance(data, dict) or "model" not in data or not ({"cfg", "args"} & set(data)):
-        raise ConfigError(f"{path} is not a fair-esm checkpoint (expected a dict with 'model' and 'cfg' or 'args')")
+    _check_layout(path, data)
     name = path.stem
     if "cfg" in data and "args" not in data and not name.startswith("esm2"):
         name = "esm2_" + name
     regression_path = path.with_name(path.stem + "-contact-regression.pt")
-    regression = _safe_load(regression_path) if regression_path.is_file() else None
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Regression weights not found")
+    regression = None
+    if regression_path.is_file():
         try:
-            model, alphabet = esm.pretrained.load_model_and_alphabet_core(name, data, regression)
-        except (RuntimeError, ValueError, KeyError, AttributeError) as e:
-            raise ConfigError(f"cannot build an ESM model from {path}: {e}") from None
-    return model, alphabet
+            regression = _safe_load(regression_path, "ESM contact regression")
+            if not isinstance(regression, dict) or not isinstance(regression.get("model"), dict):
+                raise ConfigError(f"ESM contact regression {regression_path} is not a fair-esm file (no 'model' dict)")
+        except ConfigError as e:
+            warnings.warn(f"{e}; skipped (it only serves contact prediction)", stacklevel=2)
+            regression = None
+
+    def build(regression):
+        weights = dict(data, model=dict(data["model"]))  # fair-esm updates it in place with the regression
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Regression weights not found")
+            return esm.pretrained.load_model_and_alphabet_core(name, weights, regression)
+
+    try:
+        return build(regression)
+    except Exception as e:  # fair-esm fails with whatever a wrong config or state dict raises
+        if regression is not None:  # the weights may be fine and the optional regression not fit them
+            try:
+                model, alphabet = build(None)
+            except Exception:
+                pass
+            else:
+                warnings.warn(f"ESM contact regression {regression_path} does not fit the model "
+                              f"({_first_error(e)}); skipped (it only serves contact prediction)", stacklevel=2)
+                return model, alphabet
+        raise ConfigError(f"cannot build an ESM model from {path}: {_first_error(e)}") from None
 
 
 class ESMReward(Reward):
@@ -128,10 +218,12 @@ class ESMReward(Reward):
             ``model.alphabet``.
         alphabet: the model's :class:`esm.data.Alphabet`.
         score: ``"mean_logprob"`` (one pass, differentiable) or ``"pseudo_log_likelihood"``.
-        letters: the design alphabet; token ``i`` of ``x`` is ``letters[i]``.
+        letters: the design alphabet; token ``i`` of ``x`` is ``letters[i]``. By default the
+            process's alphabet (without its padding letter), else ``PROTEIN``; explicit
+            letters must be the process's.
         batch_size: rows per ESM forward pass (designs, or masked copies for the PLL).
-        process: the chain, to check that it makes sequences over ``letters`` (a padded
-            model's alphabet is ``letters`` and its padding letter).
+        process: the chain, whose alphabet the designs are read in (a padded model's
+            alphabet is ``letters`` and its padding letter).
 
     ``evaluate(x)``: ``x`` is ``(b, L, len(letters) + 1)`` (``+ 2`` padded); returns values ``(b,)``.
     """
@@ -140,7 +232,7 @@ class ESMReward(Reward):
 
     def __init__(self, weights: str | None = None, model: nn.Module | None = None, alphabet=None,
                  score: Literal["mean_logprob", "pseudo_log_likelihood"] = "mean_logprob",
-                 letters: str = PROTEIN, batch_size: int = 32, process: Process | None = None):
+                 letters: str | None = None, batch_size: int = 32, process: Process | None = None):
         super().__init__()
         esm = _import_esm()
         if score not in ("mean_logprob", "pseudo_log_likelihood"):
@@ -154,16 +246,10 @@ class ESMReward(Reward):
         alphabet = alphabet if alphabet is not None else getattr(model, "alphabet", None)
         if alphabet is None:
             raise ConfigError("ESMReward got a model but no alphabet (pass alphabet=...)")
-        if not letters or len(set(letters)) != len(letters):
-            raise ConfigError(f"letters must be distinct characters, got '{letters}'")
+        letters, self.pad = protein_letters(process, letters, type(self).__name__)
         unknown = [c for c in letters if c not in alphabet.tok_to_idx]
         if unknown:
             raise ConfigError(f"letters {''.join(unknown)!r} are not in the ESM alphabet")
-        self.pad = padding_letter(process, letters, type(self).__name__)
-        tokens = len(letters) + (self.pad is not None)
-        if isinstance(process, MaskedDiffusionProcess) and process.vocab_size != tokens:
-            raise ConfigError(f"ESMReward reads sequences over {len(letters)} letters, but the process makes "
-                              f"{process.vocab_size}")
 
         self.model = model.eval().requires_grad_(False)
         self.score = score
@@ -289,6 +375,9 @@ class ESMReward(Reward):
 
     def evaluate(self, x: Tensor) -> RewardOutput:
         ids, unscored, n = self._check(x)
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        if x.shape[0] == 0:  # nothing to score (ESM's batched passes would concatenate nothing)
+            return RewardOutput(torch.zeros(0, dtype=dtype, device=x.device), ~unscored)
         dev = next(self.model.parameters()).device
         if dev != x.device:
             self.to(x.device)
@@ -300,5 +389,4 @@ class ESMReward(Reward):
         else:
             with torch.no_grad():
                 value = self._mean_logprob_tokens(ids, n)
-        dtype = x.dtype if x.is_floating_point() else torch.float32
         return RewardOutput(value.to(dtype), ~unscored)

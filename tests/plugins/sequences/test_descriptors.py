@@ -84,3 +84,59 @@ def test_bad_options_and_inputs():
         ProteinDescriptor("charge", letters="ACGU")
     with pytest.raises(InputDataError):
         ProteinDescriptor("charge")(torch.zeros(2, 5, 4))
+
+
+def _process(alphabet, pad=None):
+    from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, SequenceDenoiser
+
+    return MaskedDiffusionProcess(SequenceDenoiser(len(alphabet), 6, dim=8, depth=0, heads=1), alphabet=alphabet,
+                                  pad=pad)
+
+
+def test_designs_are_read_in_the_process_s_alphabet():
+    """A model whose letters are in textbook order is scored on its own letters, not PROTEIN's."""
+    textbook = "ARNDCQEGHILKMFPSTWYV"
+    process = _process(textbook)
+    x = torch.nn.functional.one_hot(torch.full((1, 6), textbook.index("K")), 21).float()
+    for reward in (ProteinDescriptor("charge", process=process), DescriptorConstraint("charge", low=5.0,
+                                                                                      process=process)):
+        assert reward.letters == textbook
+    assert ProteinDescriptor("charge", process=process)(x).value.item() == pytest.approx(_bio("KKKKKK", "charge"))
+    assert DescriptorConstraint("charge", low=5.0, process=process)(x).feasible.item()
+    with pytest.raises(ConfigError, match=f"'{PROTEIN}' are not the process's alphabet '{textbook}'"):
+        ProteinDescriptor("charge", letters=PROTEIN, process=process)
+    assert ProteinDescriptor("charge", letters=textbook, process=process).letters == textbook
+    assert ProteinDescriptor("charge").letters == PROTEIN  # no process: the standard order
+
+
+@pytest.mark.parametrize("alphabet,letters", [("ACGT", None), ("ACGT", "ACGT"), ("ACGU-", None)])
+def test_a_nucleotide_model_is_not_scored_as_a_protein(alphabet, letters):
+    process = _process(alphabet, pad="-" if alphabet.endswith("-") else None)
+    for cls, kw in ((ProteinDescriptor, {}), (DescriptorConstraint, {"low": 0.0})):
+        with pytest.raises(ConfigError, match="scores proteins, but the model's alphabet .* looks like nucleotides"):
+            cls("charge", letters=letters, process=process, **kw)
+    with pytest.raises(ConfigError, match="look"):
+        ProteinDescriptor("charge", letters="ACGT")
+
+
+@pytest.mark.parametrize("low,high", [(float("inf"), None), (None, float("-inf")), (float("-inf"), None),
+                                      (float("-inf"), float("inf")), (None, float("inf"))])
+def test_impossible_or_empty_bounds_and_bad_ph_are_config_errors(low, high):
+    with pytest.raises(ConfigError, match="bounds"):
+        DescriptorConstraint("charge", low=low, high=high)
+    for ph in (-0.5, 14.5, float("nan")):
+        with pytest.raises(ConfigError, match="ph must be between 0 and 14"):
+            ProteinDescriptor("charge", ph=ph)
+
+
+@pytest.mark.parametrize("descriptor", ["hydrophobicity", "charge", "instability"])
+def test_protein_descriptor_refuses_empty_and_unknown_letters(descriptor):
+    from difftilt.plugins.sequences.descriptors import protein_descriptor
+
+    assert protein_descriptor("MKV", descriptor) == pytest.approx(_bio("MKV", descriptor))
+    with pytest.raises(InputDataError, match="empty"):
+        protein_descriptor("", descriptor)
+    for seq in ("MKXV", "MBV", "MZV", "MUV", "MOV"):
+        with pytest.raises(InputDataError, match="outside the 20 standard amino acids"):
+            protein_descriptor(seq, descriptor)
+    assert ProteinDescriptor(descriptor)(torch.zeros(0, 4, 21)).value.shape == (0,)

@@ -157,6 +157,95 @@ def test_a_padded_model_s_designs_are_scored_without_their_padding(tiny):
     torch.testing.assert_close(value.detach()[~unscored], by_tokens[~unscored], atol=1e-4, rtol=0)
     value[0].backward()
     assert x.grad[0, :3, :20].abs().sum() > 0 and x.grad[0, 3:].abs().sum() == 0
-    with pytest.raises(ConfigError, match="alphabet 'ACGT-' is not the letters"):
+    with pytest.raises(ConfigError, match="alphabet 'ACGT' looks like nucleotides"):
         ESMReward(model=model, alphabet=alphabet, process=MaskedDiffusionProcess(
             SequenceDenoiser(5, 6, dim=8, depth=0, heads=1), alphabet="ACGT-", pad="-"))
+    with pytest.raises(ConfigError, match="'ACDEFGHIKLMNPQRSTVWY-' are not the process's alphabet .* padding letter"):
+        ESMReward(model=model, alphabet=alphabet, letters=letters, process=process)
+
+
+def _save_tiny(model, path, **cfg):
+    state = {"encoder.sentence_encoder." + k: v for k, v in model.state_dict().items()
+             if not k.startswith("contact_head.regression")}
+    cfg = Namespace(**{"encoder_layers": 1, "encoder_embed_dim": 32, "encoder_attention_heads": 2,
+                       "token_dropout": True, **cfg})
+    torch.save({"cfg": {"model": cfg}, "model": state}, path)
+
+
+def test_designs_are_read_in_the_process_s_alphabet(tiny):
+    from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, SequenceDenoiser
+
+    model, alphabet = tiny
+    textbook = "ARNDCQEGHILKMFPSTWYV"
+    process = MaskedDiffusionProcess(SequenceDenoiser(20, 6, dim=8, depth=0, heads=1), alphabet=textbook)
+    reward = ESMReward(model=model, alphabet=alphabet, process=process)
+    assert reward.letters == textbook
+    seq = "MKVLAW"
+    ours = reward(_one_hot(torch.tensor([[textbook.index(c) for c in seq]]))).value
+    standard = ESMReward(model=model, alphabet=alphabet)(_one_hot(torch.tensor([[PROTEIN.index(c) for c in seq]])))
+    assert ours.item() == pytest.approx(standard.value.item(), abs=1e-5)
+    with pytest.raises(ConfigError, match="not the process's alphabet 'ARNDCQEGHILKMFPSTWYV'"):
+        ESMReward(model=model, alphabet=alphabet, letters=PROTEIN, process=process)
+
+
+def test_a_nucleotide_model_is_not_scored_as_a_protein(tiny):
+    from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, SequenceDenoiser
+
+    model, alphabet = tiny
+    process = MaskedDiffusionProcess(SequenceDenoiser(4, 8, dim=8, depth=0, heads=1), alphabet="ACGT")
+    for letters in (None, "ACGT"):
+        with pytest.raises(ConfigError, match="scores proteins, but the model's alphabet 'ACGT' looks like nucl"):
+            ESMReward(model=model, alphabet=alphabet, letters=letters, process=process)
+
+
+def test_files_that_are_not_checkpoints_are_one_line_config_errors(tiny, tmp_path):
+    model, _ = tiny
+    text = tmp_path / "notpt.txt"
+    text.write_text("hello\n")
+    fasta = tmp_path / "seqs.fasta"
+    fasta.write_text(">a\nMKV\n")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    expected = {text: "is not a torch checkpoint .*text file", fasta: "is not a torch checkpoint .*text file",
+                empty: r"is not a torch checkpoint \(the file is empty\)", tmp_path: "is a folder"}
+    _save_tiny(model, tmp_path / "esm2_wide.pt", encoder_embed_dim=64)
+    expected[tmp_path / "esm2_wide.pt"] = r"size mismatch for .* \(and \d+ more\)"
+    _save_tiny(model, tmp_path / "esm2_deep.pt", encoder_layers=2)
+    expected[tmp_path / "esm2_deep.pt"] = r"Missing key\(s\) .* \(and \d+ more\)"
+    for name, cfg in (("esm2_nocfg.pt", {}), ("esm2_five.pt", 5)):
+        torch.save({"cfg": cfg, "model": {}}, tmp_path / name)
+        expected[tmp_path / name] = "'cfg' must be a dict with a 'model' entry"
+    for path, match in expected.items():
+        with pytest.raises(ConfigError, match=match) as info:
+            ESMReward(weights=str(path))
+        message = str(info.value)
+        assert str(path) in message and "\n" not in message and "trust" not in message, message
+
+    refused = tmp_path / "esm2_refused.pt"  # a real pickle that weights_only refuses: only it may be trusted
+    torch.save({"model": Namespace, "cfg": ConfigError("x")}, refused)
+    with pytest.raises(ConfigError, match="Unsupported global.*if you trust the file"):
+        ESMReward(weights=str(refused))
+
+
+def test_a_bad_contact_regression_file_is_skipped_with_a_warning(tiny, tmp_path):
+    model, _ = tiny
+    path = tmp_path / "esm2_tiny.pt"
+    _save_tiny(model, path)
+    regression = tmp_path / "esm2_tiny-contact-regression.pt"
+    ids = torch.randint(0, 20, (2, 7), generator=torch.Generator().manual_seed(5))
+    expected = ESMReward(model=model)(_one_hot(ids)).value.detach()
+    bad = {"unreadable": lambda: regression.write_text("junk"),
+           "misfit": lambda: torch.save({"model": {"contact_head.regression.weight": torch.zeros(1, 7),
+                                                   "contact_head.regression.bias": torch.zeros(1)}}, regression)}
+    for why, write in bad.items():
+        write()
+        with pytest.warns(UserWarning, match="esm2_tiny-contact-regression.pt.*skipped"):
+            reward = ESMReward(weights=str(path))
+        torch.testing.assert_close(reward(_one_hot(ids)).value, expected)
+
+
+def test_an_empty_batch_scores_nothing(tiny):
+    model, alphabet = tiny
+    for score in ("mean_logprob", "pseudo_log_likelihood"):
+        out = ESMReward(model=model, alphabet=alphabet, score=score)(torch.zeros(0, 6, 21))
+        assert out.value.shape == (0,) and out.feasible.shape == (0,)

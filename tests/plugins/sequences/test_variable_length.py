@@ -202,7 +202,7 @@ def test_descriptors_score_a_padded_model_s_proteins_without_their_padding():
     assert charge.value[charge.feasible].tolist() == pytest.approx(expected) and expected[2] > 2 > expected[0]
     inside = DescriptorConstraint("charge", low=-2.0, high=2.0, process=process)(x).feasible
     assert inside.tolist() == [True, True, False, False, False]
-    with pytest.raises(ConfigError, match="alphabet 'ACGT-' is not the letters .* and its padding letter '-'"):
+    with pytest.raises(ConfigError, match="alphabet 'ACGT' looks like nucleotides"):  # a DNA model, padded
         ProteinDescriptor("charge", process=_process())
 
 

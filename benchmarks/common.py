@@ -14,7 +14,8 @@ from difftilt.core.errors import ConfigError, DifftiltError
 from difftilt.core.online import EVOLUTION, config_differences, run_online
 from difftilt.core.run import RunFolder
 
-__all__ = ["fmt", "main_exit", "run_or_reuse", "yaml_setting"]
+__all__ = ["check_folder", "check_online_run", "check_output", "fmt", "main_exit", "positive_int", "run_or_reuse",
+           "yaml_setting"]
 
 
 def fmt(values: list[float]) -> str:
@@ -33,6 +34,76 @@ def yaml_setting(text: str) -> tuple[str, object]:
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key.strip(), parse_yaml(value)  # 1e-3 read as a number, as in --set
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1: an argparse ``type`` for counts such as ``--budget`` and ``--seeds``
+    (a run of 0 calls or 0 seeds has no table to print, and used to fail only after the work)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _blocking_ancestor(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is a file (so nothing can be made under it)."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_output(path: str | os.PathLike, option: str, suffixes: set[str] | None = None) -> Path:
+    """``path`` as a file a benchmark can write when it has finished; a :class:`ConfigError`
+    now otherwise (a folder, a path under a file, a suffix not in ``suffixes``), not a
+    traceback after hours of runs."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{option} {path} is a folder: give a file path")
+    blocker = _blocking_ancestor(p)
+    if blocker is not None:
+        raise ConfigError(f"{option} {path}: {blocker} is a file, not a folder")
+    if suffixes is not None and p.suffix.lower().lstrip(".") not in suffixes:
+        raise ConfigError(f"{option} {path}: its suffix names the format to write, one of "
+                          f"{', '.join('.' + s for s in sorted(suffixes))}")
+    return p
+
+
+def plot_suffixes() -> set[str]:
+    """The file suffixes matplotlib can save a figure as (png, pdf, svg, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
+def check_folder(path: str | os.PathLike, option: str) -> Path:
+    """``path`` as a folder that exists or can be made (not a file, nor under one)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{option} {path} is a file, not a folder")
+    blocker = _blocking_ancestor(p)
+    if blocker is not None:
+        raise ConfigError(f"{option} {path}: {blocker} is a file, not a folder")
+    return p
+
+
+def check_online_run(folder: str | os.PathLike) -> None:
+    """Refuse a ``difftilt finetune`` run folder where an online run folder is needed: its
+    config has a ``reward`` and no ``oracle``, and reading it as an online config would
+    only say "config: unknown field 'reward'"."""
+    saved = Path(folder) / "config.yaml"
+    if not saved.is_file():
+        return  # the online reader says it has no config.yaml
+    try:
+        cfg = load_yaml(saved)
+    except DifftiltError:
+        return
+    if isinstance(cfg, dict) and "reward" in cfg and "oracle" not in cfg:
+        raise ConfigError(f"{folder} is a finetune run folder (difftilt finetune), not an online run folder "
+                          "(difftilt online, or a benchmark arm under --runs)")
 
 
 def main_exit(main) -> int:

@@ -20,8 +20,10 @@ Usage::
     python -m difftilt.benchmarks.order_consistency runs/seq/ehrlich-20-32-4-4/ucb-seed1/ucb/checkpoints/round_0 \\
         --samples 256 --orders 16 --out order_consistency.json
 
-``--start`` names the checkpoint the round started from (default: the pretrained model,
-round 0's start).
+``--start`` names the model the round started from (default: the pretrained model,
+round 0's start): a fine-tuned checkpoint folder (an earlier round's) or a pretrained model
+folder written by ``difftilt pretrain``. The two models must make sequences of the same
+length over the same alphabet.
 """
 
 from __future__ import annotations
@@ -33,10 +35,43 @@ from pathlib import Path
 import torch
 
 from difftilt.core.checkpoint import load_finetuned
+from difftilt.core.errors import CheckpointError, ConfigError
 from difftilt.core.rollout import sample_trajectories
 from difftilt.plugins.sequences.mdlm import order_log_likelihoods, revealed_order
 
-from .common import main_exit
+from .common import check_output, main_exit
+
+
+def load_start(path: Path):
+    """The model ``--start`` names: a fine-tuned checkpoint folder (``model_index.json``) or a
+    pretrained model folder that an installed plugin reads (``Domain.load_folder``, e.g. the
+    sequences plugin's ``process.json`` folders), as ``difftilt sample`` reads them."""
+    from difftilt.core.plugins import load_plugin, plugin_entry_points
+
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return load_finetuned(path).model
+    if not path.is_dir():
+        raise CheckpointError(f"--start {path} is not a folder")
+    for name in sorted(plugin_entry_points()):
+        try:
+            process = load_plugin(name).load_folder(path)
+        except CheckpointError:
+            raise
+        except Exception:  # a broken plugin must not hide the one that reads the folder
+            continue
+        if process is not None:
+            return process
+    raise CheckpointError(f"--start {path} is neither a fine-tuned model folder (no model_index.json) nor a "
+                          "pretrained model folder (as difftilt pretrain writes)")
+
+
+def check_same_kind(q, p, model: Path, start: Path) -> None:
+    """Refuse two models whose designs differ in shape (another length or alphabet): their
+    likelihoods of one design cannot be compared."""
+    if tuple(q.event_shape) != tuple(p.event_shape):
+        raise ConfigError(f"the two models do not match: {model} makes designs of shape {tuple(q.event_shape)}, "
+                          f"--start {start} of shape {tuple(p.event_shape)} (another length or alphabet)")
 
 
 @torch.no_grad()
@@ -73,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.split("\n")[0])
     ap.add_argument("model", type=Path, help="a fine-tuned checkpoint folder (e.g. a SEIKO round's)")
     ap.add_argument("--start", type=Path, default=None,
-                    help="the checkpoint it was fine-tuned from (default: its pretrained model)")
+                    help="the model it was fine-tuned from: a fine-tuned checkpoint folder or a pretrained "
+                         "model folder (default: its pretrained model)")
     ap.add_argument("--samples", type=int, default=256, help="designs sampled from each model (default 256)")
     ap.add_argument("--orders", type=int, default=16, help="random reveal orders per design (default 16)")
     ap.add_argument("--seed", type=int, default=0)
@@ -81,9 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.samples < 2 or args.orders < 2:
         ap.error("--samples and --orders must be >= 2")
+    if args.out is not None:
+        check_output(args.out, "--out")
     loaded = load_finetuned(args.model)
     q = loaded.model
-    p = loaded.transitions.reference if args.start is None else load_finetuned(args.start).model
+    p = loaded.transitions.reference if args.start is None else load_start(args.start)
+    if args.start is not None:
+        check_same_kind(q, p, args.model, args.start)
     rows = consistency(q, p, args.samples, args.orders, args.seed)
     print(f"{args.model} against {args.start or 'its pretrained model'}: {args.samples} designs each, "
           f"{args.orders} reveal orders")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from difftilt.core.online import reward_model_ranks
 
-from .common import main_exit, yaml_setting
+from .common import check_online_run, check_output, main_exit, yaml_setting
 
 _COLUMNS = [("round", "round", "d"), ("train", "fit on", "d"), ("test", "scored on", "d"),
             ("test_mean", "mean", ".3f"), ("test_best", "best", ".3f"), ("rho_mean", "rho(mean)", ".3f"),
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                          "hidden=32); repeatable")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
+    if args.out is not None:  # checked before the refits, not when the rows are written
+        check_output(args.out, "--out")
+    check_online_run(args.run)
     rows = reward_model_ranks(args.run, args.method, reward_model=dict(args.reward_model))
     changed = "".join(f", reward_model.{k}={v}" for k, v in args.reward_model)
     print(f"{args.run}: {args.method}'s reward models on the next round's answers{changed}")

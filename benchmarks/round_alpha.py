@@ -38,7 +38,7 @@ from pathlib import Path
 from difftilt.core.config import load_yaml
 from difftilt.core.online import retune_round
 
-from .common import main_exit, yaml_setting
+from .common import check_online_run, check_output, main_exit, yaml_setting
 
 _COLUMNS = [("alpha", "alpha"), ("kl_to_start", "KL to start"), ("kl_to_pretrained", "KL to pretrained"),
             ("acquisition_mean", "acquisition"), ("mean_true", "true mean"), ("top10_true", "true top-10"),
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default="ucb", help="which of its methods (default: ucb)")
     ap.add_argument("--round", type=int, default=0, help="which finished round (default: 0)")
     ap.add_argument("--alphas", type=float, nargs="+", required=True, help="the KL weights to try")
-    ap.add_argument("--samples", type=int, default=None, help="samples per model (default: the run's eval_samples)")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="samples per model, >= 2 (default: the run's eval_samples, else 256)")
     ap.add_argument("--tilt-samples", type=int, default=0,
                     help="also estimate the round's exact target from this many samples of its starting model "
                          "(e.g. 4096): its objective J*, KL and true mean, and the share of J*'s gain the "
@@ -82,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                          "clip_features=true); repeatable")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
+    # checked before the fine-tunes (minutes each), not when the rows are written
+    if args.samples is not None and args.samples < 2:  # 0 used to mean the run's eval_samples, silently
+        ap.error(f"--samples must be >= 2 (leave it out for the run's eval_samples), got {args.samples}")
+    if args.out is not None:
+        check_output(args.out, "--out")
+    check_online_run(args.run)
     rows = retune_round(args.run, args.method, args.round, args.alphas, samples=args.samples,
                         progress=sys.stderr.isatty(),  # no progress bars in a log file
                         tilt_samples=args.tilt_samples, finetune=dict(args.finetune),

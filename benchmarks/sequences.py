@@ -20,10 +20,11 @@ pretrained model's first round of samples:
 
 For each task and method it prints, as mean ± std over seeds, the best and the top-10
 mean true score among the distinct designs asked after 500 / 1,000 / 2,000 / 5,000 calls
-(read from each run's feedback store in the order the designs were asked), the feasible
-fraction and Hamming diversity of the final model's samples (of the last round's designs
-for the GA and the hill climber), and on how many seeds the task's maximum (1.0) was found
-by each budget. It plots the best score after each round against calls.
+and after the budget when it is not one of them (``checkpoints_for``; read from each run's
+feedback store in the order the designs were asked), the feasible fraction and Hamming
+diversity of the final model's samples (of the last round's designs for the GA and the
+hill climber), and on how many seeds the task's maximum (1.0) was found by each budget.
+It plots the best score after each round against calls.
 
 Usage::
 
@@ -33,7 +34,9 @@ Usage::
         --set fill=edits --runs runs/seq-random-edits                           # held-out seeds, an ablation
 
 Run folders under ``--runs`` are reused: a finished arm is read back, an interrupted
-one resumed.
+one resumed. The options, every arm's config (with ``--set``) and the output paths are
+checked before the first arm runs; if every arm fails, nothing is written and the exit
+status is 2.
 """
 
 from __future__ import annotations
@@ -49,13 +52,14 @@ from importlib import resources
 from pathlib import Path
 
 from difftilt.core.config import load_yaml
+from difftilt.core.errors import ConfigError, DifftiltError
 from difftilt.core.plotting import save_figure
-from difftilt.core.online import METHODS, design_key
+from difftilt.core.online import METHODS, _validate, design_key
 from difftilt.core.plugins import load_plugin
 from difftilt.core.run import read_config
 from difftilt.core.store import COUNTED, SQLiteFeedbackStore
 
-from .common import fmt, main_exit, run_or_reuse
+from .common import check_folder, check_output, fmt, main_exit, plot_suffixes, positive_int, run_or_reuse
 
 CHECKPOINTS = [500, 1000, 2000, 5000]
 # Arms that are a method with a config change, each in its own run folders: SEIKO-UCB with a
@@ -159,6 +163,53 @@ def arm_config(task: str, label: str, seed: int, schedule: list[int], process: d
     return read_config(cfg, list(overrides))
 
 
+# What the benchmark sets in every arm, and the flag that changes it: a --set of one of these
+# was applied after them, so (say) --set seed=3 made three identical arms labelled seeds 0, 1, 2.
+CONTROLLED = {"seed": "--first-seed / --seeds", "methods": "--methods", "schedule": "--budget",
+              "stop_at": "nothing (every arm spends the whole budget)", "process": "--tasks (each task has its model)",
+              "oracle.reward": "--tasks (each task is its reward)"}
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse a ``--set`` of a field the benchmark controls (:data:`CONTROLLED`), or of a
+    part of one (``oracle.reward.seed``), or a setting without ``=``."""
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        for field_ in CONTROLLED:
+            if field_.startswith(key + "."):  # --set oracle={...} would replace oracle.reward
+                raise ConfigError(f"--set {key}: the benchmark sets {field_} in every arm; set {key}'s other "
+                                  f"fields one by one ({key}.KEY=VALUE)")
+            if key == field_ or key.startswith(field_ + "."):
+                raise ConfigError(f"--set {key}: the benchmark sets {field_} in every arm; use {CONTROLLED[field_]}")
+
+
+def checkpoints_for(budget: int) -> list[int]:
+    """The table's columns: :data:`CHECKPOINTS` up to ``budget``, and ``budget`` itself when it
+    is not one of them (a budget under 500 had no score column at all)."""
+    return sorted({*(c for c in CHECKPOINTS if c <= budget), budget})
+
+
+def check_arms(tasks: list[str], labels: list[str], first_seed: int, budget: int, overrides: list[str]) -> None:
+    """Build every task's and method's arm config (with its first seed) and validate it as the
+    online loop will, before any arm runs: a bad ``--set`` (an unknown field, a wrong value)
+    is then one error, not every arm marked FAILED and an empty table written over the results."""
+    check_overrides(overrides)
+    for task in tasks:
+        spec = TASKS[task]
+        base = load_yaml(_configs_dir() / spec["config"])
+        schedule = schedule_for(budget, spec.get("rounds", base["schedule"]))
+        # the model is not needed to check a config (and may be pretrained only later)
+        process = spec["process"] or {"name": "pretrained", "path": str(committed_model(task))}
+        for label in labels:
+            try:
+                _validate(arm_config(task, label, first_seed, schedule, process, overrides, base=base))
+            except ConfigError as err:
+                raise ConfigError(f"{task} {label}: {err}" + (" (given with --set)" if overrides else "")) from None
+
+
 def store_curve(folder: Path, checkpoints: list[int]) -> dict[int, dict]:
     """Best and top-10 true score among the distinct designs in the first ``c`` calls, for each
     checkpoint ``c``."""
@@ -183,19 +234,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=[*METHODS, *VARIANTS],
                         help="methods, and variants: "
                         + "; ".join(f"{k}: {m} with {c}" for k, (m, c) in VARIANTS.items()))
-    parser.add_argument("--seeds", type=int, default=3, help="how many seeds")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="how many seeds")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="online-config override for every arm, e.g. fill=edits (use another --runs)")
-    parser.add_argument("--budget", type=int, default=5000, help="oracle calls per run (rounds cut here)")
+                        help="online-config override for every arm, e.g. fill=edits (use another --runs); "
+                        "not of what the benchmark sets: " + ", ".join(CONTROLLED))
+    parser.add_argument("--budget", type=positive_int, default=5000,
+                        help="oracle calls per run (rounds cut here); the scores are read after "
+                        + " / ".join(map(str, CHECKPOINTS))
+                        + " calls up to it, and after it when it is not one of them")
     parser.add_argument("--runs", default=None,
-                        help="keep run folders (and pretrained task models) here; finished arms are reused")
+                        help="keep run folders (and pretrained task models) here; finished arms are reused "
+                        "(default: a new temporary folder, printed at the start)")
     parser.add_argument("--out", default="benchmarks/results/sequences.json")
     parser.add_argument("--plot", default="benchmarks/results/sequences.png")
     args = parser.parse_args(argv)
 
-    runs = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="difftilt-seq-"))
-    checkpoints = [c for c in CHECKPOINTS if c <= args.budget]
+    # everything that can be checked is checked before the first arm (a run takes hours)
+    check_arms(args.tasks, args.methods, args.first_seed, args.budget, args.set)
+    out = check_output(args.out, "--out")
+    plot = check_output(args.plot, "--plot", plot_suffixes())
+    if args.runs:
+        runs = check_folder(args.runs, "--runs")
+    else:
+        runs = Path(tempfile.mkdtemp(prefix="difftilt-seq-"))
+        print(f"run folders: {runs} (temporary; give it as --runs to reuse the finished arms)", flush=True)
+    checkpoints = checkpoints_for(args.budget)
     schedules: dict[str, list[int]] = {}
     results: dict = {}
     t0 = time.time()
@@ -227,12 +291,21 @@ def main(argv: list[str] | None = None) -> int:
                       + f"  ({time.time() - t0:.0f} s)", flush=True)
             results[task][label] = arms
     _print_tables(results, checkpoints, schedules, args.seeds)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"schedules": schedules, "checkpoints": checkpoints, "results": results},
-                                         indent=1, default=str) + "\n")
-    _plot(results, checkpoints, Path(args.plot))
+    if all_failed(results):  # a table of failures must not replace committed results
+        raise DifftiltError(f"every arm failed; nothing written to {args.out} or {args.plot} "
+                            f"(run folders: {runs})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"schedules": schedules, "checkpoints": checkpoints, "results": results},
+                              indent=1, default=str) + "\n")
+    _plot(results, checkpoints, plot)
     print(f"results: {args.out}\nplot: {args.plot}\nrun folders: {runs}")
     return 0
+
+
+def all_failed(results: dict) -> bool:
+    """Whether every arm of every task and method failed (and there is no arm at all)."""
+    arms = [a for methods in results.values() for group in methods.values() for a in group]
+    return all(a["failed"] for a in arms)
 
 
 def _print_tables(results: dict, checkpoints: list[int], schedules: dict[str, list[int]], seeds: int) -> None:

@@ -14,6 +14,10 @@ Usage::
     python -m difftilt.benchmarks.sequences_pretrained            # 1,000 Ehrlich and 10,000 TFBind8 samples
     python -m difftilt.benchmarks.sequences_pretrained --only ehrlich --ehrlich-model benchmarks/models/ehrlich-20-64-4-4
     python -m difftilt.benchmarks.sequences_pretrained --only tfbind8 --tfbind8-holdout 0.1   # + ~20 min of training
+
+With ``--only`` and no ``--out``, the part run replaces its entries in the committed
+``benchmarks/results/sequences_pretrained.json`` and the other part's are kept (it used to
+be overwritten with the one part). Options and paths are checked before any sampling.
 """
 
 from __future__ import annotations
@@ -26,9 +30,16 @@ from pathlib import Path
 
 import torch
 
+from difftilt.core.errors import CheckpointError, ConfigError
 from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, masked_diffusion_loss
 from difftilt.plugins.sequences.pretrain import train_masked_diffusion
 from difftilt.plugins.sequences import EhrlichFunction, TFBind8, load_ehrlich, load_pretrained, load_tfbind8
+
+from .common import check_output, main_exit, positive_int
+
+DEFAULT_OUT = "benchmarks/results/sequences_pretrained.json"
+#: The entries of the results file each ``--only`` part writes.
+PARTS = {"ehrlich": ("ehrlich",), "tfbind8": ("tfbind8", "tfbind8_holdout", "tfbind8_learnable")}
 
 
 def _sample(process, n: int, seed: int, batch: int = 500) -> torch.Tensor:
@@ -51,9 +62,8 @@ def ehrlich_report(n: int, seed: int, model: str | None = None) -> dict:
     if model is None:
         process, spec = load_ehrlich(), {"num_states": 20, "length": 32, "num_motifs": 2, "motif_length": 4, "seed": 0}
     else:
+        check_ehrlich_model(model)
         process, spec = load_pretrained(model), json.loads((Path(model) / "process.json").read_text())["data"]
-        if spec.get("name") != "ehrlich":
-            raise SystemExit(f"{model} was not pretrained on an Ehrlich corpus (data: {spec.get('name')})")
     args = [spec[k] for k in ("num_states", "length", "num_motifs", "motif_length")]
     f = EhrlichFunction(*args, seed=spec["seed"])
     ids = _sample(process, n, seed)
@@ -72,6 +82,48 @@ def ehrlich_report(n: int, seed: int, model: str | None = None) -> dict:
     print(f"  score mean / max        {out['score_mean']:.4f} / {out['score_max']:.4f}   "
           f"(corpus: {out['corpus_score_mean']:.4f} / {out['corpus_score_max']:.4f})")
     return out
+
+
+def check_ehrlich_model(model: str) -> None:
+    """Refuse, before any work, a ``--ehrlich-model`` that is not a model folder made by
+    ``difftilt pretrain`` on an Ehrlich corpus."""
+    info = Path(model) / "process.json"
+    if not info.is_file():
+        raise CheckpointError(f"--ehrlich-model {model}: not a pretrained model folder (no process.json; "
+                              "make one with difftilt pretrain)")
+    try:
+        data = json.loads(info.read_text()).get("data") or {}
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"--ehrlich-model {model}: unreadable process.json ({err})") from None
+    if data.get("name") != "ehrlich":
+        raise ConfigError(f"{model} was not pretrained on an Ehrlich corpus (data: {data.get('name')})")
+
+
+def holdout_fraction(text: str) -> float:
+    """``--tfbind8-holdout``: a fraction in (0, 1), checked when parsed rather than after the sampling."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {value:g}")
+    return value
+
+
+def merged_results(results: dict, out: str | None, only: str | None) -> tuple[Path, dict]:
+    """Where to write ``results``, and what: with ``--only`` and no ``--out``, the committed
+    file's entries with this part's replaced (the other part's kept); else ``results`` at
+    ``out`` (default :data:`DEFAULT_OUT`)."""
+    if out is not None or only is None:
+        return Path(out or DEFAULT_OUT), results
+    path = Path(DEFAULT_OUT)
+    kept = {}
+    if path.is_file():
+        try:
+            kept = json.loads(path.read_text())
+        except ValueError as err:
+            raise ConfigError(f"{path} is not JSON ({err}); give --out to write the {only} part elsewhere") from None
+    return path, {**{k: v for k, v in kept.items() if k not in PARTS[only]}, **results}
 
 
 def tfbind8_report(n: int, seed: int) -> dict:
@@ -202,17 +254,27 @@ def tfbind8_learnable_reference(seed: int, folds: int = 5, epochs: int = 25, hid
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m difftilt.benchmarks.sequences_pretrained",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ehrlich-samples", type=int, default=1000)
-    parser.add_argument("--tfbind8-samples", type=int, default=10_000)
+    parser.add_argument("--ehrlich-samples", type=positive_int, default=1000)
+    parser.add_argument("--tfbind8-samples", type=positive_int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ehrlich-model", default=None,
                         help="an Ehrlich model folder made by difftilt pretrain (default: the embedded one)")
-    parser.add_argument("--only", choices=["ehrlich", "tfbind8"])
-    parser.add_argument("--tfbind8-holdout", type=float, default=None, metavar="F",
-                        help="also retrain the TFBind8 model's config with a fraction F of the half held out, "
-                             "and fit the learnable reference (~25 min more on one core)")
-    parser.add_argument("--out", default="benchmarks/results/sequences_pretrained.json")
+    parser.add_argument("--only", choices=list(PARTS),
+                        help="run one part; without --out its entries replace theirs in " + DEFAULT_OUT
+                             + " and the other part's are kept")
+    parser.add_argument("--tfbind8-holdout", type=holdout_fraction, default=None, metavar="F",
+                        help="also retrain the TFBind8 model's config with a fraction F (in (0, 1)) of the half "
+                             "held out, and fit the learnable reference (~25 min more on one core)")
+    parser.add_argument("--out", default=None,
+                        help=f"write the results as JSON here (default: {DEFAULT_OUT}, merged with --only)")
     args = parser.parse_args(argv)
+    # checked before the sampling (and the holdout's ~25 minutes of training)
+    if args.only == "ehrlich" and args.tfbind8_holdout is not None:
+        raise ConfigError("--tfbind8-holdout is part of the tfbind8 report; drop --only ehrlich")
+    if args.ehrlich_model is not None and args.only in (None, "ehrlich"):
+        check_ehrlich_model(args.ehrlich_model)
+    check_output(args.out or DEFAULT_OUT, "--out")
+    merged_results({}, args.out, args.only)  # a committed file that cannot be merged into: now
     results = {}
     if args.only in (None, "ehrlich"):
         results["ehrlich"] = ehrlich_report(args.ehrlich_samples, args.seed, args.ehrlich_model)
@@ -222,11 +284,12 @@ def main(argv: list[str] | None = None) -> int:
             results["tfbind8_holdout"] = tfbind8_holdout_report(args.tfbind8_holdout, args.tfbind8_samples, args.seed,
                                                                 progress=sys.stderr.isatty())
             results["tfbind8_learnable"] = tfbind8_learnable_reference(args.seed)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    out, written = merged_results(results, args.out, args.only)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(written, indent=2) + "\n")
+    kept = sorted(set(written) - set(results))
+    print(f"\nwrote {out}" + (f" (kept its {', '.join(kept)} entries)" if kept else ""))
     return 0
 
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main_exit(main))

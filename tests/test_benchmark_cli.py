@@ -1,0 +1,168 @@
+"""The benchmark commands refuse bad options before any work, in one line (no real runs here)."""
+
+import json
+
+import pytest
+
+from difftilt.benchmarks import order_consistency, reward_model_rank, round_alpha, sequences, sequences_pretrained
+from difftilt.benchmarks.common import check_online_run, main_exit
+from difftilt.core.errors import CheckpointError, ConfigError
+
+
+def _seq(tmp_path, *extra):
+    return ["--tasks", "tfbind8", "--methods", "ga", "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "x.json"), "--plot", str(tmp_path / "x.png"), *extra]
+
+
+@pytest.mark.parametrize("extra", [["--budget", "0"], ["--budget", "-5"], ["--seeds", "0"]])
+def test_sequences_refuses_an_empty_budget_or_no_seeds_when_parsing(tmp_path, extra, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        sequences.main(_seq(tmp_path, *extra))
+    assert exit_.value.code == 2 and ">= 1" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written, no run folder made
+
+
+@pytest.mark.parametrize("setting, says", [
+    ("nokey=1", "unknown field 'nokey'"), ("alpha=-1", "config.alpha"), ("fill=bogus", "config.fill"),
+    ("seed=3", "use --first-seed"), ("methods=[ga]", "use --methods"), ("schedule=[5]", "use --budget"),
+    ("stop_at=0.5", "sets stop_at"), ("process=tfbind8", "sets process"), ("oracle.reward.seed=1", "sets oracle.reward"),
+    ("oracle={}", "oracle.KEY=VALUE"), ("alpha", "KEY=VALUE")])
+def test_sequences_checks_every_set_before_any_arm_runs(tmp_path, setting, says, capsys):
+    with pytest.raises(ConfigError, match=f".*{says}"):
+        sequences.main(_seq(tmp_path, "--set", setting))
+    assert main_exit(lambda: sequences.main(_seq(tmp_path, "--set", setting))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_sequences_accepts_a_valid_set_and_the_variants(tmp_path):
+    sequences.check_arms(list(sequences.TASKS), sequences.DEFAULT_METHODS + ["ucb_clip"], 0, 300,
+                         ["fill=edits", "oracle.noise_std=0.1", "finetune.iterations=3"])
+
+
+def test_sequences_checks_its_paths_up_front(tmp_path):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dir").mkdir()
+    cases = [(["--runs", str(tmp_path / "file")], "--runs .* is a file"),
+             (["--runs", str(tmp_path / "file" / "sub")], "is a file, not a folder"),
+             (["--out", str(tmp_path / "dir")], "--out .* is a folder"),
+             (["--out", str(tmp_path / "file" / "x.json")], "is a file, not a folder"),
+             (["--plot", str(tmp_path / "dir")], "--plot .* is a folder"),
+             (["--plot", str(tmp_path / "p.xyz")], r"its suffix names the format.*\.png")]
+    for extra, says in cases:
+        with pytest.raises(ConfigError, match=says):
+            sequences.main(_seq(tmp_path, *extra))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]
+
+
+def test_sequences_reads_the_scores_at_the_budget_when_it_is_not_a_checkpoint():
+    assert sequences.checkpoints_for(5000) == [500, 1000, 2000, 5000]
+    assert sequences.checkpoints_for(2000) == [500, 1000, 2000]
+    assert sequences.checkpoints_for(300) == [300]  # used to be no column at all
+    assert sequences.checkpoints_for(3000) == [500, 1000, 2000, 3000]
+    assert sequences.checkpoints_for(8000) == [500, 1000, 2000, 5000, 8000]
+
+
+def test_sequences_writes_nothing_when_every_arm_failed():
+    failed, ok = {"failed": {"failed_round": 0, "error": "x"}}, {"failed": None}
+    assert sequences.all_failed({"tfbind8": {"ga": [failed, failed], "ucb": [failed]}})
+    assert not sequences.all_failed({"tfbind8": {"ga": [failed, ok]}})
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--ehrlich-samples", "0"], ">= 1"), (["--ehrlich-samples", "-3"], ">= 1"), (["--tfbind8-samples", "0"], ">= 1"),
+    (["--tfbind8-holdout", "1.5"], r"\(0, 1\)"), (["--tfbind8-holdout", "0"], r"\(0, 1\)")])
+def test_sequences_pretrained_checks_its_counts_when_parsing(extra, says, capsys):
+    import re
+
+    with pytest.raises(SystemExit) as exit_:
+        sequences_pretrained.main(extra)
+    assert exit_.value.code == 2 and re.search(says, capsys.readouterr().err)
+
+
+def test_sequences_pretrained_checks_model_paths_and_options_before_sampling(tmp_path):
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(CheckpointError, match="no process.json"):
+        sequences_pretrained.main(["--ehrlich-model", str(tmp_path / "dir"), "--out", str(tmp_path / "o.json")])
+    with pytest.raises(ConfigError, match="drop --only ehrlich"):
+        sequences_pretrained.main(["--only", "ehrlich", "--tfbind8-holdout", "0.1"])
+    with pytest.raises(ConfigError, match="is a folder"):
+        sequences_pretrained.main(["--out", str(tmp_path / "dir")])
+    tfbind8 = sequences_pretrained.Path(__file__).parents[1] / "plugins" / "sequences" / "checkpoints" / "tfbind8"
+    with pytest.raises(ConfigError, match="not pretrained on an Ehrlich corpus"):
+        sequences_pretrained.check_ehrlich_model(str(tfbind8))
+
+
+def test_sequences_pretrained_only_one_part_keeps_the_other_parts_committed_entry(tmp_path, monkeypatch):
+    committed = tmp_path / "results.json"
+    monkeypatch.setattr(sequences_pretrained, "DEFAULT_OUT", str(committed))
+    committed.write_text(json.dumps({"ehrlich": {"old": 1}, "tfbind8": {"old": 2}}))
+    path, written = sequences_pretrained.merged_results({"tfbind8": {"new": 3}}, None, "tfbind8")
+    assert path == committed and written == {"ehrlich": {"old": 1}, "tfbind8": {"new": 3}}
+    # the holdout of an earlier run is tfbind8's: replaced only when run again
+    committed.write_text(json.dumps({"ehrlich": {"old": 1}, "tfbind8": {"old": 2}, "tfbind8_holdout": {"old": 4}}))
+    assert sequences_pretrained.merged_results({"ehrlich": {"new": 5}}, None, "ehrlich")[1] == {
+        "ehrlich": {"new": 5}, "tfbind8": {"old": 2}, "tfbind8_holdout": {"old": 4}}
+    # an explicit --out, or both parts: just the results
+    assert sequences_pretrained.merged_results({"tfbind8": {}}, str(tmp_path / "o.json"), "tfbind8")[1] == {"tfbind8": {}}
+    assert sequences_pretrained.merged_results({"a": 1}, None, None) == (committed, {"a": 1})
+    committed.write_text("{not json")
+    with pytest.raises(ConfigError, match="give --out"):
+        sequences_pretrained.merged_results({}, None, "ehrlich")
+
+
+def _finetune_run(tmp_path):
+    run = tmp_path / "ft-run"
+    run.mkdir()
+    (run / "config.yaml").write_text("plugin: toy\nreward: {name: linear}\nfinetune: {}\n")
+    return run
+
+
+def test_the_round_tools_refuse_a_finetune_run_folder_and_bad_options_before_the_work(tmp_path, capsys):
+    run = _finetune_run(tmp_path)
+    with pytest.raises(ConfigError, match="is a finetune run folder .*not an online run folder"):
+        check_online_run(run)
+    check_online_run(tmp_path / "missing")  # left to the online reader ("no config.yaml")
+    for main, extra in ((round_alpha.main, ["--alphas", "0.01"]), (reward_model_rank.main, [])):
+        with pytest.raises(ConfigError, match="finetune run folder"):
+            main([str(run), *extra])
+        (tmp_path / "dir").mkdir(exist_ok=True)
+        with pytest.raises(ConfigError, match="--out .* is a folder"):
+            main([str(run), *extra, "--out", str(tmp_path / "dir")])
+    for samples in ("-5", "0", "1"):
+        with pytest.raises(SystemExit) as exit_:
+            round_alpha.main([str(run), "--alphas", "0.01", "--samples", samples])
+        assert exit_.value.code == 2 and "--samples must be >= 2" in capsys.readouterr().err
+
+
+def test_order_consistency_starts_from_a_pretrained_folder_and_refuses_models_that_do_not_match(tmp_path):
+    checkpoints = order_consistency.Path(__file__).parents[1] / "plugins" / "sequences" / "checkpoints"
+    tfbind8 = order_consistency.load_start(checkpoints / "tfbind8")
+    ehrlich = order_consistency.load_start(checkpoints / "ehrlich-20-32-2-4")
+    order_consistency.check_same_kind(tfbind8, tfbind8, tmp_path, tmp_path)
+    with pytest.raises(ConfigError, match="the two models do not match"):
+        order_consistency.check_same_kind(ehrlich, tfbind8, tmp_path / "q", tmp_path / "p")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither a fine-tuned model folder"):
+        order_consistency.load_start(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="not a folder"):
+        order_consistency.load_start(tmp_path / "missing")
+
+
+def test_sequences_exits_non_zero_and_writes_nothing_when_every_arm_failed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sequences, "run_or_reuse", lambda cfg, path: [{"failed_round": 0, "error": "boom"}])
+    assert main_exit(lambda: sequences.main(_seq(tmp_path, "--budget", "300", "--seeds", "2"))) == 2
+    captured = capsys.readouterr()
+    assert "FAILED in round 0: boom" in captured.out and "best @300" in captured.out  # the table is still printed
+    assert captured.err.startswith("error: every arm failed; nothing written")
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_sequences_prints_a_temporary_runs_folder_at_the_start(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sequences.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "tmp-runs"))
+    monkeypatch.setattr(sequences, "run_or_reuse", lambda cfg, path: [{"failed_round": 0, "error": "boom"}])
+    argv = [a for a in _seq(tmp_path, "--budget", "100", "--seeds", "1") if a not in ("--runs", str(tmp_path / "runs"))]
+    main_exit(lambda: sequences.main(argv))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"run folders: {tmp_path / 'tmp-runs'} (temporary")

@@ -289,3 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("difftilt: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as err:
+        # Lightning turns a SIGTERM during a fit into SystemExit() (status 0): a scheduler
+        # that killed the run would read it as a success
+        if type(err).__name__ == "SIGTERMException":
+            print("difftilt: terminated (SIGTERM)", file=sys.stderr)
+            return 143
+        raise

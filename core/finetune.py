@@ -424,6 +424,10 @@ class Finetuner:
             )
         self.learn_initial = bool(learn_initial)
         self.iterations, self.batch_size, self.lr = iterations, batch_size, lr
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            # a negative norm flips the clipped gradient's sign (the policy then descends the reward)
+            raise ConfigError(f"finetune.max_grad_norm must be a positive number, or null for no clipping, "
+                              f"got {max_grad_norm!r}")
         self.lr_schedule, self.warmup, self.max_grad_norm = lr_schedule, warmup, max_grad_norm
         self.value_lr, self.value_refit_iterations, self.value_batch_size = value_lr, value_refit_iterations, value_batch_size
         self.initial_steps, self.initial_iterations = initial_steps, initial_iterations

@@ -53,3 +53,25 @@ def test_a_sigterm_inside_the_fit_stays_a_system_exit():
     with pytest.raises(SIGTERMException):
         _finetuner(_Stops(SIGTERMException)).fit()
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_the_command_ends_a_sigterm_with_status_143_not_0(monkeypatch, capsys):
+    # Lightning's SIGTERMException is a SystemExit() whose status is 0: a killed run read as a success
+    from difftilt.core import cli
+
+    def killed(args):
+        raise SIGTERMException()
+
+    monkeypatch.setattr(cli, "_cmd_plugins", killed)
+    assert cli.main(["plugins"]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "difftilt: terminated (SIGTERM)"
+
+
+@pytest.mark.parametrize("norm", [-0.5, 0, 0.0])
+def test_a_gradient_clip_norm_that_is_not_positive_is_refused(norm):
+    # clip_grad_norm_ with a negative norm flips the gradient: the policy would descend the reward
+    from difftilt.core.errors import ConfigError
+    from difftilt.plugins.toy import make_mixture_process
+
+    with pytest.raises(ConfigError, match="max_grad_norm must be a positive number, or null"):
+        Finetuner(make_mixture_process(num_steps=3), _Stops(KeyboardInterrupt), max_grad_norm=norm)

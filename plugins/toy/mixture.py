@@ -132,7 +132,7 @@ class GaussianMixture:
         c = torch.as_tensor(c, dtype=_DTYPE)
         Cc = torch.einsum("mij,j->mi", self.covs, c)
         logw = torch.log(self.weights) + self.means @ c / alpha + (Cc @ c) / (2 * alpha**2)
-        return GaussianMixture(torch.softmax(logw, 0), self.means + Cc / alpha, self.covs)
+        return _from_log_weights(logw, self.means + Cc / alpha, self.covs)
 
     def tilt_quadratic(self, precision: Tensor, center: Tensor, alpha: float) -> "GaussianMixture":
         """``∝ p(x) exp(-(x - x0)^T A (x - x0) / (2 alpha))`` for positive semi-definite ``A``."""
@@ -150,7 +150,7 @@ class GaussianMixture:
         )
         logw = torch.log(self.weights) + 0.5 * (torch.logdet(Sigma) - torch.logdet(self.covs)) - 0.5 * quad
         Sigma = 0.5 * (Sigma + Sigma.transpose(-1, -2))
-        return GaussianMixture(torch.softmax(logw, 0), m_new, Sigma)
+        return _from_log_weights(logw, m_new, Sigma)
 
     def project(self, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """1-D mixtures along unit directions ``theta``: ``(P, d)`` -> weights ``(M,)``,
@@ -200,3 +200,12 @@ def sliced_w2_to_mixture(x: Tensor, mixture: GaussianMixture, num_projections: i
     w, mu, sd = mixture.project(theta)
     exact = _mixture_quantiles(w, mu, sd, levels)
     return float(((emp - exact) ** 2).mean().sqrt())
+
+
+def _from_log_weights(logw: Tensor, means: Tensor, covs: Tensor) -> "GaussianMixture":
+    """A mixture from unnormalized log-weights. A strong tilt (a small alpha) can leave a
+    component's weight below float64's smallest number: it is dropped (its mass is 0 to
+    machine precision) rather than kept at weight 0, which a mixture refuses."""
+    w = torch.softmax(logw, 0)
+    keep = w > 0
+    return GaussianMixture(w[keep] / w[keep].sum(), means[keep], covs[keep])

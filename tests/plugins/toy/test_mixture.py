@@ -29,6 +29,14 @@ def test_linear_tilt_matches_quadrature(mix1d):
     assert t.covariance().item() == pytest.approx(v.item(), abs=1e-7)
 
 
+def test_a_tilt_so_strong_that_a_component_weighs_nothing_drops_it(mix1d):
+    # at alpha 0.005 the left component's log-weight is ~900 below the right one's: exp underflows
+    t = mix1d.tilt_linear(torch.tensor([1.5]), 0.005)
+    assert t.weights.tolist() == [1.0] and t.means.tolist() == [[2.0 + 0.64 * 1.5 / 0.005]]
+    q = mix1d.tilt_quadratic(torch.tensor([[1.0]]), torch.tensor([60.0]), 0.001)
+    assert q.weights.tolist() == [1.0] and q.means.shape == (1, 1)
+
+
 def test_quadratic_tilt_matches_quadrature(mix1d):
     alpha = 0.5
     t = mix1d.tilt_quadratic(torch.tensor([[2.0]]), torch.tensor([0.5]), alpha)

@@ -121,9 +121,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: a pretraining config needs 'plugin'")
     command = shlex.join(["difftilt", "pretrain", args.config, *(["--out", args.out] if args.out else [])])
     domain = load_plugin(str(config["plugin"]))
-    folder = (domain.pretrain(config, progress=not args.no_progress, output=args.out, command=command, resume=True)
-              if args.resume else
-              domain.pretrain(config, progress=not args.no_progress, output=args.out, command=command))
+    # resume is passed only when asked, so that a plugin that cannot resume need not take it
+    folder = domain.pretrain(config, progress=not args.no_progress, output=args.out, command=command,
+                             **({"resume": True} if args.resume else {}))
     print(f"pretrained model: {folder}")
     if (Path(folder) / "training.png").is_file():
         print(f"loss curve: {Path(folder) / 'training.png'}")

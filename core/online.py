@@ -56,8 +56,8 @@ from .plotting import save_figure
 from .plugins import Domain, load_plugin
 from .process import ControlledProcess, Process, ResidualControlProcess, freeze, transitions_of
 from .reward import Reward, RewardOutput
-from .reward_models import (AcquisitionReward, EnsembleRewardModel, Flatten, Greedy, LastLayerUCBRewardModel,
-                            MaxOverHeads, RewardModel, Thompson, UCB, make_reward_model)
+from .reward_models import (REWARD_MODELS, AcquisitionReward, Flatten, Greedy, MaxOverHeads, RewardModel, Thompson,
+                            UCB, make_reward_model)
 from .rollout import step_generator
 from .run import RunFolder, read_config
 from .store import COUNTED, STATUSES, SQLiteFeedbackStore
@@ -229,9 +229,13 @@ class OnlineRunConfig:
 
 
 _FT_SKIP = ("reference", "reward", "policy", "value_net", "initial_policy", "loggers", "on_metrics", "seed", "alpha")
-_REWARD_MODELS = {"ucb": LastLayerUCBRewardModel, "ensemble": EnsembleRewardModel}
 #: The methods that fit a reward model (``ucb`` its own kind, the others an ensemble).
 _FITS_REWARD_MODEL = (*SEIKO_FAMILY, "guidance")
+
+
+def _reward_model_kind(method: str) -> str:
+    """The reward-model kind a method fits (:data:`~.reward_models.REWARD_MODELS`)."""
+    return "ucb" if method == "ucb" else "ensemble"
 
 
 def _validate(raw: dict) -> OnlineRunConfig:
@@ -256,9 +260,9 @@ def _validate(raw: dict) -> OnlineRunConfig:
     # Every kind, whatever the methods: a typo is caught before any run, not once a round's
     # answers are in (or never, for methods without a reward model). The kinds the methods
     # fit come first, so that an error lists the fields of the model the user has in mind.
-    used = {"ucb" if m == "ucb" else "ensemble" for m in cfg.methods if m in _FITS_REWARD_MODEL}
-    for kind in sorted(_REWARD_MODELS, key=lambda k: k not in used):
-        validate_kwargs(_REWARD_MODELS[kind], _model_options(kind, cfg.reward_model), "reward_model",
+    used = {_reward_model_kind(m) for m in cfg.methods if m in _FITS_REWARD_MODEL}
+    for kind in sorted(REWARD_MODELS, key=lambda k: k not in used):
+        validate_kwargs(REWARD_MODELS[kind], _model_options(kind, cfg.reward_model), "reward_model",
                         skip=("featurizer", "in_dim"))
     return cfg
 
@@ -405,7 +409,7 @@ class _MethodRun:
         return Greedy()
 
     def _reward_model(self) -> RewardModel:
-        kind = "ucb" if self.method == "ucb" else "ensemble"
+        kind = _reward_model_kind(self.method)
         options = _model_options(kind, dict(self.cfg.reward_model))
         return make_reward_model(kind, self.featurizer, self.phi_dim, **options)
 
@@ -894,7 +898,7 @@ def _setup(cfg: OnlineRunConfig) -> tuple[Domain, Process, Reward, nn.Module, di
     truth = domain.make_reward(cfg.oracle["reward"], pretrained)
     options = validate_kwargs(domain.featurizer, cfg.features, "features", skip=("reference",))
     featurizer = domain.featurizer(pretrained, **options) or Flatten(tuple(pretrained.event_shape))
-    kinds = sorted({"ucb" if m == "ucb" else "ensemble" for m in cfg.methods if m in _FITS_REWARD_MODEL})
+    kinds = sorted({_reward_model_kind(m) for m in cfg.methods if m in _FITS_REWARD_MODEL})
     if kinds:
         # Built once and dropped, so that a bad value (num_heads: 1) stops the run before its
         # folder exists, not after the first round's queries; on a forked RNG, so that the

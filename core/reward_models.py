@@ -41,6 +41,7 @@ __all__ = [
     "RewardModel",
     "EnsembleRewardModel",
     "LastLayerUCBRewardModel",
+    "REWARD_MODELS",
     "BatchedMLP",
     "Acquisition",
     "UCB",
@@ -469,12 +470,15 @@ class AcquisitionReward(Reward):
         return self.acquisition.value(self.model, x)
 
 
+#: The reward-model kinds by name (:func:`make_reward_model`).
+REWARD_MODELS = {"ensemble": EnsembleRewardModel, "ucb": LastLayerUCBRewardModel}
+
+
 def make_reward_model(kind: Literal["ensemble", "ucb"], featurizer: nn.Module, in_dim: int, **options) -> RewardModel:
     """Build a reward model by name (``"ensemble"`` or ``"ucb"``) with validated options."""
     from .config import validate_kwargs
 
-    classes = {"ensemble": EnsembleRewardModel, "ucb": LastLayerUCBRewardModel}
-    if kind not in classes:
-        raise ConfigError(f"reward_model.kind: unknown '{kind}' (known: {', '.join(classes)})")
-    cls = classes[kind]
+    if kind not in REWARD_MODELS:
+        raise ConfigError(f"reward_model.kind: unknown '{kind}' (known: {', '.join(REWARD_MODELS)})")
+    cls = REWARD_MODELS[kind]
     return cls(featurizer, in_dim, **validate_kwargs(cls, options, "reward_model", skip=("featurizer", "in_dim")))

@@ -29,7 +29,27 @@ import yaml
 
 from .errors import CheckpointError, ConfigError
 
-__all__ = ["ConfigMixin", "validate_kwargs", "check_type", "load_yaml", "atomic_write_text"]
+__all__ = ["ConfigMixin", "validate_kwargs", "check_type", "check_count", "check_rate", "load_yaml",
+           "atomic_write_text"]
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+def check_count(section: str, name: str, value, low: int) -> None:
+    """:class:`ConfigError` unless ``value`` is a whole number >= ``low`` (a size, a number of
+    steps), checked where a setting is read rather than where it fails."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{section}.{name} must be a whole number >= {low}, got {value!r}")
+
+
+def check_rate(section: str, name: str, value, positive: bool) -> None:
+    """:class:`ConfigError` unless ``value`` is a finite number > 0 (``positive``, a learning
+    rate) or >= 0 (a weight decay)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+            or (positive and value == 0):
+        raise ConfigError(f"{section}.{name} must be a {'positive' if positive else 'non-negative'} number, "
+                          f"got {value!r}")
 
 
 # --------------------------------------------------------------------------- types

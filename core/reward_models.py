@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigMixin
+from .config import ConfigMixin, check_count, check_rate
 from .errors import ConfigError, ShapeError
 from .reward import Reward
 
@@ -207,13 +207,9 @@ def _check_options(hidden: int, depth: int, epochs: int, batch_size: int, lr: fl
     run builds one before its folder exists), not when its first fit fails on them."""
     for name, value, low in (("hidden", hidden, 1), ("depth", depth, 0), ("epochs", epochs, 1),
                              ("batch_size", batch_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"reward_model.{name} must be a whole number >= {low}, got {value!r}")
-    for name, value, positive in (("lr", lr, True), ("weight_decay", weight_decay, False)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or value < 0 or (positive and value == 0):
-            raise ConfigError(f"reward_model.{name} must be a {'positive' if positive else 'non-negative'} number, "
-                              f"got {value!r}")
+        check_count("reward_model", name, value, low)
+    check_rate("reward_model", "lr", lr, positive=True)
+    check_rate("reward_model", "weight_decay", weight_decay, positive=False)
 
 
 def _adam_fit(params, loss_fn, n: int, epochs: int, batch_size: int, lr: float, weight_decay: float,

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from difftilt.core.config import atomic_write_text
+from difftilt.core.config import atomic_write_text, check_count, check_rate
 from difftilt.core.errors import CheckpointError, ConfigError, TrainingDivergedError
 
 from .mdlm import MaskedDiffusionProcess, SequenceDenoiser, masked_diffusion_loss
@@ -115,13 +115,9 @@ def train_masked_diffusion(
         raise ConfigError(f"pretraining tokens must be in [0, {vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
     for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("save_every", save_every, 1),
                              ("warmup", warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"train.{name} must be a whole number >= {low}, got {value!r}")
-    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
-                or (name == "lr" and value == 0):
-            raise ConfigError(f"train.{name} must be a {'positive' if name == 'lr' else 'non-negative'} number, "
-                              f"got {value!r}")
+        check_count("train", name, value, low)
+    check_rate("train", "lr", lr, positive=True)
+    check_rate("train", "weight_decay", weight_decay, positive=False)
     if resume and state_file is None:
         raise ConfigError("resume needs the state_file to continue from")
     settings = {"vocab_size": vocab_size, "dim": dim, "depth": depth, "heads": heads,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-__all__ = ["PROTEIN", "DNA", "default_alphabet", "to_strings", "token_ids", "well_padded", "sequence_lengths"]
+__all__ = ["PROTEIN", "DNA", "default_alphabet", "to_strings", "token_ids", "well_padded", "sequence_lengths",
+           "NotUTF8", "utf8_text"]
 
 #: The 20 standard amino acids (token ``i`` is ``PROTEIN[i]``).
 PROTEIN = "ACDEFGHIKLMNPQRSTVWY"
@@ -44,3 +45,23 @@ def token_ids(x: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     letter ``V - 1``) and whether each sequence still has a masked position ``(b,)``."""
     ids = x.detach().argmax(-1)
     return ids.clamp(max=vocab - 1), (ids >= vocab).any(-1)
+
+
+class NotUTF8(ValueError):
+    """A file's bytes are not UTF-8 text: its line ``line`` (from 1) holds ``byte``."""
+
+    def __init__(self, line: int, byte: int):
+        super().__init__(f"line {line}: byte {byte:#04x} is not UTF-8 text")
+        self.line, self.byte = line, byte
+
+
+def utf8_text(data: bytes) -> str:
+    """A user's file (sequences, a lab's measurements) as text: UTF-8, a leading byte-order
+    mark (Excel's "CSV UTF-8") dropped; :class:`NotUTF8` names the line of the first byte
+    that is not UTF-8 (an export in a computer's code page: µ as 0xb5)."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NotUTF8(data.count(b"\n", 0, e.start) + 1, data[e.start]) from None

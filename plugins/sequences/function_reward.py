@@ -36,7 +36,6 @@ yet, and it stays pending until the run is resumed.
 
 from __future__ import annotations
 
-import codecs
 import csv
 import importlib
 import importlib.util
@@ -55,7 +54,7 @@ from difftilt.core.errors import AwaitingAnswers, ConfigError, RewardError
 from difftilt.core.process import Process
 from difftilt.core.reward import Reward, RewardOutput
 
-from .alphabets import default_alphabet, to_strings, token_ids, well_padded
+from .alphabets import NotUTF8, default_alphabet, to_strings, token_ids, utf8_text, well_padded
 from .mdlm import MaskedDiffusionProcess
 
 __all__ = ["FunctionReward", "MeasurementFile", "lab", "load_target"]
@@ -203,15 +202,11 @@ class MeasurementFile:
         from the line that gives the value (else the first that lists it), and its text."""
         if not self.path.is_file():
             return {}, ""
-        data = self.path.read_bytes()
-        if data.startswith(codecs.BOM_UTF8):  # Excel's "CSV UTF-8"; a header '\ufeffsequence' is no column
-            data = data[len(codecs.BOM_UTF8):]
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:  # an Excel "CSV" export in the computer's code page (µ as 0xb5)
-            line = data.count(b"\n", 0, e.start) + 1
-            raise AwaitingAnswers(f"{self.path} line {line}: byte {data[e.start]:#04x} is not UTF-8 text; save the "
-                                  "file as 'CSV UTF-8' (in Excel: Save As, CSV UTF-8)") from None
+        try:  # a byte-order mark is dropped: a header '\ufeffsequence' would be no column
+            text = utf8_text(self.path.read_bytes())
+        except NotUTF8 as e:
+            raise AwaitingAnswers(f"{self.path} {e}; save the file as 'CSV UTF-8' (in Excel: Save As, CSV UTF-8)"
+                                  ) from None
         if not text.strip():
             return {}, text  # an empty file, as if there were none: it gets its header
         reader = csv.DictReader(io.StringIO(text, newline=""))

@@ -44,7 +44,7 @@ import torch
 from difftilt.core.config import validate_kwargs
 from difftilt.core.errors import ConfigError, InputDataError
 
-from .alphabets import DNA, PROTEIN, default_alphabet
+from .alphabets import DNA, PROTEIN, NotUTF8, default_alphabet, utf8_text
 from .ehrlich import EhrlichFunction
 from .mdlm import MaskedDiffusionProcess, SequenceDenoiser
 from .pretrain import STATE_FILE, plot_pretraining, read_state, save_pretrained, train_masked_diffusion
@@ -133,12 +133,10 @@ def read_sequences(path: Path) -> tuple[list[str], list[str]]:
     NAME``): one per line, or FASTA (a ``>`` header, then the record's sequence over one
     line or several, which are joined). Blank lines are skipped; a byte-order mark and
     Windows line ends are read as nothing."""
-    raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise InputDataError(f"{path}: line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file "
+        text = utf8_text(path.read_bytes())
+    except NotUTF8 as e:
+        raise InputDataError(f"{path}: line {e.line} is not UTF-8 text (byte 0x{e.byte:02x}); save the file "
                              f"as UTF-8 or plain ASCII") from None
     lines = [ln.strip() for ln in text.splitlines()]
     fasta = any(ln.startswith(">") for ln in lines)

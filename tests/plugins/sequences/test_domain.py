@@ -421,6 +421,9 @@ def test_a_sequence_file_is_read_as_fasta_records_or_lines_whatever_its_encoding
     latin.write_bytes(b"ACGT\nAC\xb5T\n")
     with pytest.raises(InputDataError, match=r"latin.txt: line 2 is not UTF-8 text \(byte 0xb5\)"):
         file_corpus(str(latin), alphabet="ACGT")
+    latin.write_bytes(b"\xef\xbb\xbfACGT\nAC\xb5T\n")  # after a byte-order mark: the same line and byte
+    with pytest.raises(InputDataError, match=r"latin.txt: line 2 is not UTF-8 text \(byte 0xb5\)"):
+        file_corpus(str(latin), alphabet="ACGT")
     with pytest.raises(ConfigError, match="'A' more than once"):
         file_corpus(str(plain), alphabet="ACGTa")
     with pytest.warns(UserWarning, match="uses only ACGT: for nucleotides, set data.alphabet"):

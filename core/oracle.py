@@ -41,13 +41,16 @@ from .errors import (AwaitingAnswers, BudgetExceededError, ConfigError, InputDat
                      ShapeError)
 from .reward import FunctionReward, Reward, RewardOutput
 from .rollout import step_generator
-from .store import COUNTED, FeedbackStore
+from .store import COUNTED, FeedbackStore, QueryRecord
 
 __all__ = ["Oracle", "OracleAnswer"]
 
 #: A malformed answer: asking again gives the same, so the batch fails without a retry.
 _NOT_RETRIED = (RewardError, ShapeError, InputDataError)
-#: How the stored error of a batch whose call failed begins (a NaN answer's does not).
+#: The failures (:data:`~difftilt.core.store.FAILURES`) that left a batch without an answer.
+_UNANSWERED = ("oracle_error", "malformed")
+#: How the stored error of a batch whose call failed begins (a NaN answer's does not): how a
+#: store written before the ``failure`` column tells those failures apart.
 _CALL_FAILED = "after "
 
 
@@ -175,7 +178,7 @@ class Oracle:
         already counted, so asking them uses none.
         """
         recs = self.store.records(round=round, status=("pending", "failed") if failed else ("pending",))
-        recs = [r for r in recs if r.status == "pending" or (r.error or "").startswith(_CALL_FAILED)]
+        recs = [r for r in recs if r.status == "pending" or _unanswered(r)]
         if not recs:
             return OracleAnswer([], [], torch.empty(0), torch.empty(0), torch.zeros(0, dtype=torch.bool))
         pending = sum(r.status == "pending" for r in recs)
@@ -201,7 +204,7 @@ class Oracle:
         )
 
     # ------------------------------------------------------------------ internals
-    def _record(self, ids, status, value=None, true_value=None, feasible=None, error=None) -> None:
+    def _record(self, ids, status, value=None, true_value=None, feasible=None, error=None, failure=None) -> None:
         n = len(ids)
         self.store.record(
             ids, status,
@@ -209,6 +212,7 @@ class Oracle:
             true_value if true_value is not None else [None] * n,
             feasible if feasible is not None else [None] * n,
             error if isinstance(error, list) else [error] * n,
+            failure if isinstance(failure, list) else [failure] * n,
         )
 
     def _call(self, x: Tensor) -> RewardOutput:
@@ -262,7 +266,8 @@ class Oracle:
             if error is not None:
                 msg = f"{type(error).__name__}: {error}"
                 tries = f"{attempt} attempt{'s' if attempt > 1 else ''}"
-                self._record(bid, ["failed"] * len(bid), error=f"{_CALL_FAILED}{tries}: {msg}")
+                self._record(bid, ["failed"] * len(bid), error=f"{_CALL_FAILED}{tries}: {msg}",
+                             failure="malformed" if isinstance(error, _NOT_RETRIED) else "oracle_error")
                 if self.on_error == "raise":
                     raise OracleError(
                         f"the oracle failed on a batch of {len(bid)} designs after {tries} ({msg}); "
@@ -281,7 +286,18 @@ class Oracle:
                     errs.append(f"the oracle returned {v} for a feasible design")
                 else:
                     status.append("answered"), vals.append(nv), tvals.append(v), feas.append(True), errs.append(None)
-            self._record(bid, status, vals, tvals, feas, errs)
+            self._record(bid, status, vals, tvals, feas, errs, ["nonfinite" if s == "failed" else None for s in status])
         if waiting:
             raise AwaitingAnswers(f"{waiting} designs await the oracle's answers: {why.reason}", count=waiting,
                                   reason=why.reason)
+
+
+def _unanswered(r: QueryRecord) -> bool:
+    """Whether ``r`` failed without an answer (its call raised, timed out or answered
+    malformed; not a NaN answer, which is one): by its ``failure``, or in a store from
+    before that field, by its error text."""
+    if r.status != "failed":
+        return False
+    if r.failure is not None:
+        return r.failure in _UNANSWERED
+    return (r.error or "").startswith(_CALL_FAILED)

@@ -12,6 +12,10 @@ Budget accounting counts every design the oracle was asked about and answered in
 way (``answered``, ``infeasible``, ``failed``); ``pending`` (never answered) and
 ``invalid`` (rejected before reaching the oracle: NaN, wrong shape) do not count.
 
+A ``failed`` record says why in ``failure`` (one of :data:`FAILURES`). Stores written
+before that column existed open as they are: a writer adds the column (``NULL`` in the old
+rows), a reader reads ``None``.
+
 SQLite runs in WAL mode, so a reader (a notebook watching the run, opened with
 ``readonly=True``) never blocks the run and always sees a consistent snapshot.
 """
@@ -30,11 +34,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["FeedbackStore", "SQLiteFeedbackStore", "QueryRecord", "STATUSES", "COUNTED"]
+__all__ = ["FeedbackStore", "SQLiteFeedbackStore", "QueryRecord", "STATUSES", "COUNTED", "FAILURES"]
 
 STATUSES = ("pending", "answered", "infeasible", "failed", "invalid")
 #: statuses that used oracle budget
 COUNTED = ("answered", "infeasible", "failed")
+#: why a design ``failed``: the oracle's call raised or timed out on every attempt; it
+#: answered with the wrong shape, type or count; it answered NaN or inf for a feasible design
+FAILURES = ("oracle_error", "malformed", "nonfinite")
 
 
 @dataclass
@@ -51,6 +58,8 @@ class QueryRecord:
         true_value: the noise-free reward when the oracle knows it (simulations), else ``None``.
         feasible: whether the design is feasible (``None`` until answered).
         error: the error message of a ``failed`` or ``invalid`` design.
+        failure: why a ``failed`` design failed, one of :data:`FAILURES` (``None`` for the
+            other statuses, and for a failure stored before the field existed).
     """
 
     id: int
@@ -62,6 +71,7 @@ class QueryRecord:
     true_value: float | None
     feasible: bool | None
     error: str | None
+    failure: str | None = None
 
 
 class FeedbackStore(ABC):
@@ -74,8 +84,10 @@ class FeedbackStore(ABC):
 
     @abstractmethod
     def record(self, ids: list[int], status: list[str], value: list[float | None],
-               true_value: list[float | None], feasible: list[bool | None], error: list[str | None]) -> None:
-        """Store the answers for ``ids`` (one transaction)."""
+               true_value: list[float | None], feasible: list[bool | None], error: list[str | None],
+               failure: list[str | None] | None = None) -> None:
+        """Store the answers for ``ids`` (one transaction); ``failure`` (default: none) per
+        ``failed`` design, one of :data:`FAILURES`."""
 
     @abstractmethod
     def records(self, round: int | None = None, status: tuple[str, ...] | None = None,
@@ -117,7 +129,8 @@ CREATE TABLE IF NOT EXISTS queries (
     feasible INTEGER,
     error TEXT,
     created REAL NOT NULL,
-    answered REAL
+    answered REAL,
+    failure TEXT
 );
 CREATE INDEX IF NOT EXISTS queries_round ON queries (round);
 CREATE INDEX IF NOT EXISTS queries_status ON queries (status);
@@ -153,8 +166,13 @@ class SQLiteFeedbackStore(FeedbackStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            if "failure" not in self._columns():  # a store from before the column: old rows read NULL
+                self._db.execute("ALTER TABLE queries ADD COLUMN failure TEXT")
             self._db.commit()
         self.readonly = readonly
+
+    def _columns(self) -> set[str]:
+        return {row[1] for row in self._db.execute("PRAGMA table_info(queries)")}
 
     def close(self) -> None:
         self._db.close()
@@ -179,21 +197,28 @@ class SQLiteFeedbackStore(FeedbackStore):
             )
         return list(range(start, start + len(rows)))
 
-    def record(self, ids, status, value, true_value, feasible, error) -> None:
+    def record(self, ids, status, value, true_value, feasible, error, failure=None) -> None:
         now = time.time()
-        for s in status:
+        failure = [None] * len(ids) if failure is None else failure
+        for s, why in zip(status, failure):
             if s not in STATUSES or s == "pending":
                 raise ValueError(f"cannot record status {s!r}")
+            if why is not None and (s != "failed" or why not in FAILURES):
+                raise ValueError(f"cannot record failure {why!r} for status {s!r}")
         with self._db:
             self._db.executemany(
-                "UPDATE queries SET status = ?, value = ?, true_value = ?, feasible = ?, error = ?, answered = ? WHERE id = ?",
-                [(s, v, tv, None if f is None else int(bool(f)), e, now, int(i))
-                 for i, s, v, tv, f, e in zip(ids, status, value, true_value, feasible, error)],
+                "UPDATE queries SET status = ?, value = ?, true_value = ?, feasible = ?, error = ?, failure = ?, "
+                "answered = ? WHERE id = ?",
+                [(s, v, tv, None if f is None else int(bool(f)), e, why, now, int(i))
+                 for i, s, v, tv, f, e, why in zip(ids, status, value, true_value, feasible, error, failure)],
             )
 
     def records(self, round: int | None = None, status: tuple[str, ...] | None = None,
                 ids: list[int] | None = None) -> list[QueryRecord]:
-        sql = "SELECT id, round, tag, design, shape, dtype, status, value, true_value, feasible, error FROM queries"
+        # a reader of a store from before the failure column cannot add it: reads None
+        failure = "failure" if "failure" in self._columns() else "NULL"
+        sql = ("SELECT id, round, tag, design, shape, dtype, status, value, true_value, feasible, error, "
+               f"{failure} FROM queries")
         where, args = [], []
         if ids is not None:
             if not ids:
@@ -210,9 +235,10 @@ class SQLiteFeedbackStore(FeedbackStore):
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id"
         out = []
-        for (id_, rnd, tag, blob, shape, dtype, st, val, tval, feas, err) in self._db.execute(sql, args):
+        for (id_, rnd, tag, blob, shape, dtype, st, val, tval, feas, err, why) in self._db.execute(sql, args):
             design = torch.from_numpy(np.frombuffer(blob, dtype=np.dtype(dtype)).reshape(json.loads(shape)).copy())
-            out.append(QueryRecord(id_, rnd, tag, design, st, val, tval, None if feas is None else bool(feas), err))
+            out.append(QueryRecord(id_, rnd, tag, design, st, val, tval, None if feas is None else bool(feas), err,
+                                   why))
         return out
 
     def count(self, status: tuple[str, ...] = COUNTED, round: int | None = None) -> int:

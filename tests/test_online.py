@@ -162,6 +162,43 @@ def test_a_failing_oracle_stops_the_run_with_one_line_and_keeps_the_record(tmp_p
         assert len(failed) == 8 and "simulated assay failure" in failed[0].error
 
 
+def test_a_run_stopped_by_a_failing_oracle_resumes_from_a_store_written_before_the_failure_column(tmp_path,
+                                                                                                   monkeypatch):
+    import sqlite3
+
+    from difftilt.core.errors import OracleError
+    from difftilt.core.online import run_online
+    from difftilt.plugins.toy import BumpsReward
+
+    real = BumpsReward.evaluate
+    calls, broken = [], [True]
+
+    def assay(self, x):
+        calls.append(x.shape[0])
+        if broken[0] and len(calls) == 2:  # round 0's second batch
+            raise RuntimeError("plate reader offline")
+        return real(self, x)
+
+    monkeypatch.setattr(BumpsReward, "evaluate", assay)
+    raw = yaml.safe_load(_tiny(tmp_path).read_text())
+    raw = {**raw, "eval_samples": 0, "oracle": {**raw["oracle"], "batch_size": 4, "retries": 0}}
+    with pytest.raises(OracleError, match="plate reader offline"):
+        run_online(raw, output_dir=str(tmp_path / "r"), name="run", progress=False)
+    db = tmp_path / "r" / "run" / "ucb" / "feedback.sqlite"
+    with SQLiteFeedbackStore(db, readonly=True) as s:
+        assert [r.failure for r in s.records(status=("failed",))] == ["oracle_error"] * 4
+    with sqlite3.connect(db) as old:  # the store as written before the column: the error text only
+        old.execute("ALTER TABLE queries DROP COLUMN failure")
+    old.close()
+
+    broken[0] = False
+    calls.clear()
+    run_online(resume=str(tmp_path / "r" / "run"), progress=False)
+    assert calls == [4, 4, 4]  # the failed batch (known by its "after 1 attempt: ..."), then round 1
+    with SQLiteFeedbackStore(db, readonly=True) as s:
+        assert s.count(COUNTED) == 16 and s.count(("answered",)) + s.count(("infeasible",)) == 16
+
+
 def test_unique_batch_skips_asked_designs_and_stops_when_draws_run_dry():
     import torch
 

@@ -172,9 +172,9 @@ class MeasurementFile:
     are only ever appended, so the file can be edited between calls (other columns are
     kept and ignored); a sequence listed twice must have one value. A relative path is read
     from the working directory, so resume a run from where it started. A file it cannot read
-    (not UTF-8 text, a missing column, a value that is not a finite number) also leaves the
-    designs waiting, with the line to fix, rather than record them as failed: a typo must
-    not cost a measurement, nor budget.
+    (not UTF-8 text, a quote left open, a missing column, a value that is not a finite
+    number) also leaves the designs waiting, with the line to fix, rather than record them
+    as failed: a typo must not cost a measurement, nor budget.
 
     The file is UTF-8, with or without the byte-order mark that Excel's "CSV UTF-8" puts
     first. ``letters``, the model's alphabet, says whether case matters: with letters all in
@@ -209,7 +209,8 @@ class MeasurementFile:
                                   ) from None
         if not text.strip():
             return {}, text  # an empty file, as if there were none: it gets its header
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        # strict: a quote left open is an error (else csv reads the rest of the file as its field)
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
         known: dict[str, tuple[float | None | str, int, str]] = {}
         try:
             reader.fieldnames = [name.strip() for name in reader.fieldnames or ()]
@@ -228,8 +229,12 @@ class MeasurementFile:
                     if value == "" or before != "":
                         continue
                 known[seq] = (value, line, typed)
-        except csv.Error as e:  # a quote left open, say
-            raise AwaitingAnswers(f"{self.path} line {reader.line_num}: {e}") from None
+        except csv.Error as e:  # a quote left open, say: named at the line where its row starts
+            line = _row_start(text, reader.line_num)
+            if str(e) == "unexpected end of data":  # the file ended inside quotes
+                raise AwaitingAnswers(f"{self.path} line {line}: a quote opened in this row is never closed, so the "
+                                      "rest of the file would read as one field; close or delete it") from None
+            raise AwaitingAnswers(f"{self.path} line {line}: {e}") from None
         return known, text
 
     def _value(self, text: str, line: int) -> float | None | str:
@@ -298,6 +303,16 @@ def lab(file: str, letters: str | None = None, process: Process | None = None) -
     reward = FunctionReward(sheet, letters=letters, process=process)
     sheet.letters = reward.letters  # checked against the model's alphabet by the reward
     return reward
+
+
+def _row_start(text: str, done: int) -> int:
+    """The line of ``text`` where the row after line ``done`` starts (blank lines skipped, as
+    csv skips them)."""
+    lines = io.StringIO(text, newline="").readlines()  # split as csv reads them
+    line = done + 1
+    while line < len(lines) and lines[line - 1] in ("\n", "\r\n", "\r"):
+        line += 1
+    return line
 
 
 def _case_fold(letters: str | None) -> Callable[[str], str] | None:

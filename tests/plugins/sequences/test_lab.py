@@ -158,6 +158,31 @@ def test_nan_and_infinite_values_wait_naming_the_line_rather_than_fail_the_desig
         assert oracle.answer_pending().status == ["answered", "infeasible"]
 
 
+def test_an_unclosed_quote_waits_naming_the_line_where_it_opens_and_lists_nothing_again(tmp_path):
+    """csv would read the rest of the file as the quoted field: later rows vanish (and were
+    listed again, inside the quote, at every call) or read as one odd value."""
+    sheet = tmp_path / "m.csv"
+    with SQLiteFeedbackStore(tmp_path / "f.sqlite") as store:
+        oracle = Oracle(lab_reward(str(sheet), letters=DNA), budget=4, store=store, batch_size=2)
+        with pytest.raises(AwaitingAnswers):
+            oracle.query(_one_hot(["ACGT", "GGGG"]))
+        for text, line in [('sequence,value\nACGT,"0.5\nGGGG,0.25\n', 2),  # in a value
+                           ('sequence,value\n"ACGT,0.5\nGGGG,0.25\n', 2),  # in a sequence
+                           ('sequence,value,note\nACGT,0.5,"p1\nGGGG,0.25,p1\n', 2),  # in another column
+                           ('sequence,value\r\nACGT,0.5\r\n\r\nGGGG,"0.25\r\n', 4),  # after a blank line, CRLF
+                           ('sequence,value\nACGT,0.5\nGGGG,"0.25', 3)]:  # on the last line, no line end
+            sheet.write_bytes(text.encode())
+            with pytest.raises(AwaitingAnswers, match=rf"m.csv line {line}: a quote opened in this row is never "
+                                                      r"closed, so the rest of the file would read as one field"):
+                oracle.answer_pending()
+            assert sheet.read_bytes() == text.encode() and _statuses(store) == ["pending", "pending"]
+        sheet.write_text('sequence,value\nACGT,0.5\n"GGGG"x,0.25\n')  # another csv error: its line too
+        with pytest.raises(AwaitingAnswers, match=r"m.csv line 3: ',' expected after '\"'"):
+            oracle.answer_pending()
+        sheet.write_text('sequence,value,note\nACGT,"0.5",\nGGGG,0.25,"two\nlines"\n')  # closed quotes are fine
+        assert oracle.answer_pending().value.tolist() == [0.5, 0.25] and oracle.used == 2
+
+
 @pytest.mark.slow
 def test_a_run_with_a_lab_stops_each_round_and_resumes_to_what_a_function_gives_at_once(tmp_path, capsys):
     (tmp_path / "assay.py").write_text(ASSAY)

@@ -257,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="samples.safetensors",
                    help=".safetensors or .npy; .fasta / .fa / .txt: the designs as text (sequences)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1024, help="chains sampled at once (memory)")
+    p.add_argument("--batch-size", type=int, default=1024,
+                   help="chains sampled at once, to bound memory; when -n exceeds it, the samples a --seed draws "
+                        "depend on it too")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_sample)
     return parser

@@ -36,11 +36,13 @@ __all__ = ["ConfigMixin", "validate_kwargs", "check_type", "check_count", "check
 # --------------------------------------------------------------------------- ranges
 
 
-def check_count(section: str, name: str, value, low: int) -> None:
+def check_count(section: str, name: str, value, low: int, high: int | None = None) -> None:
     """:class:`ConfigError` unless ``value`` is a whole number >= ``low`` (a size, a number of
-    steps), checked where a setting is read rather than where it fails."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{section}.{name} must be a whole number >= {low}, got {value!r}")
+    steps), and <= ``high`` if given (a seed), checked where a setting is read rather than
+    where it fails."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"from {low} to {high}"
+        raise ConfigError(f"{section}.{name} must be a whole number {bound}, got {value!r}")
 
 
 def check_rate(section: str, name: str, value, positive: bool) -> None:

@@ -21,20 +21,22 @@ what most published fine-tuning methods do.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import signal
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from .config import check_count, check_rate, validate_kwargs
 from .distributions import GaussianStep
-from .errors import ConfigError, DeterministicStepError
+from .errors import ConfigError, DeterministicStepError, TrainingDivergedError
 from .nets import TimeMLP
 from .process import (
     ChainedProcess,
@@ -44,13 +46,13 @@ from .process import (
     freeze,
     transitions_of,
 )
-from .reward import Reward, RewardOutput
+from .reward import FunctionReward, Reward, RewardOutput
 from .rollout import sample_trajectories, step_generator
 from .strategies import Strategy, make_strategy
 from .system import EntropyRegularizedSystem
 
 __all__ = ["Finetuner", "FinetuneResult", "ValueReward", "default_policy", "make_trainer", "fit_interruptibly",
-           "estimate_kl", "estimate_path_kl", "tilt_weights", "estimate_tilt"]
+           "check_finetune_options", "estimate_kl", "estimate_path_kl", "tilt_weights", "estimate_tilt"]
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +226,8 @@ class FinetuneResult:
     history: list[dict] = field(default_factory=list)
 
     def sample(self, n: int, seed: int = 0) -> Tensor:
-        """``n`` samples ``x_K`` from the fine-tuned model: ``(n, *event_shape)``."""
+        """``n >= 1`` samples ``x_K`` from the fine-tuned model: ``(n, *event_shape)``."""
+        check_count("FinetuneResult.sample", "n", n, 1)
         return self.model.sample(n, generator=step_generator(seed, -3, self.model.device))
 
 
@@ -312,15 +315,88 @@ def estimate_tilt(values: Tensor, alpha: float, others: dict[str, Tensor] | None
     return out
 
 
+#: The Finetuner's sizes and counts, each with its least allowed value.
+_COUNTS = (("iterations", 1), ("batch_size", 1), ("warmup", 0), ("control_hidden", 1), ("control_depth", 0),
+           ("value_refit_iterations", 0), ("value_batch_size", 1), ("initial_steps", 1), ("initial_iterations", 0),
+           ("initial_batch_size", 1))
+_RATES = ("lr", "value_lr", "initial_lr")
+_TRAINER_OPTIONS = ("accelerator", "devices", "precision")
+#: The largest seed of a run's config: Lightning's ``seed_everything`` takes numpy's 32-bit seeds.
+SEED_MAX = 2**32 - 1
+
+
+def check_finetune_options(options: Mapping[str, Any], where: str = "finetune", skip: tuple[str, ...] = ()) -> dict:
+    """Check fields of :class:`Finetuner` and return them type-checked.
+
+    Types come from the Finetuner's signature (:func:`~difftilt.core.config.validate_kwargs`);
+    sizes, counts, learning rates, ``alpha``, ``max_grad_norm`` and ``seed`` are range-checked;
+    and ``accelerator``, ``devices`` and ``precision`` go to a Lightning Trainer that is built
+    and dropped, so that a setting Lightning refuses, or more than one device, fails here
+    rather than once training starts. A run's ``finetune:`` section and the Finetuner's own
+    arguments are checked by this one function.
+
+    Args:
+        options: field name -> value; fields left out are not checked.
+        where: the config path used in error messages, e.g. ``"finetune"``.
+        skip: parameters supplied by the caller rather than by the config.
+
+    Raises:
+        ConfigError: naming the first bad field.
+    """
+    opts = validate_kwargs(Finetuner, options, where, skip=skip)
+    for name, low in _COUNTS:
+        if name in opts:
+            check_count(where, name, opts[name], low)
+    for name in _RATES:
+        if name in opts:
+            check_rate(where, name, opts[name], positive=True)
+    if "alpha" in opts:
+        check_rate(where, "alpha", opts["alpha"], positive=False)
+    if opts.get("max_grad_norm") is not None and not opts["max_grad_norm"] > 0:
+        # a negative norm flips the clipped gradient's sign (the policy then descends the reward)
+        raise ConfigError(f"{where}.max_grad_norm must be a positive number, or null for no clipping, "
+                          f"got {opts['max_grad_norm']!r}")
+    if "seed" in opts:
+        check_count(where, "seed", opts["seed"], 0)
+    if any(name in opts for name in _TRAINER_OPTIONS):
+        defaults = inspect.signature(Finetuner).parameters
+        _check_trainer_options(where, *(opts.get(n, defaults[n].default) for n in _TRAINER_OPTIONS))
+    return opts
+
+
+def _check_trainer_options(where: str, accelerator: str, devices: int | str, precision: str) -> None:
+    """Build (and drop) the Trainer that :meth:`Finetuner.fit` would build: Lightning's own
+    checks of these settings, before any training. Fine-tuning runs on one device: a
+    multi-device (DDP) Trainer would run the whole fit, run folder included, once per device."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        with quiet_lightning():
+            trainer = make_trainer("check", 1, progress=False, accelerator=accelerator, devices=devices,
+                                   precision=precision)
+    except (MisconfigurationException, ValueError, TypeError) as err:
+        reason = " ".join(str(err).split())  # one line
+        raise ConfigError(f"{where}: Lightning refuses accelerator={accelerator!r}, devices={devices!r}, "
+                          f"precision={precision!r}: {reason}") from None
+    if trainer.num_devices > 1 or trainer.world_size > 1:
+        raise ConfigError(f"{where}.devices: {devices!r} gives {trainer.num_devices} devices, but fine-tuning runs on "
+                          "one (multi-device DDP training is not supported); set devices: 1")
+
+
 class Finetuner:
     """Fine-tune a pretrained chain toward a reward with ELEGANT (or drift-only).
 
     Every argument after ``reward`` is a field of the ``finetune:`` section of a run's
-    YAML config.
+    YAML config, and is checked as that section is (:func:`check_finetune_options`): a value
+    of the wrong type or out of range is a :class:`~difftilt.core.errors.ConfigError` naming
+    the argument.
 
     Args:
         reference: the pretrained chain ``P`` (frozen).
-        reward: the reward on final states.
+        reward: the reward on final states: a :class:`~difftilt.core.reward.Reward`, or a
+            plain function ``f(x) -> (b,)`` values, which is wrapped in a
+            :class:`~difftilt.core.reward.FunctionReward` and taken as not differentiable
+            (for ``strategy="backprop"``, pass ``FunctionReward(f, differentiable=True)``).
         alpha: KL weight. ``0`` is plain reward maximization (no KL; ``learn_initial`` must
             then be off).
         strategy: ``"backprop"``, ``"policy_gradient"``, ``"cross_entropy"``, a mapping ``{name: ..., **options}``
@@ -347,7 +423,8 @@ class Finetuner:
         initial_lr: Adam learning rate in step 2.
         seed: seeds everything.
         accelerator: Lightning accelerator (``"cpu"``, ``"gpu"``, ``"auto"``).
-        devices: Lightning devices.
+        devices: Lightning devices; they must come to one device (multi-device DDP training is
+            not supported).
         precision: Lightning precision (``"32-true"``, ``"bf16-mixed"``, ...).
         progress: show progress bars.
         policy: the trainable chain (default: ``reference`` tilted by a fresh control network).
@@ -363,7 +440,7 @@ class Finetuner:
     def __init__(
         self,
         reference: Process,
-        reward: Reward,
+        reward: Reward | Callable[[Tensor], Tensor],
         alpha: float = 1.0,
         strategy: str | dict | Strategy = "backprop",
         learn_initial: bool = True,
@@ -394,16 +471,14 @@ class Finetuner:
         loggers: list | None = None,
         on_metrics: Callable[[dict], None] | None = None,
     ):
-        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-            raise ConfigError(f"finetune.alpha must be a finite number >= 0, got {alpha!r}")
-        for name, value in [("iterations", iterations), ("batch_size", batch_size), ("initial_steps", initial_steps),
-                            ("initial_batch_size", initial_batch_size), ("value_batch_size", value_batch_size)]:
-            if value < 1:
-                raise ConfigError(f"finetune.{name} must be >= 1, got {value}")
-        for name, value in [("value_refit_iterations", value_refit_iterations), ("initial_iterations", initial_iterations),
-                            ("warmup", warmup)]:
-            if value < 0:
-                raise ConfigError(f"finetune.{name} must be >= 0, got {value}")
+        arguments = locals()  # first: just the arguments, checked as a config's finetune: section is
+        check_finetune_options({k: v for k, v in arguments.items() if k not in ("self", "reward")}, skip=("reward",))
+        wrapped = not isinstance(reward, Reward)
+        if wrapped:
+            if not callable(reward):
+                raise ConfigError(f"finetune.reward: expected a Reward or a function of x, "
+                                  f"got {type(reward).__name__} {reward!r}")
+            reward = FunctionReward(reward)
         if learn_initial and alpha == 0:
             raise ConfigError(
                 "finetune.learn_initial needs alpha > 0: with alpha = 0 the optimal initial law is a point "
@@ -417,17 +492,15 @@ class Finetuner:
             raise ConfigError(
                 f"strategy '{type(self.strategy).__name__}' needs a differentiable reward and '{reward.name}' is not; "
                 "use strategy: policy_gradient"
+                + (" (a plain function is taken as not differentiable: pass FunctionReward(f, differentiable=True) "
+                   "if it is)" if wrapped else "")
             )
         if self.strategy.requires_positive_alpha and self.alpha == 0:
             raise ConfigError(
                 f"strategy '{type(self.strategy).__name__}' fits the tilt p * exp(r / alpha) and needs alpha > 0"
             )
-        self.learn_initial = bool(learn_initial)
+        self.learn_initial = learn_initial
         self.iterations, self.batch_size, self.lr = iterations, batch_size, lr
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-            # a negative norm flips the clipped gradient's sign (the policy then descends the reward)
-            raise ConfigError(f"finetune.max_grad_norm must be a positive number, or null for no clipping, "
-                              f"got {max_grad_norm!r}")
         self.lr_schedule, self.warmup, self.max_grad_norm = lr_schedule, warmup, max_grad_norm
         self.value_lr, self.value_refit_iterations, self.value_batch_size = value_lr, value_refit_iterations, value_batch_size
         self.initial_steps, self.initial_iterations = initial_steps, initial_iterations
@@ -495,7 +568,24 @@ class Finetuner:
             return
         with quiet_lightning():
             trainer = make_trainer(stage, iterations, loggers=self.loggers, **self.trainer_kwargs)
-            fit_interruptibly(trainer, system)
+            try:
+                fit_interruptibly(trainer, system)
+            except TrainingDivergedError as err:
+                raise TrainingDivergedError(f"fine-tuning diverged in stage '{stage}': {err}; "
+                                            f"{self._divergence_advice(stage, system.diverged)}") from err
+
+    def _divergence_advice(self, stage: str, part: str | None) -> str:
+        """The settings to lower when ``part`` (``"policy"`` or ``"value"``) of ``stage`` diverged: the
+        stage's policy learning rate, and the value's too when the value network diverged (the returns
+        it fits come from the policy)."""
+        lr = "initial_lr" if stage == "initial" else "lr"
+        names = [f"finetune.{lr} (now {getattr(self, lr):g})"]
+        if part == "value":
+            names.append(f"finetune.value_lr (now {self.value_lr:g})")
+        if self.max_grad_norm is None:
+            return f"lower {' or '.join(names)}, or set finetune.max_grad_norm (gradient clipping is off)"
+        names.append(f"finetune.max_grad_norm (now {self.max_grad_norm:g})")
+        return f"lower {', '.join(names[:-1])} or {names[-1]}"
 
     def fit(self, stages: Callable[[str, "Finetuner"], None] | None = None) -> FinetuneResult:
         """Run ELEGANT's steps (or drift-only) and return the fine-tuned model.
@@ -506,7 +596,8 @@ class Finetuner:
         """
         self.history: list[dict] = []
         done = stages or (lambda name, ft: None)
-        L.seed_everything(self.seed, verbose=False)
+        # Lightning takes numpy's 32-bit seeds; a larger one (the online loop's per-round seeds) is folded
+        L.seed_everything(self.seed % (SEED_MAX + 1), verbose=False)
 
         # Step 1: transitions (and the value regression if the initial law is learned).
         s1 = EntropyRegularizedSystem(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import csv
 import datetime as _dt
+import importlib.util
 import inspect
 import io
 import json
@@ -34,9 +35,9 @@ import torch
 import yaml
 
 from .checkpoint import save_finetuned
-from .config import atomic_write_text, load_yaml, parse_yaml, validate_kwargs
-from .errors import ConfigError
-from .finetune import Finetuner, FinetuneResult, estimate_kl, reward_summary
+from .config import atomic_write_text, check_count, load_yaml, parse_yaml, validate_kwargs
+from .errors import ConfigError, OptionalDependencyError
+from .finetune import SEED_MAX, Finetuner, FinetuneResult, check_finetune_options, estimate_kl, reward_summary
 from .plugins import load_plugin
 from .rollout import step_generator
 
@@ -55,16 +56,30 @@ class RunFolder:
 
     @classmethod
     def create(cls, parent: str | os.PathLike, name: str) -> "RunFolder":
-        """Create ``parent/name``; if it exists, ``name-1``, ``name-2``, ... (never reuses a folder)."""
+        """Create ``parent/name``; if it exists, ``name-1``, ``name-2``, ... (never reuses a folder).
+
+        Raises:
+            ConfigError: ``name`` is not a plain folder name (a path such as ``../x`` or
+                ``a/b`` would put the run outside ``parent``), or ``parent`` cannot be
+                created or written.
+        """
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise ConfigError(f"the run name must be a plain folder name (no '/', '\\', '.' or '..'), got {name!r}; "
+                              "set the parent folder with output_dir (--output-dir)")
         parent = Path(parent)
-        parent.mkdir(parents=True, exist_ok=True)
-        for i in range(10_000):
-            path = parent / (name if i == 0 else f"{name}-{i}")
-            try:
-                path.mkdir()
-                return cls(path)
-            except FileExistsError:
-                continue
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            for i in range(10_000):
+                path = parent / (name if i == 0 else f"{name}-{i}")
+                try:
+                    path.mkdir()
+                    return cls(path)
+                except FileExistsError:
+                    continue
+        except OSError as err:  # read-only, or a file in the way
+            reason = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror
+            raise ConfigError(f"cannot create a run folder in {parent}: {reason or err}; "
+                              "set output_dir (--output-dir) to a folder you can write") from None
         raise ConfigError(f"could not create a run folder under {parent}")
 
     # ------------------------------------------------------------------ files
@@ -144,7 +159,8 @@ class FinetuneRunConfig:
         output_dir: parent folder of run folders.
         name: run folder name (default ``<plugin>-<date>-<time>``).
         eval_samples: samples drawn to evaluate the final model.
-        loggers: extra Lightning loggers writing into the run folder: ``csv``, ``tensorboard``.
+        loggers: extra Lightning loggers writing into the run folder: ``csv``, ``tensorboard``
+            (needs the ``tensorboard`` package).
     """
 
     plugin: str
@@ -184,29 +200,46 @@ def read_config(config: dict | str | os.PathLike, overrides: list[str] | None = 
 
 
 def load_config(config: dict | str | os.PathLike, overrides: list[str] | None = None) -> FinetuneRunConfig:
-    """Read and validate a run config (a mapping or a YAML path) with ``key.sub=value`` overrides."""
+    """Read and validate a run config (a mapping or a YAML path) with ``key.sub=value`` overrides.
+
+    Its ``finetune`` section is returned type-checked (:func:`~.finetune.check_finetune_options`)."""
     raw = read_config(config, overrides)
     cfg = FinetuneRunConfig(**validate_kwargs(FinetuneRunConfig, raw, "config"))
     if cfg.eval_samples < 2:
         raise ConfigError("config.eval_samples must be >= 2")
-    validate_kwargs(Finetuner, cfg.finetune, "finetune", skip=_FINETUNER_SKIP)
+    check_count("config", "seed", cfg.seed, 0, SEED_MAX)
+    _check_loggers(cfg.loggers)
+    cfg.finetune = check_finetune_options(cfg.finetune, "finetune", skip=_FINETUNER_SKIP)
     return cfg
 
 
-def _make_loggers(names: list[str], run: RunFolder) -> list:
-    loggers = []
+def _csv_logger(path: Path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    return CSVLogger(save_dir=str(path), name="lightning")
+
+
+def _tensorboard_logger(path: Path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(save_dir=str(path), name="lightning")
+
+
+_LOGGERS = {"csv": _csv_logger, "tensorboard": _tensorboard_logger}
+
+
+def _check_loggers(names: list[str]) -> None:
+    """Known logger names, with what they need installed (before a run folder exists)."""
     for name in names:
-        if name == "csv":
-            from lightning.pytorch.loggers import CSVLogger
+        if name not in _LOGGERS:
+            raise ConfigError(f"config.loggers: unknown logger '{name}' (known: {', '.join(_LOGGERS)})")
+    if "tensorboard" in names and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise OptionalDependencyError("config.loggers: the tensorboard logger needs tensorboard. "
+                                      "Install it with `pip install tensorboard`, or use loggers: [csv]")
 
-            loggers.append(CSVLogger(save_dir=str(run.path), name="lightning"))
-        elif name == "tensorboard":
-            from lightning.pytorch.loggers import TensorBoardLogger
 
-            loggers.append(TensorBoardLogger(save_dir=str(run.path), name="lightning"))
-        else:
-            raise ConfigError(f"config.loggers: unknown logger '{name}' (known: csv, tensorboard)")
-    return loggers
+def _make_loggers(names: list[str], run: RunFolder) -> list:
+    return [_LOGGERS[name](run.path) for name in names]
 
 
 def _filled_defaults(fn, given: dict, skip: tuple[str, ...]) -> dict:
@@ -267,7 +300,7 @@ def run_finetune(
     domain = load_plugin(cfg.plugin)
     process = domain.make_process(cfg.process)
     reward = domain.make_reward(cfg.reward, process)
-    ft_kwargs = validate_kwargs(Finetuner, cfg.finetune, "finetune", skip=_FINETUNER_SKIP)
+    ft_kwargs = cfg.finetune  # checked by load_config
     finetuner = Finetuner(
         process, reward, seed=cfg.seed, policy=domain.make_policy(process), value_net=domain.make_value_net(process),
         **{"progress": progress, **ft_kwargs},

@@ -2,7 +2,7 @@
 
 :class:`EntropyRegularizedSystem` receives the chain, the reward and the strategy as
 constructor arguments (Lightning's "separate systems from models"), so moving
-fine-tuning to GPUs, DDP or mixed precision is a Trainer flag. It uses manual
+fine-tuning to a GPU or to mixed precision is a Trainer flag. It uses manual
 optimization because a strategy may take several optimizer steps per sampled batch
 (PPO epochs and minibatches).
 
@@ -11,6 +11,13 @@ With a ``value_net`` it also regresses ``v(x_0)`` on the per-trajectory return
 samples from the (frozen) policy and fits the value, which is how the value is refined
 once the control has converged (the return's conditional mean is the soft value
 ``v*(x_0)`` only at the optimal control).
+
+Every update checks that training has not diverged: a sample of the chain, a return
+(the objective's terms), a value, or a parameter that is NaN or infinite stops the fit
+with a :class:`~difftilt.core.errors.TrainingDivergedError` naming the update. Samples
+are checked before the reward sees them, so a reward that returns NaN on finite samples
+is still the reward's :class:`~difftilt.core.errors.RewardError`, as is one whose values
+are too large to square (whose value regression would overflow).
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from .errors import RewardError, TrainingDivergedError
 from .process import ControlledProcess
-from .reward import Reward
+from .reward import Reward, RewardOutput
 from .rollout import sample_trajectories, step_generator
 from .strategies import Strategy, UpdateContext
 
@@ -34,6 +42,44 @@ __all__ = ["EntropyRegularizedSystem", "iteration_loader"]
 def iteration_loader(iterations: int) -> DataLoader:
     """A loader yielding ``iterations`` dummy items: one per update (there is no dataset)."""
     return DataLoader(range(iterations), batch_size=None, shuffle=False)
+
+
+def _not_finite(t: Tensor) -> str | None:
+    """``"NaN"`` or ``"inf"`` if ``t`` holds one (NaN first), else ``None``."""
+    t = t.detach()
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return None
+    return "NaN" if bool(torch.isnan(t).any()) else "inf"
+
+
+class _CheckedReward(Reward):
+    """``reward`` as training sees it. ``check(x)`` runs on the samples first: samples that
+    hold NaN or inf come from a diverged chain, and the reward is not to be blamed for what
+    it returns on them. Values whose squares overflow (``|r| > 1.8e19`` in float32) are the
+    reward's :class:`RewardError`: the value regression and the advantages square them."""
+
+    def __init__(self, reward: Reward, check: Callable[[Tensor], None]):
+        super().__init__()
+        self.inner, self.check = reward, check
+        self.differentiable, self.infeasible_value = reward.differentiable, reward.infeasible_value
+        self.simulated = reward.simulated
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def forward(self, x: Tensor) -> RewardOutput:
+        self.check(x)
+        out = self.inner(x)
+        value = out.value.detach()
+        if value.is_floating_point():
+            huge = out.feasible & (value.abs() > math.sqrt(torch.finfo(value.dtype).max))
+            if bool(huge.any()):
+                raise RewardError(
+                    f"reward '{self.name}' returned values too large to train on for {int(huge.sum())} of "
+                    f"{value.numel()} feasible designs (up to {float(value[huge].abs().max()):.3g}: their squares "
+                    f"overflow {value.dtype}); scale the reward down")
+        return out
 
 
 def _lr_lambda(schedule: str, iterations: int, warmup: int) -> Callable[[int], float]:
@@ -68,6 +114,10 @@ class EntropyRegularizedSystem(L.LightningModule):
         train_policy: if ``False``, the policy is frozen and only the value is fitted.
         seed: seeds initial states and noise (combined with the rank and update index).
         on_metrics: called with each update's metrics (a dict of floats).
+
+    Attributes:
+        diverged: ``"policy"`` or ``"value"`` once a :class:`TrainingDivergedError` was
+            raised (which network's learning rate to blame), else ``None``.
     """
 
     def __init__(
@@ -106,6 +156,7 @@ class EntropyRegularizedSystem(L.LightningModule):
         self.seed = int(seed)
         self.on_metrics = on_metrics
         self.history: list[dict] = []
+        self.diverged: str | None = None
 
     # ------------------------------------------------------------------ setup
     def train(self, mode: bool = True) -> "EntropyRegularizedSystem":
@@ -130,6 +181,16 @@ class EntropyRegularizedSystem(L.LightningModule):
             schedulers.append(torch.optim.lr_scheduler.LambdaLR(vopt, _lr_lambda(self.lr_schedule, self.iterations, 0)))
         return optimizers, schedulers
 
+    def _check_finite(self, part: str, what: str, values: list[Tensor], batch_idx: int) -> None:
+        """Raise :class:`TrainingDivergedError` if one of ``values`` holds NaN or inf (one
+        device sync when none does)."""
+        flags = [torch.isfinite(t.detach()).all() for t in values if t.is_floating_point()]
+        if not flags or bool(torch.stack(flags).all()):
+            return
+        kinds = {_not_finite(t) for t in values}
+        self.diverged = part
+        raise TrainingDivergedError(f"{'NaN' if 'NaN' in kinds else 'inf'} in {what} at iteration {batch_idx}")
+
     def _update_seed(self, batch_idx: int) -> int:
         return (self.seed * 1_000_003 + self.global_rank * 7_919 + int(batch_idx)) & ((1 << 62) - 1)
 
@@ -152,31 +213,41 @@ class EntropyRegularizedSystem(L.LightningModule):
         scheds = scheds if isinstance(scheds, list) else ([scheds] if scheds is not None else [])
         seed = self._update_seed(batch_idx)
         x0 = self.process.initial(self.batch_size, generator=step_generator(seed, -1, self.process.device))
+        reward = _CheckedReward(self.reward,
+                                lambda x: self._check_finite("policy", "the chain's samples", [x], batch_idx))
 
         if self.train_policy:
             ctx = UpdateContext(
-                process=self.process, reward=self.reward, alpha=self.alpha, x0=x0, seed=seed,
+                process=self.process, reward=reward, alpha=self.alpha, x0=x0, seed=seed,
                 backward=self.manual_backward, optimizer_step=self._policy_optimizer_step(opts[0]),
             )
             out = self.strategy.update(ctx)
             x0, returns, metrics = out.x0, out.returns, dict(out.metrics)
+            self._check_finite("policy", "the returns (reward - alpha * KL)", [returns], batch_idx)
+            self._check_finite("policy", "the policy's parameters", self.process.trainable_parameters(), batch_idx)
         else:
             traj = sample_trajectories(self.process, x0=x0, seed=seed, kl=True)
             with torch.no_grad():
-                res = self.reward(traj.x)
+                res = reward(traj.x)
             r = res.masked(self.reward.infeasible_value)
             path_kl = traj.kl.sum(1)
             returns = r - self.alpha * path_kl
+            self._check_finite("policy", "the returns (reward - alpha * KL)", [returns], batch_idx)
             metrics = {"reward": float(r.mean()), "kl": float(path_kl.mean()),
                        "objective": float(returns.mean()), "feasible": float(res.feasible.float().mean())}
 
         if self.value_net is not None:
             vopt = opts[-1]
             v = self.value_net(x0).reshape(-1)
+            # v and the returns are checked, not their squared error: that of finite but huge
+            # returns (a reward of scale 1e38) overflows, and is not the value's divergence
+            self._check_finite("value", "the value network's outputs", [v], batch_idx)
             value_loss = torch.mean((v - returns) ** 2)
             self.manual_backward(value_loss)
             vopt.step()
             vopt.zero_grad(set_to_none=True)
+            self._check_finite("value", "the value network's parameters", list(self.value_net.parameters()),
+                               batch_idx)
             metrics["value_loss"] = float(value_loss.detach())
         for s in scheds:
             s.step()

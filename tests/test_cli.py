@@ -134,3 +134,38 @@ def test_debug_shows_the_traceback(tmp_path):
     cfg = _write(tmp_path, {**TINY, "plugin": "nope"})
     proc = _run(["--debug", "finetune", str(cfg)], tmp_path)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "PluginNotFoundError" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "loggers=[tb]"], "config.loggers: unknown logger 'tb' (known: csv, tensorboard)"),
+        (["--set", "finetune.lr=0"], "finetune.lr must be a positive number, got 0.0"),
+        (["--set", "finetune.devices=2"], "finetune.devices: 2 gives 2 devices, but fine-tuning runs on one"),
+        (["--name", "../escaped"], "the run name must be a plain folder name"),
+    ],
+)
+def test_values_that_failed_inside_the_run_are_one_error_line_before_any_run_folder(tmp_path, args, message):
+    cfg = _write(tmp_path, TINY)
+    proc = _run(["finetune", str(cfg), "--output-dir", str(tmp_path / "runs"), "--no-progress", *args], tmp_path)
+    assert message in _one_line_error(proc)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_an_output_dir_with_a_file_in_the_way_is_one_error_line(tmp_path):
+    cfg = _write(tmp_path, TINY)
+    (tmp_path / "runs").write_text("")
+    proc = _run(["finetune", str(cfg), "--output-dir", str(tmp_path / "runs"), "--no-progress"], tmp_path)
+    assert f"cannot create a run folder in {tmp_path / 'runs'}: " in _one_line_error(proc)
+
+
+def test_a_diverging_run_fails_as_divergence_not_as_the_rewards_nan(tmp_path):
+    cfg = _write(tmp_path, {**TINY, "finetune": {**TINY["finetune"], "lr": 1e8, "learn_initial": False}})
+    proc = _run(["finetune", str(cfg), "--output-dir", str(tmp_path / "runs"), "--name", "hot", "--no-progress"],
+                tmp_path)
+    line = _one_line_error(proc)
+    assert "fine-tuning diverged in stage 'transitions': " in line and " at iteration " in line
+    assert line.endswith("lower finetune.lr (now 1e+08) or finetune.max_grad_norm (now 1)")
+    status = json.loads((tmp_path / "runs" / "hot" / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"].startswith("TrainingDivergedError: ")
+    assert not (tmp_path / "runs" / "hot" / "model").exists()

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from .checkpoint import load_finetuned, save_model
 from .config import atomic_write_text, load_yaml, validate_kwargs
 from .errors import AwaitingAnswers, CheckpointError, ConfigError, InputDataError, ShapeError
-from .finetune import Finetuner, estimate_path_kl, estimate_tilt, quiet_lightning
+from .finetune import Finetuner, check_finetune_options, estimate_path_kl, estimate_tilt, quiet_lightning
 from .oracle import Oracle, OracleAnswer
 from .plotting import save_figure
 from .plugins import Domain, load_plugin
@@ -256,7 +256,7 @@ def _validate(raw: dict) -> OnlineRunConfig:
     cfg.oracle = OracleSpec(**validate_kwargs(OracleSpec, cfg.oracle, "oracle"))
     cfg.ppo = PPOSpec(**validate_kwargs(PPOSpec, cfg.ppo, "ppo"))
     cfg.evolution = EvolutionSpec(**validate_kwargs(EvolutionSpec, cfg.evolution, "evolution"))
-    validate_kwargs(Finetuner, cfg.finetune, "finetune", skip=_FT_SKIP)
+    check_finetune_options(cfg.finetune, "finetune", skip=_FT_SKIP)
     # Every kind, whatever the methods: a typo is caught before any run, not once a round's
     # answers are in (or never, for methods without a reward model). The kinds the methods
     # fit come first, so that an error lists the fields of the model the user has in mind.
@@ -928,7 +928,7 @@ def _open_seiko_run(run_dir: str | os.PathLike, method: str, what: str, progress
     changes = changes or {}
     if changes.get("finetune"):
         cfg.finetune = {**cfg.finetune, **changes["finetune"]}
-        validate_kwargs(Finetuner, cfg.finetune, "finetune", skip=_FT_SKIP)
+        check_finetune_options(cfg.finetune, "finetune", skip=_FT_SKIP)
     if changes.get("reward_model"):
         cfg.reward_model = {**cfg.reward_model, **changes["reward_model"]}
     if not (folder / method / "state.json").is_file():

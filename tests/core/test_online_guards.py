@@ -65,6 +65,16 @@ def test_bad_oracle_settings_are_refused_before_any_run(tmp_path, field, value, 
     _refused(tmp_path, match, oracle={**CFG["oracle"], field: value})
 
 
+@pytest.mark.parametrize("change, match", [
+    ({"lr": 0.0}, r"^finetune\.lr must be a positive number, got 0\.0"),
+    ({"devices": 2}, r"^finetune\.devices: 2 gives 2 devices"),
+    ({"max_grad_norm": -1.0}, r"^finetune\.max_grad_norm must be a positive number"),
+])
+def test_bad_finetune_values_are_refused_before_any_run(tmp_path, change, match):
+    # they had passed the type check and failed at the first round's fine-tuning, with a run folder
+    _refused(tmp_path, match, finetune={**CFG["finetune"], **change})
+
+
 def test_a_ctrl_c_during_fine_tuning_is_an_interrupt_and_keeps_the_sigint_handler(tmp_path, monkeypatch, capsys):
     from difftilt.core.cli import main
     from difftilt.core.system import EntropyRegularizedSystem

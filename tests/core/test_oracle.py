@@ -30,13 +30,6 @@ class Counting:
         return RewardOutput(v, x[:, 0] > -5)
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = SQLiteFeedbackStore(tmp_path / "feedback.sqlite")
-    yield s
-    s.close()
-
-
 def test_answers_are_recorded_with_feasibility_and_budget(store):
     truth = Counting()
     oracle = Oracle(truth, budget=5, store=store, batch_size=2, event_shape=(2,))

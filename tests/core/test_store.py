@@ -49,13 +49,6 @@ def _sum(x):
     return x.sum(-1)
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = SQLiteFeedbackStore(tmp_path / "feedback.sqlite")
-    yield s
-    s.close()
-
-
 def test_a_failed_record_says_why(store):
     def raising(x):
         raise RuntimeError("plate reader offline")

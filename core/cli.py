@@ -41,10 +41,19 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .run import run_finetune
+    from .run import STATE_FILE, run_finetune
 
-    run = run_finetune(args.config, overrides=args.set, output_dir=args.output_dir, name=args.name,
-                       progress=not args.no_progress)
+    try:
+        run = run_finetune(args.config, overrides=args.set, output_dir=args.output_dir, name=args.name,
+                           progress=not args.no_progress, resume=args.resume)
+    except (KeyboardInterrupt, SystemExit) as err:  # Ctrl-C or SIGTERM: say how to continue
+        path = getattr(err, "run", None)
+        if path is not None and (path / STATE_FILE).is_file():
+            sets = [a for s in args.set for a in ("--set", s)]
+            command = shlex.join(["difftilt", "finetune", args.config, *sets, "--resume", str(path)])
+            print(f"fine-tuning stopped; its last saved state is in {path / STATE_FILE}: continue it with "
+                  f"{command}", file=sys.stderr)
+        raise
     summary = run.read_json("summary.json")
     ft, pre = summary["finetuned"], summary["pretrained"]
     kl = summary["kl_to_pretrained"]
@@ -231,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="run folder name (overrides name)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set finetune.alpha=0.5 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run folder that stopped, from its last saved state (the same config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_finetune)
 

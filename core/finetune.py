@@ -16,6 +16,12 @@ pretrained initial law ``nu_pre`` does not reach it: the optimal initial law is
 
 ``learn_initial=False`` gives the "drift-only" variant (steps 2-3 skipped), which is
 what most published fine-tuning methods do.
+
+Given a ``state_file``, :meth:`Finetuner.fit` saves the whole training state there (the
+stage and its updates done, the trainable networks, the stage's optimizers and
+schedulers, the metrics so far) at its start, every ``save_every`` updates and at the end
+of each stage; a fit given that state back (``resume``, :func:`read_state`) ends with the
+same weights as one never stopped.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ import contextlib
 import inspect
 import logging
 import math
+import os
 import signal
 import threading
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
 import lightning as L
@@ -36,7 +44,7 @@ from torch import Tensor, nn
 
 from .config import check_count, check_rate, validate_kwargs
 from .distributions import GaussianStep
-from .errors import ConfigError, DeterministicStepError, TrainingDivergedError
+from .errors import CheckpointError, ConfigError, DeterministicStepError, TrainingDivergedError
 from .nets import TimeMLP
 from .process import (
     ChainedProcess,
@@ -52,7 +60,8 @@ from .strategies import Strategy, make_strategy
 from .system import EntropyRegularizedSystem
 
 __all__ = ["Finetuner", "FinetuneResult", "ValueReward", "default_policy", "make_trainer", "fit_interruptibly",
-           "check_finetune_options", "estimate_kl", "estimate_path_kl", "tilt_weights", "estimate_tilt"]
+           "check_finetune_options", "estimate_kl", "estimate_path_kl", "tilt_weights", "estimate_tilt",
+           "read_state", "STAGES"]
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +213,57 @@ def fit_interruptibly(trainer: L.Trainer, system: L.LightningModule) -> None:
         raise KeyboardInterrupt
 
 
+#: ELEGANT's stages in the order :meth:`Finetuner.fit` runs them (drift-only: the first).
+STAGES = ("transitions", "value", "initial")
+STATE_FORMAT = "difftilt.finetune_state/1"
+
+
+class _SaveEvery(L.Callback):
+    """Calls ``save(updates done, the system's optimizer state)`` after every ``every``-th update of
+    a stage but its last (the stage's end is saved once the stage is reported)."""
+
+    def __init__(self, save: Callable[[int, dict], None], every: int, iterations: int):
+        self.save, self.every, self.iterations = save, every, iterations
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        done = int(batch) + 1  # the batch is the iteration number, also in a resumed stage
+        if done % self.every == 0 and done < self.iterations:
+            self.save(done, pl_module.optimizer_state())
+
+
+def _write_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash while writing leaves the previous state
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    """A fine-tuning's saved training state (:meth:`Finetuner.fit`'s ``state_file``), on the CPU.
+
+    Raises:
+        ConfigError: there is no such file.
+        CheckpointError: the file is not a readable state.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"nothing to resume: no saved fine-tuning state at {path}") from None
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path} is not a readable fine-tuning state ({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("stage") not in STAGES:
+        raise CheckpointError(f"{path} is not a fine-tuning state (expected format {STATE_FORMAT})")
+    return state
+
+
+def _own_state(module: nn.Module, frozen: nn.Module | None) -> dict[str, Tensor]:
+    """``module``'s state dict without the tensors it shares with ``frozen``: the pretrained chain
+    that a tilt wraps is not trained, and is not written every few updates."""
+    shared = {id(t) for t in frozen.state_dict(keep_vars=True).values()} if frozen is not None else set()
+    return {k: t.detach() for k, t in module.state_dict(keep_vars=True).items() if id(t) not in shared}
+
+
 @dataclass
 class FinetuneResult:
     """What :meth:`Finetuner.fit` returns.
@@ -318,7 +378,7 @@ def estimate_tilt(values: Tensor, alpha: float, others: dict[str, Tensor] | None
 #: The Finetuner's sizes and counts, each with its least allowed value.
 _COUNTS = (("iterations", 1), ("batch_size", 1), ("warmup", 0), ("control_hidden", 1), ("control_depth", 0),
            ("value_refit_iterations", 0), ("value_batch_size", 1), ("initial_steps", 1), ("initial_iterations", 0),
-           ("initial_batch_size", 1))
+           ("initial_batch_size", 1), ("save_every", 0))
 _RATES = ("lr", "value_lr", "initial_lr")
 _TRAINER_OPTIONS = ("accelerator", "devices", "precision")
 #: The largest seed of a run's config: Lightning's ``seed_everything`` takes numpy's 32-bit seeds.
@@ -422,6 +482,9 @@ class Finetuner:
         initial_batch_size: chains per update in step 2.
         initial_lr: Adam learning rate in step 2.
         seed: seeds everything.
+        save_every: updates between saves of the training state, when :meth:`fit` is given a
+            ``state_file`` (``0``: only at the fit's start and after each stage); with
+            ``cross_entropy``'s ``reuse``, rounded up to a multiple of it.
         accelerator: Lightning accelerator (``"cpu"``, ``"gpu"``, ``"auto"``).
         devices: Lightning devices; they must come to one device (multi-device DDP training is
             not supported).
@@ -461,6 +524,7 @@ class Finetuner:
         initial_batch_size: int = 512,
         initial_lr: float = 1e-2,
         seed: int = 0,
+        save_every: int = 100,
         accelerator: str = "cpu",
         devices: int | str = 1,
         precision: str = "32-true",
@@ -505,7 +569,7 @@ class Finetuner:
         self.value_lr, self.value_refit_iterations, self.value_batch_size = value_lr, value_refit_iterations, value_batch_size
         self.initial_steps, self.initial_iterations = initial_steps, initial_iterations
         self.initial_batch_size, self.initial_lr = initial_batch_size, initial_lr
-        self.seed = seed
+        self.seed, self.save_every = seed, save_every
         self.trainer_kwargs = dict(accelerator=accelerator, devices=devices, precision=precision, progress=progress)
         self.loggers = loggers
         self.on_metrics = on_metrics
@@ -564,10 +628,13 @@ class Finetuner:
         return emit
 
     def _fit(self, system: EntropyRegularizedSystem, stage: str, iterations: int) -> None:
-        if iterations <= 0:
-            return
         with quiet_lightning():
             trainer = make_trainer(stage, iterations, loggers=self.loggers, **self.trainer_kwargs)
+            if self._state_file is not None and self.save_every:
+                # cross_entropy's reuse keeps a batch across updates: save only where none is held
+                reuse = getattr(system.strategy, "reuse", 1) if system.train_policy else 1
+                every = -(-self.save_every // reuse) * reuse
+                trainer.callbacks.append(_SaveEvery(lambda done, opt: self._save(stage, done, opt), every, iterations))
             try:
                 fit_interruptibly(trainer, system)
             except TrainingDivergedError as err:
@@ -587,49 +654,113 @@ class Finetuner:
         names.append(f"finetune.max_grad_norm (now {self.max_grad_norm:g})")
         return f"lower {', '.join(names[:-1])} or {names[-1]}"
 
-    def fit(self, stages: Callable[[str, "Finetuner"], None] | None = None) -> FinetuneResult:
+    def _stage(self, stage: str, iterations: int, system: Callable[..., EntropyRegularizedSystem],
+               done: Callable[[str, "Finetuner"], None]) -> None:
+        """Fit one stage (``system(start=..., optimizer_state=...)`` makes its system), report it and
+        save the state; a stage that had ended before the fit was resumed is skipped."""
+        start, saved = 0, None
+        resumed = self._resumed
+        if resumed is not None and STAGES.index(stage) <= STAGES.index(resumed["stage"]):
+            if stage != resumed["stage"] or resumed["iteration"] >= iterations:
+                return  # ended (and reported) before the stop
+            start, saved = resumed["iteration"], resumed["optimizers"]
+        if start < iterations:
+            self._fit(system(start=start, optimizer_state=saved), stage, iterations)
+        done(stage, self)
+        self._save(stage, iterations)
+
+    def _trained(self) -> dict[str, tuple[nn.Module, nn.Module | None]]:
+        """The trainable networks by name, each with the frozen chain it wraps (or ``None``)."""
+        parts = {"policy": (self.policy, self.reference), "value_net": (self.value_net, None),
+                 "initial": (self.initial.policy if self.initial is not None else None, self.aux_reference)}
+        return {name: part for name, part in parts.items() if part[0] is not None}
+
+    def _save(self, stage: str, iteration: int, optimizers: dict | None = None) -> None:
+        """Write the training state after ``iteration`` updates of ``stage`` to the state file, if any."""
+        if self._state_file is None:
+            return
+        _write_state(self._state_file, {
+            "format": STATE_FORMAT, "stage": stage, "iteration": iteration,
+            "modules": {name: _own_state(module, frozen) for name, (module, frozen) in self._trained().items()},
+            "optimizers": optimizers, "history": self.history,
+        })
+
+    def _restore(self, state: dict) -> None:
+        """Load a saved state's networks and metrics (the optimizers wait for their stage)."""
+        parts = self._trained()
+        if set(state["modules"]) != set(parts):
+            raise CheckpointError(f"the saved state holds the networks {sorted(state['modules'])}, this fine-tuning "
+                                  f"trains {sorted(parts)}: it was saved with other settings")
+        for name, (module, frozen) in parts.items():
+            saved = state["modules"][name]
+            try:
+                if set(saved) != set(_own_state(module, frozen)):
+                    raise RuntimeError
+                module.load_state_dict({**module.state_dict(), **saved})  # the frozen chain's own, then the saved
+            except RuntimeError:  # other names or shapes
+                raise CheckpointError(f"the saved state's {name} does not fit this fine-tuning's network: it was "
+                                      "saved with other settings") from None
+        self.history = list(state["history"])
+
+    def fit(self, stages: Callable[[str, "Finetuner"], None] | None = None, *,
+            state_file: str | os.PathLike | None = None, resume: dict | None = None) -> FinetuneResult:
         """Run ELEGANT's steps (or drift-only) and return the fine-tuned model.
 
         Args:
             stages: called as ``stages(name, self)`` after each stage finishes (the CLI
-                saves a checkpoint there, so a crash loses at most one stage).
+                saves a checkpoint there); a resumed fit does not call it again for the
+                stages that had ended before the stop.
+            state_file: where to save the training state: at the start, every ``save_every``
+                updates and after each stage (once ``stages`` returned), written to a
+                temporary file and moved into place, so a crash leaves the previous state.
+                It holds ``stage`` and ``iteration`` (its updates done), ``modules`` (the
+                state dicts of ``policy``, ``value_net`` and ``initial`` -- the trainable
+                networks, without the frozen chain a tilt wraps), ``optimizers`` (the
+                stage's optimizers' and schedulers' state dicts; ``None`` at a stage's
+                start or end) and ``history`` (the metrics so far).
+            resume: a state read back from ``state_file`` (:func:`read_state`), saved by a fit
+                with the same settings: the stages it had ended are skipped, the stopped one
+                continues from the saved update with the saved optimizers, and the fit ends
+                with the same weights as one never stopped (each update draws from its own
+                seed, not from a global random state).
         """
         self.history: list[dict] = []
+        self._state_file = Path(state_file) if state_file is not None else None
+        self._resumed = resume
         done = stages or (lambda name, ft: None)
         # Lightning takes numpy's 32-bit seeds; a larger one (the online loop's per-round seeds) is folded
         L.seed_everything(self.seed % (SEED_MAX + 1), verbose=False)
+        if resume is not None:
+            self._restore(resume)
+        else:
+            self._save("transitions", 0)
 
         # Step 1: transitions (and the value regression if the initial law is learned).
-        s1 = EntropyRegularizedSystem(
+        self._stage("transitions", self.iterations, lambda **resumed: EntropyRegularizedSystem(
             self.transitions, self.reward, self.strategy, self.alpha, batch_size=self.batch_size,
             iterations=self.iterations, lr=self.lr, lr_schedule=self.lr_schedule, warmup=self.warmup,
             max_grad_norm=self.max_grad_norm, value_net=self.value_net, value_lr=self.value_lr,
-            seed=self.seed, on_metrics=self._emit("transitions"),
-        )
-        self._fit(s1, "transitions", self.iterations)
-        done("transitions", self)
+            seed=self.seed, on_metrics=self._emit("transitions"), **resumed,
+        ), done)
 
         if self.initial is not None:
             # Step 1b: the return's conditional mean is v*(x_0) only at the optimal control:
             # refit v on fresh trajectories of the final, frozen control.
-            s1b = EntropyRegularizedSystem(
+            self._stage("value", self.value_refit_iterations, lambda **resumed: EntropyRegularizedSystem(
                 self.transitions, self.reward, self.strategy, self.alpha, batch_size=self.value_batch_size,
                 iterations=self.value_refit_iterations, lr_schedule=self.lr_schedule, value_net=self.value_net,
                 value_lr=self.value_lr, train_policy=False, seed=self.seed + 1, on_metrics=self._emit("value"),
-            )
-            self._fit(s1b, "value", self.value_refit_iterations)
-            done("value", self)
+                **resumed,
+            ), done)
 
             # Step 2: the initial law nu* ∝ nu_pre exp(v / alpha) as a controlled auxiliary chain.
             value_reward = ValueReward(freeze(self.value_net))
-            s2 = EntropyRegularizedSystem(
+            self._stage("initial", self.initial_iterations, lambda **resumed: EntropyRegularizedSystem(
                 self.initial, value_reward, make_strategy("backprop"), self.alpha,
                 batch_size=self.initial_batch_size, iterations=self.initial_iterations, lr=self.initial_lr,
                 lr_schedule=self.lr_schedule, max_grad_norm=self.max_grad_norm, seed=self.seed + 2,
-                on_metrics=self._emit("initial"),
-            )
-            self._fit(s2, "initial", self.initial_iterations)
-            done("initial", self)
+                on_metrics=self._emit("initial"), **resumed,
+            ), done)
 
         return self.result()
 

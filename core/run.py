@@ -6,14 +6,18 @@ A ``difftilt finetune`` run folder holds::
     status.json       {"state": "running" | "complete" | "failed" | "interrupted", ...}
     metrics.jsonl     one line per update, appended as training goes (nothing lost on a crash)
     metrics.csv/.json the same as tables, rewritten after every stage
-    checkpoints/      the model after each finished stage
+    checkpoints/      the model after each finished stage, and state.pt: the whole training
+                      state, saved every finetune.save_every updates, for --resume (removed
+                      once the run is complete)
     model/            the final fine-tuned model (see :mod:`.checkpoint`)
     summary.json      evaluation of the final model against the pretrained one
     training.png      reward and KL over training
 
 Everything is validated before the folder is created, so a bad config leaves no folder;
 a run that fails later is marked ``failed`` with the error and has no ``model/`` or
-``summary.json`` -- it never looks complete.
+``summary.json`` -- it never looks complete. A run that stopped (Ctrl-C, a crash, a
+failure) continues from its last saved state with ``run_finetune(config, resume=folder)``
+(``difftilt finetune CONFIG --resume RUN``) and ends as a run never stopped.
 """
 
 from __future__ import annotations
@@ -36,12 +40,16 @@ import yaml
 
 from .checkpoint import save_finetuned
 from .config import atomic_write_text, check_count, load_yaml, parse_yaml, validate_kwargs
-from .errors import ConfigError, OptionalDependencyError
-from .finetune import SEED_MAX, Finetuner, FinetuneResult, check_finetune_options, estimate_kl, reward_summary
+from .errors import CheckpointError, ConfigError, OptionalDependencyError
+from .finetune import (SEED_MAX, Finetuner, FinetuneResult, check_finetune_options, estimate_kl, read_state,
+                       reward_summary)
 from .plugins import load_plugin
 from .rollout import step_generator
 
-__all__ = ["RunFolder", "FinetuneRunConfig", "run_finetune", "load_config"]
+__all__ = ["RunFolder", "FinetuneRunConfig", "run_finetune", "load_config", "STATE_FILE"]
+
+#: A finetune run's training state, in its folder (:meth:`~.finetune.Finetuner.fit`'s ``state_file``).
+STATE_FILE = "checkpoints/state.pt"
 
 
 class RunFolder:
@@ -116,6 +124,11 @@ class RunFolder:
         """Append one update's metrics to ``metrics.jsonl`` (flushed at once)."""
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row, default=_json_default) + "\n")
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        """Replace ``metrics.jsonl`` with ``rows`` (a resumed run drops the updates it redoes)."""
+        atomic_write_text(self.path / "metrics.jsonl",
+                          "".join(json.dumps(row, default=_json_default) + "\n" for row in rows))
 
     def metrics(self) -> list[dict]:
         """All rows of ``metrics.jsonl``."""
@@ -254,6 +267,41 @@ def _filled_defaults(fn, given: dict, skip: tuple[str, ...]) -> dict:
     return out
 
 
+#: Finetune fields that do not change what a run computes: a resumed run may change them.
+_NOT_COMPARED = ("finetune.progress", "finetune.save_every")
+
+
+def _differences(given: dict, saved: dict) -> list[str]:
+    """The fields in which two resolved configs differ, sections to one level
+    (``["finetune.lr", "seed"]``), but :data:`_NOT_COMPARED`."""
+    out = []
+    for key in sorted(set(given) | set(saved)):
+        x, y = given.get(key), saved.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [f"{key}.{k}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+        elif x != y:
+            out.append(key)
+    return [name for name in out if name not in _NOT_COMPARED]
+
+
+def _resumable(path: str | os.PathLike, resolved: dict) -> tuple[RunFolder, dict]:
+    """The run folder to resume and its saved state, once the run is known to be unfinished and
+    started with the same config."""
+    run = RunFolder(path)
+    if not (run.path / "config.yaml").is_file():
+        raise CheckpointError(f"{run.path} is not a difftilt finetune run folder (no config.yaml)")
+    if run.status().get("state") == "complete":
+        raise ConfigError(f"{run.path} is complete: there is nothing to resume")
+    given = parse_yaml(yaml.safe_dump(resolved))  # as written to config.yaml and read back
+    differ = _differences(given, load_yaml(run.path / "config.yaml"))
+    if differ:
+        raise ConfigError(f"the config differs from the one {run.path} was started with "
+                          f"({', '.join(differ)}); resume it unchanged")
+    if not (run.path / STATE_FILE).is_file():
+        raise ConfigError(f"nothing to resume: {run.path} holds no saved training state ({STATE_FILE})")
+    return run, read_state(run.path / STATE_FILE)
+
+
 @torch.no_grad()
 def evaluate_model(result: FinetuneResult, reference, reward, domain, n: int, seed: int) -> dict:
     """Reward, KL and domain metrics of the fine-tuned model, beside the pretrained one."""
@@ -277,19 +325,28 @@ def run_finetune(
     output_dir: str | os.PathLike | None = None,
     name: str | None = None,
     progress: bool = True,
+    resume: str | os.PathLike | None = None,
 ) -> RunFolder:
     """Run ``difftilt finetune`` and return its run folder (the CLI calls exactly this).
+
+    While it trains, the run folder holds the whole training state (:data:`STATE_FILE`), saved
+    every ``finetune.save_every`` updates and after each stage.
 
     Args:
         config: a YAML path or the same mapping.
         overrides: ``key.sub=value`` strings applied on top (YAML values).
-        output_dir: overrides ``config.output_dir``.
-        name: overrides ``config.name``.
+        output_dir: overrides ``config.output_dir`` (not used with ``resume``).
+        name: overrides ``config.name`` (not used with ``resume``).
         progress: show progress bars.
+        resume: a run folder that stopped before it was complete, to continue from its last
+            saved state; ``config`` (with ``overrides``) must be the one it was started with
+            (``finetune.save_every`` and ``finetune.progress`` aside). The run ends with the
+            same model and metrics as one never stopped.
 
     Raises:
         DifftiltError: on bad input, before any folder is created when the problem is in
-            the config, plugin, process or reward.
+            the config, plugin, process or reward; with ``resume``, a config that differs
+            from the run's, a run that is complete or that holds no saved state.
     """
     cfg = load_config(config, overrides)
     if output_dir is not None:
@@ -298,14 +355,7 @@ def run_finetune(
         cfg.name = name
     torch.manual_seed(cfg.seed)
     domain = load_plugin(cfg.plugin)
-    process = domain.make_process(cfg.process)
-    reward = domain.make_reward(cfg.reward, process)
     ft_kwargs = cfg.finetune  # checked by load_config
-    finetuner = Finetuner(
-        process, reward, seed=cfg.seed, policy=domain.make_policy(process), value_net=domain.make_value_net(process),
-        **{"progress": progress, **ft_kwargs},
-    )
-
     resolved = {
         "plugin": cfg.plugin,
         "process": cfg.process if cfg.process is not None else {"name": next(iter(domain.processes))},
@@ -318,15 +368,27 @@ def run_finetune(
     strategy = resolved["finetune"].get("strategy")
     if not isinstance(strategy, (str, dict)):  # a Strategy object given through the Python API
         resolved["finetune"]["strategy"] = type(strategy).__name__
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run = RunFolder.create(cfg.output_dir, cfg.name or f"{cfg.plugin}-{stamp}")
-    run.write_config(resolved)
+    run, state = _resumable(resume, resolved) if resume is not None else (None, None)
+    process = domain.make_process(cfg.process)
+    reward = domain.make_reward(cfg.reward, process)
+    finetuner = Finetuner(
+        process, reward, seed=cfg.seed, policy=domain.make_policy(process), value_net=domain.make_value_net(process),
+        **{"progress": progress, **ft_kwargs},
+    )
+
+    stage_times: dict[str, float] = {}
+    if run is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run = RunFolder.create(cfg.output_dir, cfg.name or f"{cfg.plugin}-{stamp}")
+        run.write_config(resolved)
+    else:  # the updates done after the last save are done again
+        run.write_metrics(state["history"])
+        stage_times = dict(run.status().get("stage_times", {}))
     run.set_status("running", pid=os.getpid())
     finetuner.on_metrics = run.append_metrics
     finetuner.loggers = _make_loggers(cfg.loggers, run) or None
     process_spec = resolved["process"] if isinstance(resolved["process"], dict) else {"name": resolved["process"]}
-    t0 = time.time()
-    stage_times: dict[str, float] = {}
+    t0 = time.time() - max(stage_times.values(), default=0.0)  # resumed: the stages' times go on from there
 
     def stage_done(stage: str, ft: Finetuner) -> None:
         stage_times[stage] = round(time.time() - t0, 2)
@@ -335,7 +397,7 @@ def run_finetune(
         run.set_status("running", stage_done=stage, stage_times=stage_times)
 
     try:
-        result = finetuner.fit(stages=stage_done)
+        result = finetuner.fit(stages=stage_done, state_file=run.path / STATE_FILE, resume=state)
         summary = evaluate_model(result, finetuner.reference, reward, domain, cfg.eval_samples, cfg.seed)
         summary["stage_seconds"] = stage_times
         from .plotting import plot_training
@@ -346,9 +408,11 @@ def run_finetune(
                        extra={"reward": cfg.reward})
         run.write_json("summary.json", summary)
         run.set_status("complete", seconds=round(time.time() - t0, 2))
+        (run.path / STATE_FILE).unlink(missing_ok=True)
     except (KeyboardInterrupt, SystemExit) as err:  # Ctrl-C, or SIGTERM (Lightning raises a SystemExit)
         run.write_metric_tables()
-        run.set_status("interrupted", error=f"stopped ({type(err).__name__})")
+        run.set_status("interrupted", error=f"stopped ({type(err).__name__}); continue with --resume")
+        err.run = run.path  # for the command's line saying how to continue
         raise
     except BaseException as err:
         run.write_metric_tables()

@@ -39,9 +39,10 @@ from .strategies import Strategy, UpdateContext
 __all__ = ["EntropyRegularizedSystem", "iteration_loader"]
 
 
-def iteration_loader(iterations: int) -> DataLoader:
-    """A loader yielding ``iterations`` dummy items: one per update (there is no dataset)."""
-    return DataLoader(range(iterations), batch_size=None, shuffle=False)
+def iteration_loader(iterations: int, start: int = 0) -> DataLoader:
+    """A loader yielding the iteration numbers ``start, ..., iterations - 1``: one per update
+    (there is no dataset). A resumed stage starts at the updates it had done."""
+    return DataLoader(range(start, iterations), batch_size=None, shuffle=False)
 
 
 def _not_finite(t: Tensor) -> str | None:
@@ -112,8 +113,12 @@ class EntropyRegularizedSystem(L.LightningModule):
         value_net: if given, ``v(x_0) -> (b,)`` regressed on returns.
         value_lr: Adam learning rate of the value network.
         train_policy: if ``False``, the policy is frozen and only the value is fitted.
-        seed: seeds initial states and noise (combined with the rank and update index).
+        seed: seeds initial states and noise (combined with the rank and the iteration number).
         on_metrics: called with each update's metrics (a dict of floats).
+        start: updates already done (a stopped stage continued): the fit runs iterations
+            ``start, ..., iterations - 1``, each seeded as in an uninterrupted fit.
+        optimizer_state: the stopped stage's :meth:`optimizer_state`, loaded into the new
+            optimizers and schedulers (with ``start``, the stage continues exactly).
 
     Attributes:
         diverged: ``"policy"`` or ``"value"`` once a :class:`TrainingDivergedError` was
@@ -137,6 +142,8 @@ class EntropyRegularizedSystem(L.LightningModule):
         train_policy: bool = True,
         seed: int = 0,
         on_metrics: Callable[[dict], None] | None = None,
+        start: int = 0,
+        optimizer_state: dict | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -155,6 +162,8 @@ class EntropyRegularizedSystem(L.LightningModule):
         self.train_policy = train_policy
         self.seed = int(seed)
         self.on_metrics = on_metrics
+        self.start = int(start)
+        self.saved_optimizer_state = optimizer_state
         self.history: list[dict] = []
         self.diverged: str | None = None
 
@@ -179,9 +188,19 @@ class EntropyRegularizedSystem(L.LightningModule):
             vopt = torch.optim.Adam(self.value_net.parameters(), lr=self.value_lr)
             optimizers.append(vopt)
             schedulers.append(torch.optim.lr_scheduler.LambdaLR(vopt, _lr_lambda(self.lr_schedule, self.iterations, 0)))
+        saved = self.saved_optimizer_state
+        if saved is not None:  # after the schedulers are made: making one sets the learning rate
+            for obj, state in zip(optimizers + schedulers, saved["optimizers"] + saved["schedulers"], strict=True):
+                obj.load_state_dict(state)
         return optimizers, schedulers
 
-    def _check_finite(self, part: str, what: str, values: list[Tensor], batch_idx: int) -> None:
+    def optimizer_state(self) -> dict:
+        """``{"optimizers": [...], "schedulers": [...]}``: the state dicts of the fit's optimizers
+        and learning-rate schedulers (what ``optimizer_state`` takes back)."""
+        return {"optimizers": [opt.state_dict() for opt in self.trainer.optimizers],
+                "schedulers": [c.scheduler.state_dict() for c in self.trainer.lr_scheduler_configs]}
+
+    def _check_finite(self, part: str, what: str, values: list[Tensor], iteration: int) -> None:
         """Raise :class:`TrainingDivergedError` if one of ``values`` holds NaN or inf (one
         device sync when none does)."""
         flags = [torch.isfinite(t.detach()).all() for t in values if t.is_floating_point()]
@@ -189,10 +208,10 @@ class EntropyRegularizedSystem(L.LightningModule):
             return
         kinds = {_not_finite(t) for t in values}
         self.diverged = part
-        raise TrainingDivergedError(f"{'NaN' if 'NaN' in kinds else 'inf'} in {what} at iteration {batch_idx}")
+        raise TrainingDivergedError(f"{'NaN' if 'NaN' in kinds else 'inf'} in {what} at iteration {iteration}")
 
-    def _update_seed(self, batch_idx: int) -> int:
-        return (self.seed * 1_000_003 + self.global_rank * 7_919 + int(batch_idx)) & ((1 << 62) - 1)
+    def _update_seed(self, iteration: int) -> int:
+        return (self.seed * 1_000_003 + self.global_rank * 7_919 + int(iteration)) & ((1 << 62) - 1)
 
     # ------------------------------------------------------------------ step
     def _policy_optimizer_step(self, opt) -> Callable[[], float]:
@@ -207,14 +226,16 @@ class EntropyRegularizedSystem(L.LightningModule):
         return step
 
     def training_step(self, batch, batch_idx: int) -> None:
+        # the batch is the iteration number: batch_idx restarts at 0 in a resumed stage
+        iteration = int(batch)
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
         scheds = self.lr_schedulers()
         scheds = scheds if isinstance(scheds, list) else ([scheds] if scheds is not None else [])
-        seed = self._update_seed(batch_idx)
+        seed = self._update_seed(iteration)
         x0 = self.process.initial(self.batch_size, generator=step_generator(seed, -1, self.process.device))
         reward = _CheckedReward(self.reward,
-                                lambda x: self._check_finite("policy", "the chain's samples", [x], batch_idx))
+                                lambda x: self._check_finite("policy", "the chain's samples", [x], iteration))
 
         if self.train_policy:
             ctx = UpdateContext(
@@ -223,8 +244,8 @@ class EntropyRegularizedSystem(L.LightningModule):
             )
             out = self.strategy.update(ctx)
             x0, returns, metrics = out.x0, out.returns, dict(out.metrics)
-            self._check_finite("policy", "the returns (reward - alpha * KL)", [returns], batch_idx)
-            self._check_finite("policy", "the policy's parameters", self.process.trainable_parameters(), batch_idx)
+            self._check_finite("policy", "the returns (reward - alpha * KL)", [returns], iteration)
+            self._check_finite("policy", "the policy's parameters", self.process.trainable_parameters(), iteration)
         else:
             traj = sample_trajectories(self.process, x0=x0, seed=seed, kl=True)
             with torch.no_grad():
@@ -232,7 +253,7 @@ class EntropyRegularizedSystem(L.LightningModule):
             r = res.masked(self.reward.infeasible_value)
             path_kl = traj.kl.sum(1)
             returns = r - self.alpha * path_kl
-            self._check_finite("policy", "the returns (reward - alpha * KL)", [returns], batch_idx)
+            self._check_finite("policy", "the returns (reward - alpha * KL)", [returns], iteration)
             metrics = {"reward": float(r.mean()), "kl": float(path_kl.mean()),
                        "objective": float(returns.mean()), "feasible": float(res.feasible.float().mean())}
 
@@ -241,18 +262,18 @@ class EntropyRegularizedSystem(L.LightningModule):
             v = self.value_net(x0).reshape(-1)
             # v and the returns are checked, not their squared error: that of finite but huge
             # returns (a reward of scale 1e38) overflows, and is not the value's divergence
-            self._check_finite("value", "the value network's outputs", [v], batch_idx)
+            self._check_finite("value", "the value network's outputs", [v], iteration)
             value_loss = torch.mean((v - returns) ** 2)
             self.manual_backward(value_loss)
             vopt.step()
             vopt.zero_grad(set_to_none=True)
             self._check_finite("value", "the value network's parameters", list(self.value_net.parameters()),
-                               batch_idx)
+                               iteration)
             metrics["value_loss"] = float(value_loss.detach())
         for s in scheds:
             s.step()
 
-        metrics["iteration"] = int(batch_idx)
+        metrics["iteration"] = iteration
         self.history.append(metrics)
         if self.on_metrics is not None:
             self.on_metrics(metrics)
@@ -263,4 +284,4 @@ class EntropyRegularizedSystem(L.LightningModule):
             self.log_dict(rest, prog_bar=False, on_step=True, on_epoch=False, batch_size=self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
-        return iteration_loader(self.iterations)
+        return iteration_loader(self.iterations, self.start)

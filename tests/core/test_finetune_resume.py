@@ -1,0 +1,214 @@
+"""difftilt finetune --resume: a stopped run continues from its saved state and ends exactly
+as a run never stopped."""
+
+import json
+import shlex
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difftilt.core.cli import main
+from difftilt.core.errors import CheckpointError, ConfigError
+from difftilt.core.finetune import STAGES, read_state
+from difftilt.core.run import STATE_FILE, RunFolder, run_finetune
+from difftilt.core.system import EntropyRegularizedSystem
+
+# 7 transitions updates, 3 value updates, 5 initial updates; a state every 2 updates
+TINY = {
+    "plugin": "toy",
+    "seed": 0,
+    "process": {"name": "mixture", "num_steps": 5},
+    "reward": {"name": "linear", "weights": [1.0, 0.5]},
+    "finetune": {"alpha": 1.0, "iterations": 7, "batch_size": 16, "warmup": 2, "value_refit_iterations": 3,
+                 "initial_iterations": 5, "initial_steps": 4, "initial_batch_size": 16, "save_every": 2},
+    "eval_samples": 64,
+}
+CROSS_ENTROPY = {**TINY, "finetune": {**TINY["finetune"], "strategy": {"name": "cross_entropy", "resample": 4,
+                                                                      "reuse": 3}}}
+
+
+def _with(cfg: dict, **finetune) -> dict:
+    return {**cfg, "finetune": {**cfg["finetune"], **finetune}}
+
+
+def _stop_at(monkeypatch, call: int) -> None:
+    """Ctrl-C at the run's ``call``-th update (counted from 0 over all its stages)."""
+    original = EntropyRegularizedSystem.training_step
+    calls = []
+
+    def step(self, batch, batch_idx):
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        calls.append(batch)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(EntropyRegularizedSystem, "training_step", step)
+
+
+def _model(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a run's final model."""
+    tensors = {}
+    for f in sorted((path / "model").glob("*.safetensors")):
+        tensors.update({f"{f.stem}/{k}": v for k, v in load_file(str(f)).items()})
+    return tensors
+
+
+def _assert_same_model(a, b) -> None:
+    ta, tb = _model(a), _model(b)
+    assert ta and ta.keys() == tb.keys()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta), [k for k in ta if not torch.equal(ta[k], tb[k])]
+
+
+@pytest.mark.parametrize("cfg, call, stage, saved, kept", [
+    (TINY, 5, "transitions", 4, 4),     # in the middle of the transitions: update 4 redone
+    (TINY, 7, "transitions", 7, 7),     # at the value stage's first update: the transitions are not redone
+    (TINY, 13, "initial", 2, 12),       # in the middle of the initial law's stage (7 + 3 + 3): update 2 redone
+    (CROSS_ENTROPY, 5, "transitions", 3, 3),  # reuse 3 holds a batch across updates: saved where none is held
+], ids=["transitions", "stage-end", "initial", "cross-entropy-reuse"])
+def test_a_stopped_run_resumes_to_exactly_the_model_and_metrics_of_one_never_stopped(
+        tmp_path, monkeypatch, cfg, call, stage, saved, kept):
+    straight = run_finetune(cfg, output_dir=tmp_path, name="straight", progress=False)
+
+    _stop_at(monkeypatch, call)
+    with pytest.raises(KeyboardInterrupt) as stop:
+        run_finetune(cfg, output_dir=tmp_path, name="stopped", progress=False)
+    stopped = RunFolder(tmp_path / "stopped")
+    assert stop.value.run == stopped.path
+    status = stopped.status()
+    assert status["state"] == "interrupted" and "--resume" in status["error"]
+    state = read_state(stopped.path / STATE_FILE)
+    assert (state["stage"], state["iteration"]) == (stage, saved)
+    assert len(stopped.metrics()) == call and len(state["history"]) == kept  # the rows after kept are redone
+    monkeypatch.undo()
+
+    # save_every does not change the result: a resumed run may change it
+    run = run_finetune(_with(cfg, save_every=1), resume=stopped.path, progress=False)
+    assert run.path == stopped.path and run.status()["state"] == "complete"
+    _assert_same_model(run.path, straight.path)
+    assert run.metrics() == straight.metrics()  # no row twice
+    assert run.read_json("metrics.json") == straight.read_json("metrics.json")
+    assert not (run.path / STATE_FILE).exists()  # removed once complete
+    assert all((run.path / "checkpoints" / s / "model_index.json").is_file() for s in STAGES)
+
+
+def test_the_state_file_holds_the_stage_the_trained_networks_the_optimizers_and_the_metrics(tmp_path, monkeypatch):
+    _stop_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(TINY, output_dir=tmp_path, name="run", progress=False)
+    state = read_state(tmp_path / "run" / STATE_FILE)
+    assert set(state) == {"format", "stage", "iteration", "modules", "optimizers", "history"}
+    assert (state["stage"], state["iteration"]) == ("transitions", 4)
+    assert set(state["modules"]) == {"policy", "value_net", "initial"}
+    # the tilt's control is saved, not the frozen pretrained chain it wraps
+    assert state["modules"]["policy"] and all(k.startswith("control.") for k in state["modules"]["policy"])
+    # the policy's and the value's Adam (4 steps taken) and their schedulers (4 steps)
+    assert [int(o["state"][0]["step"]) for o in state["optimizers"]["optimizers"]] == [4, 4]
+    assert [s["last_epoch"] for s in state["optimizers"]["schedulers"]] == [4, 4]
+    assert [(r["stage"], r["iteration"]) for r in state["history"]] == [("transitions", i) for i in range(4)]
+
+
+def test_a_run_that_is_resumed_and_stopped_again_still_ends_exactly(tmp_path, monkeypatch):
+    cfg = _with(TINY, learn_initial=False, strategy="policy_gradient")
+    straight = run_finetune(cfg, output_dir=tmp_path, name="straight", progress=False)
+    _stop_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(cfg, output_dir=tmp_path, name="run", progress=False)
+    monkeypatch.undo()
+    run = RunFolder(tmp_path / "run")
+    states = []
+    original = EntropyRegularizedSystem.training_step
+
+    def step(self, batch, batch_idx):  # the resumed run reads running; stopped again at iteration 5
+        states.append(run.status()["state"])
+        if batch == 5:
+            raise KeyboardInterrupt
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(EntropyRegularizedSystem, "training_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(cfg, resume=run.path, progress=False)
+    assert states == ["running"] * 4 and run.status()["state"] == "interrupted"  # from iteration 2 to 5
+    assert read_state(run.path / STATE_FILE)["iteration"] == 4
+    monkeypatch.undo()
+    run_finetune(cfg, resume=run.path, progress=False)
+    _assert_same_model(run.path, straight.path)
+    assert run.metrics() == straight.metrics()
+
+
+def test_saving_the_state_leaves_an_uninterrupted_run_unchanged(tmp_path):
+    every = run_finetune(_with(TINY, save_every=1), output_dir=tmp_path, name="every", progress=False)
+    never = run_finetune(_with(TINY, save_every=0), output_dir=tmp_path, name="never", progress=False)
+    _assert_same_model(every.path, never.path)
+    assert every.metrics() == never.metrics()
+
+
+def test_save_every_0_saves_at_the_stages_ends_only(tmp_path, monkeypatch):
+    _stop_at(monkeypatch, 9)  # the value stage's third update
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(_with(TINY, save_every=0), output_dir=tmp_path, name="run", progress=False)
+    state = read_state(tmp_path / "run" / STATE_FILE)
+    assert (state["stage"], state["iteration"], state["optimizers"]) == ("transitions", 7, None)
+
+
+def _one_line(err) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_complete_run_a_changed_config_and_a_run_without_a_state_are_refused_in_one_line(tmp_path, monkeypatch):
+    done = run_finetune(TINY, output_dir=tmp_path, name="done", progress=False)
+    with pytest.raises(ConfigError) as err:
+        run_finetune(TINY, resume=done.path, progress=False)
+    assert _one_line(err) == f"{done.path} is complete: there is nothing to resume"
+
+    _stop_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(TINY, output_dir=tmp_path, name="stopped", progress=False)
+    monkeypatch.undo()
+    stopped = tmp_path / "stopped"
+    changed = {**_with(TINY, lr=0.02), "seed": 1}
+    with pytest.raises(ConfigError) as err:
+        run_finetune(changed, resume=stopped, progress=False)
+    assert _one_line(err) == (f"the config differs from the one {stopped} was started with (finetune.lr, seed); "
+                              "resume it unchanged")
+    with pytest.raises(ConfigError, match=r"\(reward.weights\)"):
+        run_finetune({**TINY, "reward": {"name": "linear", "weights": [1.0, 0.0]}}, resume=stopped, progress=False)
+
+    (stopped / STATE_FILE).write_bytes(b"torn")
+    with pytest.raises(CheckpointError) as err:
+        run_finetune(TINY, resume=stopped, progress=False)
+    assert _one_line(err).startswith(f"{stopped / STATE_FILE} is not a readable fine-tuning state (")
+    (stopped / STATE_FILE).unlink()
+    with pytest.raises(ConfigError) as err:
+        run_finetune(TINY, resume=stopped, progress=False)
+    assert _one_line(err) == f"nothing to resume: {stopped} holds no saved training state ({STATE_FILE})"
+    with pytest.raises(CheckpointError) as err:
+        run_finetune(TINY, resume=tmp_path, progress=False)
+    assert _one_line(err) == f"{tmp_path} is not a difftilt finetune run folder (no config.yaml)"
+    assert RunFolder(stopped).status()["state"] == "interrupted"  # a refusal touches nothing
+
+
+def test_ctrl_c_prints_the_command_that_continues_the_run_and_that_command_ends_it_exactly(
+        tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps(TINY))  # JSON is YAML
+    straight = run_finetune(_with(TINY, lr=0.02), output_dir=tmp_path, name="straight", progress=False)
+
+    _stop_at(monkeypatch, 12)  # the initial law's stage, update 2
+    status = main(["finetune", str(cfg), "--set", "finetune.lr=0.02", "--output-dir", str(tmp_path),
+                   "--name", "run", "--no-progress"])
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 130 and lines[-1] == "difftilt: interrupted"
+    command = f"difftilt finetune {cfg} --set finetune.lr=0.02 --resume {run}"
+    assert lines[-2] == (f"fine-tuning stopped; its last saved state is in {run / STATE_FILE}: continue it with "
+                         f"{command}")
+    assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
+
+    assert main(shlex.split(command)[1:] + ["--no-progress"]) == 0
+    assert f"run folder: {run}" in capsys.readouterr().out
+    assert json.loads((run / "status.json").read_text())["state"] == "complete"
+    _assert_same_model(run, straight.path)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import csv
 import datetime as _dt
-import fcntl
 import io
 import json
 import math
@@ -1150,11 +1149,7 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run = RunFolder.create(cfg.output_dir, cfg.name or f"online-{cfg.plugin}-{stamp}")
         run.write_config({**asdict(cfg), "methods": cfg.methods})
-    lock = open(run.path / ".lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise ConfigError(f"{run.path} is in use by another difftilt process") from None
+    lock = run.lock()
     run.set_status("running", pid=os.getpid())
     results: dict = {"methods": {}, "schedule": cfg.schedule}
     waiting: dict[str, AwaitingAnswers] = {}

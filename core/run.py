@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import csv
 import datetime as _dt
+import fcntl
 import importlib.util
 import inspect
 import io
@@ -114,6 +115,21 @@ class RunFolder:
         status = {**prev, "state": state, "updated": now, **info}
         status.setdefault("started", now)
         self.write_json("status.json", status)
+
+    def lock(self) -> io.TextIOWrapper:
+        """Hold the folder for this process: an exclusive lock on its ``.lock`` file, released
+        when the returned file is closed (use it in a ``with``) or the process ends.
+
+        Raises:
+            ConfigError: another process holds it (a run still going, resumed twice).
+        """
+        handle = open(self.path / ".lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise ConfigError(f"{self.path} is in use by another difftilt process") from None
+        return handle
 
     def status(self) -> dict:
         """The content of ``status.json`` (``{}`` if absent)."""
@@ -284,14 +300,20 @@ def _differences(given: dict, saved: dict) -> list[str]:
     return [name for name in out if name not in _NOT_COMPARED]
 
 
+def _check_not_complete(run: RunFolder) -> None:
+    if run.status().get("state") == "complete":
+        raise ConfigError(f"{run.path} is complete: there is nothing to resume")
+
+
 def _resumable(path: str | os.PathLike, resolved: dict) -> tuple[RunFolder, dict]:
     """The run folder to resume and its saved state, once the run is known to be unfinished and
     started with the same config."""
     run = RunFolder(path)
     if not (run.path / "config.yaml").is_file():
         raise CheckpointError(f"{run.path} is not a difftilt finetune run folder (no config.yaml)")
-    if run.status().get("state") == "complete":
-        raise ConfigError(f"{run.path} is complete: there is nothing to resume")
+    with run.lock():  # free: not still running, nor being resumed
+        pass
+    _check_not_complete(run)
     given = parse_yaml(yaml.safe_dump(resolved))  # as written to config.yaml and read back
     differ = _differences(given, load_yaml(run.path / "config.yaml"))
     if differ:
@@ -376,12 +398,21 @@ def run_finetune(
         **{"progress": progress, **ft_kwargs},
     )
 
-    stage_times: dict[str, float] = {}
     if run is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run = RunFolder.create(cfg.output_dir, cfg.name or f"{cfg.plugin}-{stamp}")
         run.write_config(resolved)
-    else:  # the updates done after the last save are done again
+    with run.lock():
+        _finetune_in(run, cfg, state, finetuner, reward, domain, resolved)
+    return run
+
+
+def _finetune_in(run: RunFolder, cfg: FinetuneRunConfig, state: dict | None, finetuner: Finetuner, reward, domain,
+                 resolved: dict) -> None:
+    """:func:`run_finetune`'s training, evaluation and writing, in ``run`` (locked)."""
+    stage_times: dict[str, float] = {}
+    if state is not None:  # resumed: the updates done after the last save are done again
+        _check_not_complete(run)  # again, now that it is locked
         run.write_metrics(state["history"])
         stage_times = dict(run.status().get("stage_times", {}))
     run.set_status("running", pid=os.getpid())
@@ -418,4 +449,3 @@ def run_finetune(
         run.write_metric_tables()
         run.set_status("failed", error=f"{type(err).__name__}: {err}")
         raise
-    return run

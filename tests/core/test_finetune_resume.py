@@ -190,6 +190,23 @@ def test_a_complete_run_a_changed_config_and_a_run_without_a_state_are_refused_i
     assert RunFolder(stopped).status()["state"] == "interrupted"  # a refusal touches nothing
 
 
+def test_a_run_another_process_holds_is_not_resumed_until_it_lets_go(tmp_path, monkeypatch):
+    straight = run_finetune(TINY, output_dir=tmp_path, name="straight", progress=False)
+    _stop_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(TINY, output_dir=tmp_path, name="run", progress=False)
+    monkeypatch.undo()
+    run = RunFolder(tmp_path / "run")
+    metrics, state = run.metrics(), (run.path / STATE_FILE).read_bytes()
+    with run.lock():  # as a run still going, or resumed in another terminal, holds it
+        with pytest.raises(ConfigError) as err:
+            run_finetune(TINY, resume=run.path, progress=False)
+        assert _one_line(err) == f"{run.path} is in use by another difftilt process"
+    assert run.metrics() == metrics and (run.path / STATE_FILE).read_bytes() == state
+    run_finetune(TINY, resume=run.path, progress=False)  # the lock went with the holder
+    _assert_same_model(straight.path, run.path)
+
+
 def test_ctrl_c_prints_the_command_that_continues_the_run_and_that_command_ends_it_exactly(
         tmp_path, monkeypatch, capsys):
     cfg = tmp_path / "cfg.yaml"

@@ -1,5 +1,6 @@
 """difftilt online: bad settings stop it before a run folder exists; a Ctrl-C during a
-fine-tuning stays a Ctrl-C; a run the oracle stopped with an error resumes once it is fixed."""
+fine-tuning stays a Ctrl-C; a run the oracle stopped with an error resumes once it is fixed,
+and not while another process holds it."""
 
 import json
 import signal
@@ -9,6 +10,7 @@ import torch
 
 from difftilt.core.errors import ConfigError, OracleError
 from difftilt.core.online import run_online
+from difftilt.core.run import RunFolder
 from difftilt.core.store import COUNTED, SQLiteFeedbackStore
 
 CFG = {
@@ -124,6 +126,10 @@ def test_a_run_stopped_by_a_failing_oracle_resumes_once_it_is_fixed(tmp_path, mo
 
     broken[0] = False
     calls.clear()
+    with RunFolder(run).lock():  # a resume of it going on in another terminal
+        with pytest.raises(ConfigError, match=f"^{run} is in use by another difftilt process$"):
+            run_online(resume=run, progress=False)
+    assert calls == []
     run_online(resume=run, progress=False)
     assert calls == [4, 4, 4]  # the failed batch, then round 1: nothing answered is asked again
     status = json.loads((run / "status.json").read_text())

@@ -50,7 +50,7 @@ from difftilt.core.finetune import default_policy
 from difftilt.core.plotting import save_figure
 from difftilt.core.rollout import step_generator
 from difftilt.core.strategies import UpdateContext
-from difftilt.plugins.toy import LinearReward, QuadraticReward, exactness_metrics, make_mixture_process
+from difftilt.plugins.toy import LinearReward, exactness_metrics, make_mixture_process
 from difftilt.plugins.toy.domain import ToyDomain
 
 DEFAULT_CASE = {

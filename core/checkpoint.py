@@ -22,7 +22,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .config import ConfigMixin, atomic_write_text

@@ -57,6 +57,7 @@ from .process import (
 from .reward import FunctionReward, Reward, RewardOutput
 from .rollout import sample_trajectories, step_generator
 from .strategies import Strategy, make_strategy
+from .statefile import load_state, write_state
 from .system import EntropyRegularizedSystem
 
 __all__ = ["Finetuner", "FinetuneResult", "ValueReward", "default_policy", "make_trainer", "fit_interruptibly",
@@ -231,13 +232,6 @@ class _SaveEvery(L.Callback):
             self.save(done, pl_module.optimizer_state())
 
 
-def _write_state(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash while writing leaves the previous state
-
-
 def read_state(path: str | os.PathLike) -> dict:
     """A fine-tuning's saved training state (:meth:`Finetuner.fit`'s ``state_file``), on the CPU.
 
@@ -245,13 +239,7 @@ def read_state(path: str | os.PathLike) -> dict:
         ConfigError: there is no such file.
         CheckpointError: the file is not a readable state.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"nothing to resume: no saved fine-tuning state at {path}") from None
-    except Exception as e:  # noqa: BLE001 - a torn or foreign file
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"{path} is not a readable fine-tuning state ({type(e).__name__}: {first})") from None
+    state = load_state(path, "fine-tuning state", f"nothing to resume: no saved fine-tuning state at {path}")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("stage") not in STAGES:
         raise CheckpointError(f"{path} is not a fine-tuning state (expected format {STATE_FORMAT})")
     return state
@@ -679,7 +667,7 @@ class Finetuner:
         """Write the training state after ``iteration`` updates of ``stage`` to the state file, if any."""
         if self._state_file is None:
             return
-        _write_state(self._state_file, {
+        write_state(self._state_file, {
             "format": STATE_FORMAT, "stage": stage, "iteration": iteration,
             "modules": {name: _own_state(module, frozen) for name, (module, frozen) in self._trained().items()},
             "optimizers": optimizers, "history": self.history,

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from .checkpoint import load_finetuned, save_model
 from .config import atomic_write_text, load_yaml, validate_kwargs
 from .errors import AwaitingAnswers, CheckpointError, ConfigError, InputDataError, ShapeError
-from .finetune import Finetuner, check_finetune_options, estimate_path_kl, estimate_tilt, quiet_lightning
+from .finetune import Finetuner, check_finetune_options, estimate_path_kl, estimate_tilt
 from .oracle import Oracle, OracleAnswer
 from .plotting import save_figure
 from .plugins import Domain, load_plugin

@@ -1,7 +1,6 @@
 """Every notebook runs top to bottom (at tiny size: DIFFTILT_NOTEBOOK_TINY=1)."""
 
 import json
-import os
 from pathlib import Path
 
 import matplotlib

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from difftilt.core.config import atomic_write_text, check_count, check_rate
 from difftilt.core.errors import CheckpointError, ConfigError, TrainingDivergedError
+from difftilt.core.statefile import load_state, write_state
 
 from .mdlm import MaskedDiffusionProcess, SequenceDenoiser, masked_diffusion_loss
 
@@ -173,7 +174,7 @@ def train_masked_diffusion(
                 log.val_losses.append(_held_out_loss(net, val, schedule, seed))
             bar.set_postfix(loss=f"{log.losses[-1]:.4f}", **({"val": f"{log.val_losses[-1]:.4f}"} if val.shape[0] else {}))
         if state_file is not None and (i + 1) % save_every == 0 and i + 1 < steps:
-            _write_state(state_file, {"settings": settings, "step": i + 1, "net": net.state_dict(),
+            write_state(state_file, {"settings": settings, "step": i + 1, "net": net.state_dict(),
                                       "opt": opt.state_dict(), "sched": sched.state_dict(),
                                       "generator": g.get_state(), "log": asdict(log), "running": running})
     net.eval()
@@ -194,24 +195,10 @@ def _held_out_loss(net: SequenceDenoiser, val: torch.Tensor, schedule: str, seed
     return float(loss)
 
 
-def _write_state(path: str | os.PathLike, state: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash while writing leaves the previous state
-
-
 def read_state(path: str | os.PathLike) -> dict:
     """An unfinished pretraining's state (:func:`train_masked_diffusion`'s ``state_file``)."""
-    try:
-        return torch.load(path, weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"nothing to resume: no unfinished pretraining at {path}") from None
-    except Exception as e:  # noqa: BLE001 - a torn or foreign file
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"{path} is not a readable pretraining state ({type(e).__name__}: {first}); "
-                              f"delete it to start over") from None
+    return load_state(path, "pretraining state", f"nothing to resume: no unfinished pretraining at {path}",
+                      "; delete it to start over")
 
 
 def save_pretrained(process: MaskedDiffusionProcess, directory: str | os.PathLike, *, data: dict, train: dict,

@@ -3,7 +3,6 @@
 import signal
 
 import pytest
-import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from difftilt.core.finetune import Finetuner

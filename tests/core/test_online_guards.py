@@ -6,7 +6,6 @@ import json
 import signal
 
 import pytest
-import torch
 
 from difftilt.core.errors import ConfigError, OracleError
 from difftilt.core.online import run_online

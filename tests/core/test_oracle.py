@@ -117,7 +117,7 @@ def test_a_reader_does_not_block_the_writer(store, tmp_path):
     oracle = Oracle(Counting(), budget=100, store=store)
     oracle.query(torch.ones(2, 2))
     reader = SQLiteFeedbackStore(tmp_path / "feedback.sqlite", readonly=True)
-    cur = reader._db.execute("BEGIN")  # hold a read transaction open, as a slow notebook would
+    reader._db.execute("BEGIN")  # hold a read transaction open, as a slow notebook would
     reader._db.execute("SELECT COUNT(*) FROM queries").fetchone()
     oracle.query(torch.ones(3, 2))  # the writer commits while the read snapshot is open
     assert reader.count(("answered",)) == 2  # the reader still sees its snapshot

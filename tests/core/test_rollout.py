@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from difftilt.core import ControlledProcess, FunctionReward, differentiable_rollout, sample_trajectories
+from difftilt.core import ControlledProcess, differentiable_rollout, sample_trajectories
 from difftilt.core.finetune import default_policy
 from difftilt.plugins.toy import make_mixture_process
 

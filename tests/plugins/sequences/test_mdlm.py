@@ -85,7 +85,7 @@ def test_trajectory_kl_is_zero_for_identical_models_and_positive_otherwise():
 
 
 def test_pretraining_learns_a_fixed_pattern_and_round_trips(tmp_path):
-    V, L = 4, 5
+    V = 4
     data = torch.tensor([[0, 1, 2, 3, 0], [3, 2, 1, 0, 3]]).repeat(64, 1)
     net, log = train_masked_diffusion(data, V, dim=32, depth=2, heads=2, steps=800, batch_size=64, lr=3e-3,
                                       warmup=10, progress=False)

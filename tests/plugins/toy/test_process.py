@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from difftilt.core import ConfigError, ControlledProcess, DeterministicStepError, Finetuner
-from difftilt.core.finetune import default_policy
+from difftilt.core import ConfigError, DeterministicStepError, Finetuner
 from difftilt.plugins.toy import LinearReward, exactness_metrics, make_mixture_process
 
 D = torch.float64

@@ -12,7 +12,7 @@ from pathlib import Path
 from difftilt.core.config import load_yaml, parse_yaml
 from difftilt.core.errors import ConfigError, DifftiltError
 from difftilt.core.online import EVOLUTION, config_differences, run_online
-from difftilt.core.run import RunFolder
+from difftilt.core.run import RunFolder, run_kind
 
 __all__ = ["check_folder", "check_online_run", "check_output", "fmt", "main_exit", "positive_int", "run_or_reuse",
            "yaml_setting"]
@@ -91,17 +91,10 @@ def check_folder(path: str | os.PathLike, option: str) -> Path:
 
 
 def check_online_run(folder: str | os.PathLike) -> None:
-    """Refuse a ``difftilt finetune`` run folder where an online run folder is needed: its
-    config has a ``reward`` and no ``oracle``, and reading it as an online config would
-    only say "config: unknown field 'reward'"."""
-    saved = Path(folder) / "config.yaml"
-    if not saved.is_file():
-        return  # the online reader says it has no config.yaml
-    try:
-        cfg = load_yaml(saved)
-    except DifftiltError:
-        return
-    if isinstance(cfg, dict) and "reward" in cfg and "oracle" not in cfg:
+    """Refuse a ``difftilt finetune`` run folder where an online run folder is needed: read as
+    an online config, its config would only say "config: unknown field 'reward'". A folder
+    with no readable config is left to the online reader, which says so."""
+    if run_kind(folder) == "finetune":
         raise ConfigError(f"{folder} is a finetune run folder (difftilt finetune), not an online run folder "
                           "(difftilt online, or a benchmark arm under --runs)")
 

@@ -1119,10 +1119,8 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
         progress: show fine-tuning progress bars.
     """
     if resume is not None:
-        run = RunFolder(resume)
+        run = RunFolder.to_resume(resume, "online", output_dir=output_dir, name=name)
         saved = run.path / "config.yaml"
-        if not saved.is_file():
-            raise CheckpointError(f"{run.path} is not an online run folder (no config.yaml)")
         cfg = _validate(load_yaml(saved))
         if config is not None:
             differ = config_differences(read_config(config, overrides), saved)

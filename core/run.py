@@ -41,16 +41,29 @@ import yaml
 
 from .checkpoint import save_finetuned
 from .config import atomic_write_text, check_count, load_yaml, parse_yaml, validate_kwargs
-from .errors import CheckpointError, ConfigError, OptionalDependencyError
+from .errors import CheckpointError, ConfigError, DifftiltError, OptionalDependencyError
 from .finetune import (SEED_MAX, Finetuner, FinetuneResult, check_finetune_options, estimate_kl, read_state,
                        reward_summary)
 from .plugins import load_plugin
 from .rollout import step_generator
 
-__all__ = ["RunFolder", "FinetuneRunConfig", "run_finetune", "load_config", "STATE_FILE"]
+__all__ = ["RunFolder", "FinetuneRunConfig", "run_finetune", "load_config", "run_kind", "STATE_FILE"]
 
 #: A finetune run's training state, in its folder (:meth:`~.finetune.Finetuner.fit`'s ``state_file``).
 STATE_FILE = "checkpoints/state.pt"
+
+
+def run_kind(folder: str | os.PathLike) -> str | None:
+    """``"online"`` or ``"finetune"``: which command made the run folder, told by its
+    config (an online config has an ``oracle``, a finetune config a ``reward`` and none);
+    ``None`` when there is no readable config."""
+    try:
+        cfg = load_yaml(Path(folder) / "config.yaml")
+    except (OSError, DifftiltError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    return "online" if "oracle" in cfg else "finetune" if "reward" in cfg else None
 
 
 class RunFolder:
@@ -115,6 +128,32 @@ class RunFolder:
         status = {**prev, "state": state, "updated": now, **info}
         status.setdefault("started", now)
         self.write_json("status.json", status)
+
+    @classmethod
+    def to_resume(cls, path: str | os.PathLike, command: str, *, output_dir: Any = None,
+                  name: Any = None) -> "RunFolder":
+        """The existing run folder that ``difftilt {command} --resume`` continues in place.
+
+        Raises:
+            ConfigError: ``output_dir`` or ``name`` is given (they name a new folder), or
+                ``path`` does not exist.
+            CheckpointError: ``path`` is not a run folder (no ``config.yaml``).
+        """
+        run = cls(path)
+        if output_dir is not None or name is not None:
+            given = " and ".join(n for n, v in (("output_dir", output_dir), ("name", name)) if v is not None)
+            raise ConfigError(f"a resumed run goes on in its own folder ({run.path}); {given} "
+                              f"(--output-dir, --name) name a new run's")
+        if not run.path.exists():
+            raise ConfigError(f"nothing to resume: {run.path} does not exist")
+        if not (run.path / "config.yaml").is_file():
+            raise CheckpointError(f"{run.path} is not a difftilt {command} run folder (no config.yaml)")
+        kind = run_kind(run.path)
+        if kind is not None and kind != command:
+            a = {"online": "an", "finetune": "a"}
+            raise ConfigError(f"{run.path} is {a[kind]} {kind} run folder (difftilt {kind}), "
+                              f"not {a[command]} {command} one")
+        return run
 
     def lock(self) -> io.TextIOWrapper:
         """Hold the folder for this process: an exclusive lock on its ``.lock`` file, released
@@ -305,12 +344,9 @@ def _check_not_complete(run: RunFolder) -> None:
         raise ConfigError(f"{run.path} is complete: there is nothing to resume")
 
 
-def _resumable(path: str | os.PathLike, resolved: dict) -> tuple[RunFolder, dict]:
+def _resumable(run: RunFolder, resolved: dict) -> tuple[RunFolder, dict]:
     """The run folder to resume and its saved state, once the run is known to be unfinished and
     started with the same config."""
-    run = RunFolder(path)
-    if not (run.path / "config.yaml").is_file():
-        raise CheckpointError(f"{run.path} is not a difftilt finetune run folder (no config.yaml)")
     with run.lock():  # free: not still running, nor being resumed
         pass
     _check_not_complete(run)
@@ -390,7 +426,9 @@ def run_finetune(
     strategy = resolved["finetune"].get("strategy")
     if not isinstance(strategy, (str, dict)):  # a Strategy object given through the Python API
         resolved["finetune"]["strategy"] = type(strategy).__name__
-    run, state = _resumable(resume, resolved) if resume is not None else (None, None)
+    run, state = (None, None)
+    if resume is not None:
+        run, state = _resumable(RunFolder.to_resume(resume, "finetune", output_dir=output_dir, name=name), resolved)
     process = domain.make_process(cfg.process)
     reward = domain.make_reward(cfg.reward, process)
     finetuner = Finetuner(

@@ -187,6 +187,19 @@ def test_a_complete_run_a_changed_config_and_a_run_without_a_state_are_refused_i
     with pytest.raises(CheckpointError) as err:
         run_finetune(TINY, resume=tmp_path, progress=False)
     assert _one_line(err) == f"{tmp_path} is not a difftilt finetune run folder (no config.yaml)"
+    with pytest.raises(ConfigError) as err:
+        run_finetune(TINY, resume=tmp_path / "stoped", progress=False)
+    assert _one_line(err) == f"nothing to resume: {tmp_path / 'stoped'} does not exist"
+    with pytest.raises(ConfigError) as err:  # they would name a new folder, and a resumed run stays in its own
+        run_finetune(TINY, resume=stopped, output_dir=tmp_path / "elsewhere", name="other", progress=False)
+    assert _one_line(err) == (f"a resumed run goes on in its own folder ({stopped}); output_dir and name "
+                              "(--output-dir, --name) name a new run's")
+    online = tmp_path / "online"
+    online.mkdir()
+    (online / "config.yaml").write_text("plugin: toy\noracle: {reward: {name: bumps}}\nmethods: [ucb]\n")
+    with pytest.raises(ConfigError) as err:
+        run_finetune(TINY, resume=online, progress=False)
+    assert _one_line(err) == f"{online} is an online run folder (difftilt online), not a finetune one"
     assert RunFolder(stopped).status()["state"] == "interrupted"  # a refusal touches nothing
 
 

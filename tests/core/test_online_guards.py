@@ -129,6 +129,8 @@ def test_a_run_stopped_by_a_failing_oracle_resumes_once_it_is_fixed(tmp_path, mo
         with pytest.raises(ConfigError, match=f"^{run} is in use by another difftilt process$"):
             run_online(resume=run, progress=False)
     assert calls == []
+    with pytest.raises(ConfigError, match=r"output_dir \(--output-dir, --name\) name a new run's$"):
+        run_online(resume=run, output_dir=str(tmp_path / "elsewhere"), progress=False)
     run_online(resume=run, progress=False)
     assert calls == [4, 4, 4]  # the failed batch, then round 1: nothing answered is asked again
     status = json.loads((run / "status.json").read_text())
@@ -146,3 +148,12 @@ def test_a_run_stopped_by_a_failing_oracle_resumes_once_it_is_fixed(tmp_path, mo
     rows = [json.loads((p / "results.json").read_text())["methods"]["ucb"] for p in (run, clean.path)]
     keys = ("queries_used", "best_true", "top10_true", "kl_to_pretrained")
     assert [{k: r[k] for k in keys} for r in rows[0]] == [{k: r[k] for k in keys} for r in rows[1]]
+
+
+def test_resume_needs_an_online_run_folder_that_exists(tmp_path):
+    with pytest.raises(ConfigError, match=f"^nothing to resume: {tmp_path / 'gone'} does not exist$"):
+        run_online(resume=tmp_path / "gone", progress=False)
+    (tmp_path / "config.yaml").write_text("plugin: toy\nreward: {name: linear}\nfinetune: {}\n")
+    with pytest.raises(ConfigError, match=f"^{tmp_path} is a finetune run folder \\(difftilt finetune\\), "
+                                          "not an online one$"):
+        run_online(resume=tmp_path, progress=False)

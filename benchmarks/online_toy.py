@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 
 from difftilt.core.config import load_yaml
-from difftilt.core.plotting import save_figure
+from difftilt.core.plotting import new_figure, save_figure
 from difftilt.core.online import METHODS
 
 from .common import fmt, main_exit, run_or_reuse
@@ -105,12 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plot(curves: dict[str, list[list[dict]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    fig, axes = new_figure(1, 3, figsize=(15, 3.8))
     for ax, (key, title) in zip(axes, [("top10_true", "top-10 true reward of queried designs"),
                                        ("eval_mean_true", "mean true reward of model samples"),
                                        ("eval_feasible", "feasible fraction of model samples")]):

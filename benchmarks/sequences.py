@@ -53,7 +53,7 @@ from pathlib import Path
 
 from difftilt.core.config import load_yaml
 from difftilt.core.errors import ConfigError, DifftiltError
-from difftilt.core.plotting import save_figure
+from difftilt.core.plotting import new_figure, save_figure
 from difftilt.core.online import METHODS, _validate, design_key
 from difftilt.core.plugins import load_plugin
 from difftilt.core.run import read_config
@@ -339,13 +339,9 @@ def _rounds_text(schedule: list[int]) -> str:
 
 
 def _plot(results: dict, checkpoints: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), squeeze=False)
+    fig, axes = new_figure(1, len(results), figsize=(4.5 * len(results), 3.8), squeeze=False)
     for ax, (task, methods) in zip(axes[0], results.items()):
         for method, arms in methods.items():
             xs = sorted(set.intersection(*(set(a["rounds"]) for a in arms)))  # rounds every seed finished

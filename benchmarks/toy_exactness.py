@@ -47,7 +47,7 @@ from difftilt.core import (ControlledProcess, DirectBackprop, Finetuner, RewardE
                            sample_trajectories)
 from difftilt.core.config import load_yaml
 from difftilt.core.finetune import default_policy
-from difftilt.core.plotting import save_figure
+from difftilt.core.plotting import new_figure, save_figure
 from difftilt.core.rollout import step_generator
 from difftilt.core.strategies import UpdateContext
 from difftilt.plugins.toy import LinearReward, exactness_metrics, make_mixture_process
@@ -298,14 +298,9 @@ def run_speed(K: int, batch: int, repeats: int) -> dict:
 
 def plot_samples(shown: dict, rows: list[dict], path: Path, per_arm: int = 1500) -> Path:
     """One row per (reward, alpha): each arm's samples over the exact p* density."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     process, cases = shown["process"], shown["cases"]
     arms = ["pretrained", "no KL", "drift-only", "ELEGANT"]  # (the no-KL row may carry a '*')
-    fig, axes = plt.subplots(len(cases), 4, figsize=(13, 3.1 * len(cases)), squeeze=False)
+    fig, axes = new_figure(len(cases), 4, figsize=(13, 3.1 * len(cases)), squeeze=False)
     for i, ((label, alpha), case) in enumerate(cases.items()):
         target = case["reward"].tilt(process.terminal_law(), alpha)
         lo, hi = target.means.min(0).values - 2.5, target.means.max(0).values + 2.5

@@ -51,7 +51,7 @@ from .config import atomic_write_text, load_yaml, validate_kwargs
 from .errors import AwaitingAnswers, CheckpointError, ConfigError, InputDataError, ShapeError
 from .finetune import Finetuner, check_finetune_options, estimate_path_kl, estimate_tilt
 from .oracle import Oracle, OracleAnswer
-from .plotting import save_figure
+from .plotting import new_figure, save_figure
 from .plugins import Domain, load_plugin
 from .process import ControlledProcess, Process, ResidualControlProcess, freeze, transitions_of
 from .reward import Reward, RewardOutput
@@ -860,14 +860,9 @@ class _PPO:
 
 
 def _plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     keys = [("top10_true", "top-10 true reward of queried designs"), ("eval_mean_true", "mean true reward of model samples"),
             ("eval_feasible", "feasible fraction of model samples")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
+    fig, axes = new_figure(1, len(keys), figsize=(5 * len(keys), 3.6))
     for ax, (key, title) in zip(axes, keys):
         for method, rows in results["methods"].items():
             xs = [r["queries_used"] for r in rows if key in r]

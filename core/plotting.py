@@ -1,4 +1,9 @@
-"""Plots of a run's metrics (matplotlib, imported only when a plot is drawn)."""
+"""Plots of a run's metrics (matplotlib, imported only when a plot is drawn).
+
+Figures are drawn on their own canvas, not through pyplot: drawing one never changes the
+caller's matplotlib backend nor touches its open figures (a notebook's inline plots keep
+working after a run has saved its PNGs).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_training", "save_figure"]
+__all__ = ["plot_training", "new_figure", "save_figure"]
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -26,13 +31,8 @@ def plot_training(history: list[dict], path: str | os.PathLike, title: str = "")
         path: output file.
         title: figure title.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     stages = [s for s in dict.fromkeys(r["stage"] for r in history)]
-    fig, axes = plt.subplots(len(stages) or 1, 2, figsize=(10, 2.8 * max(1, len(stages))), squeeze=False)
+    fig, axes = new_figure(len(stages) or 1, 2, figsize=(10, 2.8 * max(1, len(stages))), squeeze=False)
     for row, stage in enumerate(stages):
         rows = [r for r in history if r["stage"] == stage]
         it = np.array([r.get("iteration", i) for i, r in enumerate(rows)], dtype=float)
@@ -54,15 +54,21 @@ def plot_training(history: list[dict], path: str | os.PathLike, title: str = "")
     return save_figure(fig, path)
 
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Lay out, write atomically (a crash never leaves half a PNG), create the folder, close."""
-    import matplotlib.pyplot as plt
+def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **subplots):
+    """``(figure, axes)`` as ``plt.subplots`` makes them, but on the figure's own canvas:
+    pyplot, its backend and its open figures are left alone. Save it with :func:`save_figure`."""
+    from matplotlib.figure import Figure
 
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **subplots)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Lay out, write atomically (a crash never leaves half a PNG), create the folder."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
     os.replace(tmp, path)
     return path

@@ -260,14 +260,9 @@ def is_pretrained_folder(directory: str | os.PathLike) -> bool:
 
 def plot_pretraining(log: TrainingLog, path: str | os.PathLike, title: str = "") -> Path:
     """The training (and held-out) loss against steps, saved as PNG."""
-    import matplotlib
+    from difftilt.core.plotting import new_figure, save_figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from difftilt.core.plotting import save_figure
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = new_figure(figsize=(6, 3.6))
     steps = [LOG_EVERY * (i + 1) for i in range(len(log.losses))]
     ax.plot(steps, log.losses, color="C0", lw=1.4, label="training sequences")
     if log.val_losses:

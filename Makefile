@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install demo demo-toy test test-fast bench clean
+.PHONY: install demo demo-toy test test-fast notebooks bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+notebooks: install
+	$(PIP) install -q nbclient ipykernel
+	$(PY) notebooks/execute.py notebooks/*.ipynb
 
 bench: install
 	$(PY) -m difftilt.benchmarks.toy_exactness

@@ -46,6 +46,17 @@ def _stop_at(monkeypatch, call: int) -> None:
     monkeypatch.setattr(EntropyRegularizedSystem, "training_step", step)
 
 
+def _stopped(tmp_path, monkeypatch, cfg: dict, call: int, name: str = "run") -> RunFolder:
+    """The run folder of ``cfg`` stopped by a Ctrl-C at its ``call``-th update; later updates run."""
+    _stop_at(monkeypatch, call)
+    with pytest.raises(KeyboardInterrupt) as stop:
+        run_finetune(cfg, output_dir=tmp_path, name=name, progress=False)
+    monkeypatch.undo()
+    run = RunFolder(tmp_path / name)
+    assert stop.value.run == run.path
+    return run
+
+
 def _model(path) -> dict[str, torch.Tensor]:
     """Every tensor of a run's final model."""
     tensors = {}
@@ -70,17 +81,12 @@ def test_a_stopped_run_resumes_to_exactly_the_model_and_metrics_of_one_never_sto
         tmp_path, monkeypatch, cfg, call, stage, saved, kept):
     straight = run_finetune(cfg, output_dir=tmp_path, name="straight", progress=False)
 
-    _stop_at(monkeypatch, call)
-    with pytest.raises(KeyboardInterrupt) as stop:
-        run_finetune(cfg, output_dir=tmp_path, name="stopped", progress=False)
-    stopped = RunFolder(tmp_path / "stopped")
-    assert stop.value.run == stopped.path
+    stopped = _stopped(tmp_path, monkeypatch, cfg, call, "stopped")
     status = stopped.status()
     assert status["state"] == "interrupted" and "--resume" in status["error"]
     state = read_state(stopped.path / STATE_FILE)
     assert (state["stage"], state["iteration"]) == (stage, saved)
     assert len(stopped.metrics()) == call and len(state["history"]) == kept  # the rows after kept are redone
-    monkeypatch.undo()
 
     # save_every does not change the result: a resumed run may change it
     run = run_finetune(_with(cfg, save_every=1), resume=stopped.path, progress=False)
@@ -93,10 +99,7 @@ def test_a_stopped_run_resumes_to_exactly_the_model_and_metrics_of_one_never_sto
 
 
 def test_the_state_file_holds_the_stage_the_trained_networks_the_optimizers_and_the_metrics(tmp_path, monkeypatch):
-    _stop_at(monkeypatch, 5)
-    with pytest.raises(KeyboardInterrupt):
-        run_finetune(TINY, output_dir=tmp_path, name="run", progress=False)
-    state = read_state(tmp_path / "run" / STATE_FILE)
+    state = read_state(_stopped(tmp_path, monkeypatch, TINY, 5).path / STATE_FILE)
     assert set(state) == {"format", "stage", "iteration", "modules", "optimizers", "history"}
     assert (state["stage"], state["iteration"]) == ("transitions", 4)
     assert set(state["modules"]) == {"policy", "value_net", "initial"}
@@ -111,11 +114,7 @@ def test_the_state_file_holds_the_stage_the_trained_networks_the_optimizers_and_
 def test_a_run_that_is_resumed_and_stopped_again_still_ends_exactly(tmp_path, monkeypatch):
     cfg = _with(TINY, learn_initial=False, strategy="policy_gradient")
     straight = run_finetune(cfg, output_dir=tmp_path, name="straight", progress=False)
-    _stop_at(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        run_finetune(cfg, output_dir=tmp_path, name="run", progress=False)
-    monkeypatch.undo()
-    run = RunFolder(tmp_path / "run")
+    run = _stopped(tmp_path, monkeypatch, cfg, 3)
     states = []
     original = EntropyRegularizedSystem.training_step
 
@@ -144,10 +143,8 @@ def test_saving_the_state_leaves_an_uninterrupted_run_unchanged(tmp_path):
 
 
 def test_save_every_0_saves_at_the_stages_ends_only(tmp_path, monkeypatch):
-    _stop_at(monkeypatch, 9)  # the value stage's third update
-    with pytest.raises(KeyboardInterrupt):
-        run_finetune(_with(TINY, save_every=0), output_dir=tmp_path, name="run", progress=False)
-    state = read_state(tmp_path / "run" / STATE_FILE)
+    run = _stopped(tmp_path, monkeypatch, _with(TINY, save_every=0), 9)  # the value stage's third update
+    state = read_state(run.path / STATE_FILE)
     assert (state["stage"], state["iteration"], state["optimizers"]) == ("transitions", 7, None)
 
 
@@ -163,11 +160,7 @@ def test_a_complete_run_a_changed_config_and_a_run_without_a_state_are_refused_i
         run_finetune(TINY, resume=done.path, progress=False)
     assert _one_line(err) == f"{done.path} is complete: there is nothing to resume"
 
-    _stop_at(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        run_finetune(TINY, output_dir=tmp_path, name="stopped", progress=False)
-    monkeypatch.undo()
-    stopped = tmp_path / "stopped"
+    stopped = _stopped(tmp_path, monkeypatch, TINY, 3, "stopped").path
     changed = {**_with(TINY, lr=0.02), "seed": 1}
     with pytest.raises(ConfigError) as err:
         run_finetune(changed, resume=stopped, progress=False)
@@ -205,11 +198,7 @@ def test_a_complete_run_a_changed_config_and_a_run_without_a_state_are_refused_i
 
 def test_a_run_another_process_holds_is_not_resumed_until_it_lets_go(tmp_path, monkeypatch):
     straight = run_finetune(TINY, output_dir=tmp_path, name="straight", progress=False)
-    _stop_at(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        run_finetune(TINY, output_dir=tmp_path, name="run", progress=False)
-    monkeypatch.undo()
-    run = RunFolder(tmp_path / "run")
+    run = _stopped(tmp_path, monkeypatch, TINY, 3)
     metrics, state = run.metrics(), (run.path / STATE_FILE).read_bytes()
     with run.lock():  # as a run still going, or resumed in another terminal, holds it
         with pytest.raises(ConfigError) as err:

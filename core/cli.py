@@ -80,6 +80,12 @@ def _cmd_online(args: argparse.Namespace) -> int:
         if err.run is not None:
             _print_online(err.run)
         raise
+    except (KeyboardInterrupt, SystemExit) as err:  # Ctrl-C or SIGTERM: say how to continue
+        path = getattr(err, "run", None)
+        if path is not None:
+            print(f"online run stopped; continue it with {shlex.join(['difftilt', 'online', '--resume', str(path)])}",
+                  file=sys.stderr)
+        raise
     _print_online(run.path)
     return 0
 

@@ -1175,6 +1175,7 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
         # Ctrl-C, or SIGTERM (which Lightning turns into a SystemExit during fine-tuning):
         # the run was stopped, not broken, and --resume (or a benchmark's reuse) continues it
         run.set_status("interrupted", error=f"stopped ({type(err).__name__}); continue with --resume")
+        err.run = run.path  # for the command's line saying how to continue
         raise
     except BaseException as err:
         run.set_status("failed", error=f"{type(err).__name__}: {err}")

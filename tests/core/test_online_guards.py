@@ -96,7 +96,9 @@ def test_a_ctrl_c_during_fine_tuning_is_an_interrupt_and_keeps_the_sigint_handle
         assert signal.getsignal(signal.SIGINT) is notebook
     finally:
         signal.signal(signal.SIGINT, before)
-    assert status == 130 and capsys.readouterr().err.strip().splitlines()[-1] == "difftilt: interrupted"
+    said = capsys.readouterr().err.strip().splitlines()
+    assert status == 130 and said[-1] == "difftilt: interrupted"
+    assert said[-2] == f"online run stopped; continue it with difftilt online --resume {tmp_path / 'r' / 'run'}"
     state = json.loads((tmp_path / "r" / "run" / "status.json").read_text())
     assert state["state"] == "interrupted" and "KeyboardInterrupt" in state["error"] and "--resume" in state["error"]
 

@@ -30,7 +30,7 @@ import yaml
 from .errors import CheckpointError, ConfigError
 
 __all__ = ["ConfigMixin", "validate_kwargs", "check_type", "check_count", "check_rate", "load_yaml",
-           "atomic_write_text"]
+           "atomic_write_text", "field_differences"]
 
 
 # --------------------------------------------------------------------------- ranges
@@ -235,6 +235,19 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of fields")
     return data
+
+
+def field_differences(a: dict, b: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    """The fields in which two configs differ, sections to one level (``["finetune.lr",
+    "seed"]``), sorted, but the names in ``skip`` (``"name"``, ``"finetune.progress"``)."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [f"{key}.{k}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+        elif x != y:
+            out.append(key)
+    return [name for name in out if name not in skip]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import load_finetuned, save_model
-from .config import atomic_write_text, load_yaml, validate_kwargs
+from .config import atomic_write_text, field_differences, load_yaml, validate_kwargs
 from .errors import AwaitingAnswers, CheckpointError, ConfigError, InputDataError, ShapeError
 from .finetune import Finetuner, check_finetune_options, estimate_path_kl, estimate_tilt
 from .oracle import Oracle, OracleAnswer
@@ -273,16 +273,7 @@ def config_differences(config: dict | str | os.PathLike, other: dict | str | os.
     """The fields in which two online configs differ once validated, sections to one level
     (``["alpha", "finetune.lr"]``); ``output_dir`` and ``name`` are not compared."""
     a, b = (asdict(_validate(read_config(c))) for c in (config, other))
-    out = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if key in _RUN_PLACE or x == y:
-            continue
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += [f"{key}.{k}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
-        else:
-            out.append(key)
-    return out
+    return field_differences(a, b, skip=_RUN_PLACE)
 
 
 # --------------------------------------------------------------------------- guidance

@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from .checkpoint import save_finetuned
-from .config import atomic_write_text, check_count, load_yaml, parse_yaml, validate_kwargs
+from .config import atomic_write_text, check_count, field_differences, load_yaml, parse_yaml, validate_kwargs
 from .errors import CheckpointError, ConfigError, DifftiltError, OptionalDependencyError
 from .finetune import (SEED_MAX, Finetuner, FinetuneResult, check_finetune_options, estimate_kl, read_state,
                        reward_summary)
@@ -326,38 +326,25 @@ def _filled_defaults(fn, given: dict, skip: tuple[str, ...]) -> dict:
 _NOT_COMPARED = ("finetune.progress", "finetune.save_every")
 
 
-def _differences(given: dict, saved: dict) -> list[str]:
-    """The fields in which two resolved configs differ, sections to one level
-    (``["finetune.lr", "seed"]``), but :data:`_NOT_COMPARED`."""
-    out = []
-    for key in sorted(set(given) | set(saved)):
-        x, y = given.get(key), saved.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += [f"{key}.{k}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
-        elif x != y:
-            out.append(key)
-    return [name for name in out if name not in _NOT_COMPARED]
-
-
 def _check_not_complete(run: RunFolder) -> None:
     if run.status().get("state") == "complete":
         raise ConfigError(f"{run.path} is complete: there is nothing to resume")
 
 
-def _resumable(run: RunFolder, resolved: dict) -> tuple[RunFolder, dict]:
-    """The run folder to resume and its saved state, once the run is known to be unfinished and
+def _resumable(run: RunFolder, resolved: dict) -> dict:
+    """The saved state of the run folder to resume, once the run is known to be unfinished and
     started with the same config."""
     with run.lock():  # free: not still running, nor being resumed
         pass
     _check_not_complete(run)
     given = parse_yaml(yaml.safe_dump(resolved))  # as written to config.yaml and read back
-    differ = _differences(given, load_yaml(run.path / "config.yaml"))
+    differ = field_differences(given, load_yaml(run.path / "config.yaml"), skip=_NOT_COMPARED)
     if differ:
         raise ConfigError(f"the config differs from the one {run.path} was started with "
                           f"({', '.join(differ)}); resume it unchanged")
     if not (run.path / STATE_FILE).is_file():
         raise ConfigError(f"nothing to resume: {run.path} holds no saved training state ({STATE_FILE})")
-    return run, read_state(run.path / STATE_FILE)
+    return read_state(run.path / STATE_FILE)
 
 
 @torch.no_grad()
@@ -426,9 +413,10 @@ def run_finetune(
     strategy = resolved["finetune"].get("strategy")
     if not isinstance(strategy, (str, dict)):  # a Strategy object given through the Python API
         resolved["finetune"]["strategy"] = type(strategy).__name__
-    run, state = (None, None)
+    run = state = None
     if resume is not None:
-        run, state = _resumable(RunFolder.to_resume(resume, "finetune", output_dir=output_dir, name=name), resolved)
+        run = RunFolder.to_resume(resume, "finetune", output_dir=output_dir, name=name)
+        state = _resumable(run, resolved)
     process = domain.make_process(cfg.process)
     reward = domain.make_reward(cfg.reward, process)
     finetuner = Finetuner(

@@ -5,7 +5,7 @@ import torch
 
 from difftilt.core.store import SQLiteFeedbackStore
 
-# Deterministic, CPU-only, quiet.
+# Deterministic, CPU-only, quiet; `CUDA_VISIBLE_DEVICES=0 pytest -k cuda` runs the GPU tests.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

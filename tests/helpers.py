@@ -1,9 +1,17 @@
-"""Small exact chains shared by the tests."""
+"""Small exact chains shared by the tests, and the devices to run the device tests on."""
 
+import pytest
 import torch
 from torch import nn
 
 from difftilt.core import BrownianProcess, ControlledProcess, ResidualControlProcess
+
+
+# Tests parametrized over DEVICES also run on a CUDA GPU where torch sees one (CI has none:
+# there they are skipped). conftest hides GPUs unless CUDA_VISIBLE_DEVICES is set:
+# `CUDA_VISIBLE_DEVICES=0 pytest -k cuda` runs only those.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
 class ConstantControl(nn.Module):

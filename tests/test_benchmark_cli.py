@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import torch
 
-from difftilt.benchmarks import order_consistency, reward_model_rank, round_alpha, sequences, sequences_pretrained
+from difftilt.benchmarks import (finetune_speed, order_consistency, reward_model_rank, round_alpha, sequences,
+                                 sequences_pretrained)
 from difftilt.benchmarks.common import check_online_run, main_exit
 from difftilt.core.errors import CheckpointError, ConfigError
 
@@ -166,3 +168,24 @@ def test_sequences_prints_a_temporary_runs_folder_at_the_start(tmp_path, monkeyp
     main_exit(lambda: sequences.main(argv))
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith(f"run folders: {tmp_path / 'tmp-runs'} (temporary")
+
+
+@pytest.mark.slow
+def test_finetune_speed_times_the_tasks_round_on_the_cpu_and_writes_its_figures(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    assert finetune_speed.main(["--task", "ehrlich-20-32-2-4", "--devices", "cpu", "--threads", "1", "--answers", "8",
+                                "--updates", "2", "--warmup", "1", "--repeats", "1", "--samples", "4",
+                                "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["finetune"]["batch_size"] == 16 and saved["finetune"]["strategy"]["name"] == "backprop"
+    [row] = saved["rows"]
+    assert row["device_name"] == "cpu, 1 thread(s)" and row["update_seconds"] > 0 and row["draw_seconds"] > 0
+    assert "cpu, 1 thread(s)" in capsys.readouterr().out.splitlines()[-2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_finetune_speed_refuses_cuda_where_there_is_no_gpu(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        finetune_speed.main(["--devices", "cpu", "cuda", "--out", str(tmp_path / "x.json")])
+    assert exit_.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

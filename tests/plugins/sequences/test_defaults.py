@@ -12,6 +12,7 @@ import torch
 from difftilt.core.plugins import load_plugin
 from difftilt.plugins.sequences import EhrlichFunction, TFBind8
 from difftilt.plugins.sequences.domain import checkpoint_path
+from tests.helpers import DEVICES
 
 
 @pytest.mark.parametrize("name, config", [("ehrlich-20-32-2-4", "pretrain_ehrlich.yaml"),
@@ -60,15 +61,18 @@ def test_tfbind8_default_samples_look_like_its_training_half():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", ["online_ehrlich.yaml", "online_tfbind8.yaml"])
-def test_shipped_online_configs_run_end_to_end_at_tiny_size(config, tmp_path):
+def test_shipped_online_configs_run_end_to_end_at_tiny_size(config, device, tmp_path):
     from importlib import resources
 
     from difftilt.core.online import run_online
 
     path = str(resources.files("difftilt.plugins.sequences") / "configs" / config)
+    accelerator = "gpu" if device == "cuda" else "cpu"
     run = run_online(path, overrides=["schedule=[16, 16]", "finetune.iterations=2", "finetune.batch_size=4",
-                                      "eval_samples=16", "reward_model.epochs=5", "oracle.batch_size=16"],
+                                      "eval_samples=16", "reward_model.epochs=5", "oracle.batch_size=16",
+                                      f"finetune.accelerator={accelerator}"],
                      output_dir=str(tmp_path), name="tiny", progress=False)
     results = run.read_json("results.json")["methods"]
     assert set(results) == {"ucb", "ga", "hill_climb"}

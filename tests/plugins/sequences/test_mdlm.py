@@ -10,6 +10,7 @@ from difftilt.core.rollout import differentiable_rollout, sample_trajectories
 from difftilt.plugins.sequences.mdlm import (MaskedDiffusionProcess, SequenceDenoiser, log_likelihood, masked_diffusion_loss,
                                              order_log_likelihoods, revealed_order)
 from difftilt.plugins.sequences.pretrain import load_pretrained, save_pretrained, train_masked_diffusion
+from tests.helpers import DEVICES
 
 
 def _process(V=4, L=6, K=8, seed=0, **kw):
@@ -17,14 +18,15 @@ def _process(V=4, L=6, K=8, seed=0, **kw):
     return MaskedDiffusionProcess(SequenceDenoiser(V, L, dim=16, depth=1, heads=2), num_steps=K, **kw)
 
 
-def test_sampling_starts_all_masked_and_ends_with_no_mask():
-    p = _process()
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampling_starts_all_masked_and_ends_with_no_mask(device):
+    p = _process().to(device)
     x0 = p.initial(5)
-    assert (p.tokens(x0) == p.mask_index).all()
-    x = p.sample(64, generator=torch.Generator().manual_seed(0))
-    assert x.shape == (64, 6, 5)
+    assert (p.tokens(x0) == p.mask_index).all() and x0.device.type == device
+    x = p.sample(64, generator=torch.Generator(device).manual_seed(0))
+    assert x.shape == (64, 6, 5) and x.device.type == device
     assert (p.tokens(x) < p.mask_index).all()
-    assert torch.allclose(x.sum(-1), torch.ones(64, 6))
+    assert torch.allclose(x.sum(-1), torch.ones(64, 6, device=device))
 
 
 def test_step_probabilities_match_the_mdlm_reverse_kernel():
@@ -45,10 +47,11 @@ def test_step_probabilities_match_the_mdlm_reverse_kernel():
     assert last[1, V].item() == 0.0 and last[1, :V].sum().item() == pytest.approx(1.0, abs=1e-6)
 
 
-def test_kl_between_two_denoisers_is_the_closed_form_at_masked_positions():
+@pytest.mark.parametrize("device", DEVICES)
+def test_kl_between_two_denoisers_is_the_closed_form_at_masked_positions(device):
     V, L, K = 3, 4, 4
-    p, q = _process(V, L, K, seed=0), _process(V, L, K, seed=1)
-    x = p.one_hot(torch.tensor([[0, 3, 3, 2], [3, 3, 3, 3]]))
+    p, q = _process(V, L, K, seed=0).to(device), _process(V, L, K, seed=1).to(device)
+    x = p.one_hot(torch.tensor([[0, 3, 3, 2], [3, 3, 3, 3]], device=device))
     k = 2  # t = 0.5 -> s = 0.25
     kl = q.step(x, k).kl(p.step(x, k))
     lq = torch.log_softmax(q.denoiser(x, 0.5), -1)

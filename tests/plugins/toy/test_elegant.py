@@ -19,6 +19,7 @@ import torch
 
 from difftilt.core import Finetuner, sample_trajectories
 from difftilt.plugins.toy import LinearReward, make_mixture_process
+from tests.helpers import DEVICES
 
 
 def _closed_form(process):
@@ -32,12 +33,15 @@ def _closed_form(process):
 
 
 @pytest.mark.slow
-def test_elegant_matches_the_closed_form_linear_gaussian_optimum():
+@pytest.mark.parametrize("device", DEVICES)
+def test_elegant_matches_the_closed_form_linear_gaussian_optimum(device):
     process = make_mixture_process(weights=[1.0], means=[[0.0]], stds=1.0, num_steps=20, eta=0.3)
     exact = _closed_form(process)
     ft = Finetuner(process, LinearReward([1.0]), alpha=1.0, iterations=150, batch_size=256,
-                   value_refit_iterations=150, initial_iterations=200, initial_steps=20, progress=False, seed=0)
+                   value_refit_iterations=150, initial_iterations=200, initial_steps=20, progress=False, seed=0,
+                   accelerator="gpu" if device == "cuda" else "cpu")
     result = ft.fit()
+    assert result.model.device == torch.device("cpu")  # trained on the device, handed back on the CPU
 
     n = 40_000  # Monte-Carlo standard errors ~0.005
     x = result.sample(n, seed=1).squeeze(-1).double()

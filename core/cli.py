@@ -187,6 +187,27 @@ def _sample_in_batches(model, n: int, batch_size: int, generator, progress: bool
     return torch.cat([model.sample(size, generator=generator).detach() for size in bar])
 
 
+def _sampling_device(name: str):
+    """``--device`` as a torch device this machine has; a :class:`ConfigError` otherwise."""
+    import torch
+
+    from .errors import ConfigError
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: torch sees no CUDA GPU here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: torch sees no MPS device here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: sampling runs on cpu, cuda or mps")
+    return device
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .rollout import step_generator
@@ -199,13 +220,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num-samples and --batch-size must be >= 1, got {args.num_samples} and {args.batch_size}")
     if out.is_dir():
         raise ConfigError(f"--output {out} is a folder; name a file in it")
+    device = _sampling_device(args.device)
     try:  # before the sampling, which may take long
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--output {out}: cannot make its folder ({e.strerror or e})") from None
     model, reference, domain = _load_sampler(Path(args.model))
+    model.to(device)
     x = _sample_in_batches(model, args.num_samples, args.batch_size,
-                           step_generator(args.seed, -3, model.device), progress=not args.no_progress)
+                           step_generator(args.seed, -3, device), progress=not args.no_progress)
     if out.suffix in TEXT_SUFFIXES:
         text = domain.decode(x, process=reference)
         if not all(isinstance(t, str) for t in text):
@@ -277,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1024,
                    help="chains sampled at once, to bound memory; when -n exceeds it, the samples a --seed draws "
                         "depend on it too")
+    p.add_argument("--device", default="cpu",
+                   help="where to draw: cpu, cuda, cuda:1, mps (the random stream, hence the samples of a --seed, "
+                        "depends on it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_sample)
     return parser

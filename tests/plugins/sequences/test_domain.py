@@ -15,6 +15,7 @@ from difftilt.plugins.sequences import (PROTEIN, EhrlichFunction, EhrlichReward,
                                         TFBind8Reward, hamming_diversity)
 from difftilt.plugins.sequences.domain import SequencesDomain, complement_order
 from difftilt.plugins.sequences.mdlm import MaskedDiffusionProcess, SequenceDenoiser
+from tests.helpers import DEVICES
 
 
 def _one_hot(tokens, vocab):
@@ -169,14 +170,15 @@ def test_reward_and_process_of_different_sizes_are_refused(tiny_tfbind_model):
         domain.make_reward({"name": "ehrlich"}, process)
 
 
-def test_sample_writes_a_pretrained_folders_designs_as_fasta(tiny_tfbind_model, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_writes_a_pretrained_folders_designs_as_fasta(tiny_tfbind_model, tmp_path, device):
     from difftilt.core.cli import main
     from difftilt.core.rollout import step_generator
 
     out = tmp_path / "pre.fasta"
-    assert main(["sample", str(tiny_tfbind_model), "-n", "6", "--seed", "3", "-o", str(out)]) == 0
+    assert main(["sample", str(tiny_tfbind_model), "-n", "6", "--seed", "3", "-o", str(out), "--device", device]) == 0
     process = load_plugin("sequences").make_process({"name": "pretrained", "path": str(tiny_tfbind_model)})
-    drawn = process.sample(6, generator=step_generator(3, -3))
+    drawn = process.to(device).sample(6, generator=step_generator(3, -3, device))
     assert out.read_text() == "".join(f">sample_{i}\n{s}\n" for i, s in enumerate(process.decode(drawn)))
     assert all(len(s) == 8 and set(s) <= set("ACGT") for s in process.decode(drawn))
     assert load_plugin("sequences").load_folder(tmp_path) is None  # not a model folder: not this plugin's
@@ -434,8 +436,13 @@ def test_sample_checks_its_output_and_count_before_sampling_and_makes_the_output
                                                                                        capsys):
     from difftilt.core.cli import main
 
-    for args, message in ((["-n", "0"], "--num-samples and --batch-size must be >= 1, got 0 and 1024"),
-                          (["-n", "4", "-o", str(tmp_path / "dir.fasta")], "is a folder; name a file in it")):
+    cases = [(["-n", "0"], "--num-samples and --batch-size must be >= 1, got 0 and 1024"),
+             (["-n", "4", "-o", str(tmp_path / "dir.fasta")], "is a folder; name a file in it"),
+             (["--device", "gpu0"], "--device 'gpu0': not a torch device"),
+             (["--device", "meta"], "--device meta: sampling runs on cpu, cuda or mps")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: torch sees no CUDA GPU here"))
+    for args, message in cases:
         (tmp_path / "dir.fasta").mkdir(exist_ok=True)
         out = ["-o", str(tmp_path / "x.fasta")] if "-o" not in args else []
         assert main(["sample", str(tiny_tfbind_model), *args, *out]) == 2

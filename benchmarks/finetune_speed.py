@@ -14,15 +14,16 @@ asked for:
 - drawing ``--samples`` designs from the pretrained model on that device: the best of
   ``--repeats`` draws after one to warm up.
 
- The CPU runs with the thread count
-it is given (``--threads``; the benchmark tables ran one thread per run). Set
+The CPU runs with the thread count it is given (``--threads``; the benchmark tables ran one
+thread per run). ``--profile N`` prints the N operations of each fit that take the most CPU
+time (on a GPU: whether the update waits on kernel launches or on arithmetic). Set
 ``finetune.accelerator: gpu`` in a config to fine-tune on a GPU; the online loop then
 draws on the CPU (Lightning moves the model back after each fit).
 
 Usage::
 
     python -m difftilt.benchmarks.finetune_speed --task ehrlich-20-64-4-4 --devices cpu cuda \\
-        --precision 32-true bf16-mixed --threads 1 --out benchmarks/results/finetune_speed.json
+        --precision 32-true bf16-mixed --threads 16 --out benchmarks/results/finetune_speed.json
 """
 
 from __future__ import annotations

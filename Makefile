@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install demo demo-toy test test-fast notebooks bench clean
+.PHONY: install demo demo-toy test test-fast test-gpu notebooks bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The tests that run on a CUDA GPU (skipped elsewhere). The default install is torch's CPU
+# build: on a GPU machine start from a fresh clone with `make test-gpu TORCH_SPEC=torch`.
+test-gpu: install
+	CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES:-0} $(PY) -m pytest -q -k cuda
 
 notebooks: install
 	$(PIP) install -q nbclient ipykernel

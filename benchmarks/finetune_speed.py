@@ -55,8 +55,7 @@ def round_parts(task: str, answers: int, models: Path):
     _, pretrained, truth, featurizer, _ = _setup(cfg)
     with torch.no_grad():
         x = pretrained.sample(answers, generator=torch.Generator().manual_seed(0))
-        out = truth(x)
-        y = torch.where(out.feasible, out.value, torch.full_like(out.value, truth.infeasible_value))
+        y = truth(x).masked(truth.infeasible_value)  # as fit_infeasible fits infeasible answers
         phi_dim = int(featurizer(x[:1]).shape[-1])
     model = make_reward_model("ucb", featurizer, phi_dim, **_model_options("ucb", cfg.reward_model))
     model.fit(x.to(torch.float32), y.double(), seed=0)

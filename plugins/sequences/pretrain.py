@@ -175,8 +175,8 @@ def train_masked_diffusion(
             bar.set_postfix(loss=f"{log.losses[-1]:.4f}", **({"val": f"{log.val_losses[-1]:.4f}"} if val.shape[0] else {}))
         if state_file is not None and (i + 1) % save_every == 0 and i + 1 < steps:
             write_state(state_file, {"settings": settings, "step": i + 1, "net": net.state_dict(),
-                                      "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                      "generator": g.get_state(), "log": asdict(log), "running": running})
+                                     "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                     "generator": g.get_state(), "log": asdict(log), "running": running})
     net.eval()
     return net, log
 

@@ -210,7 +210,48 @@ class GaussianStep(StepDistribution):
         return GaussianStep._unchecked(self.mean + (self.std * self.std) * h, self.std, self._deterministic)
 
 
-class CategoricalStep(StepDistribution):
+class _OneHotStep(StepDistribution):
+    """What the one-hot step kinds share: ``logits`` ``(b, L, S)`` over each position's new
+    state, draws by Gumbel-max (straight-through Gumbel-softmax for :meth:`rsample`), and
+    the shape checks of states, tilt fields and the other side of a KL."""
+
+    logits: Tensor
+    tau: float
+
+    @property
+    def batch_size(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def log_probs(self) -> Tensor:
+        """Normalized log-probabilities of each position's new state, ``(b, L, S)``."""
+        return torch.log_softmax(self.logits, dim=-1)
+
+    @abstractmethod
+    def _draw(self, generator: torch.Generator | None, relaxed: bool) -> Tensor:
+        """A draw of ``x_{k+1}``: hard one-hot, or straight-through relaxed if ``relaxed``."""
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        with torch.no_grad():
+            return self._draw(generator, relaxed=False)
+
+    def rsample(self, generator: torch.Generator | None = None) -> Tensor:
+        """Straight-through Gumbel-softmax: a hard one-hot forward, the relaxed gradient backward
+        (for a single-position step, the pick itself is not differentiated)."""
+        return self._draw(generator, relaxed=True)
+
+    def _check_state(self, x: Tensor, what: str) -> None:
+        if x.shape != self.logits.shape:
+            raise ShapeError(f"{what} must have shape {tuple(self.logits.shape)}, got {tuple(x.shape)}")
+
+    def _check_other(self, other: StepDistribution) -> None:
+        if not isinstance(other, type(self)):
+            raise TypeError(f"KL between {type(self).__name__} and {type(other).__name__} is not defined")
+        if other.logits.shape != self.logits.shape:
+            raise ShapeError(f"KL between steps of shapes {tuple(self.logits.shape)} and {tuple(other.logits.shape)}")
+
+
+class CategoricalStep(_OneHotStep):
     """Independent categorical transitions per position, states as one-hot vectors.
 
     Args:
@@ -232,53 +273,31 @@ class CategoricalStep(StepDistribution):
         self.tau = tau
 
     @property
-    def batch_size(self) -> int:
-        return self.logits.shape[0]
-
-    @property
     def is_deterministic(self) -> bool:
         return bool(self.frozen.all())
-
-    @property
-    def log_probs(self) -> Tensor:
-        """Normalized log-probabilities, ``(b, L, S)``."""
-        return torch.log_softmax(self.logits, dim=-1)
 
     def _draw(self, generator: torch.Generator | None, relaxed: bool) -> Tensor:
         z = self.logits + _gumbel(self.logits.shape, self.logits, generator)
         return torch.where(self.frozen[..., None], self.current, _one_hot_draw(z, self.tau, relaxed))
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        with torch.no_grad():
-            return self._draw(generator, relaxed=False)
-
-    def rsample(self, generator: torch.Generator | None = None) -> Tensor:
-        """Straight-through Gumbel-softmax: a hard one-hot forward, the relaxed gradient backward."""
-        return self._draw(generator, relaxed=True)
-
     def log_prob(self, x: Tensor) -> Tensor:
-        if x.shape != self.logits.shape:
-            raise ShapeError(f"log_prob expects one-hot states of shape {tuple(self.logits.shape)}, got {tuple(x.shape)}")
+        self._check_state(x, "log_prob's one-hot states")
         per_pos = (x * self.log_probs).sum(-1)  # (b, L)
         return per_pos.masked_fill(self.frozen, 0.0).sum(-1)
 
     def kl(self, other: StepDistribution) -> Tensor:
-        if not isinstance(other, CategoricalStep):
-            raise TypeError(f"KL between CategoricalStep and {type(other).__name__} is not defined")
-        if other.logits.shape != self.logits.shape:
-            raise ShapeError(f"KL between steps of shapes {tuple(self.logits.shape)} and {tuple(other.logits.shape)}")
+        self._check_other(other)
         if not torch.equal(self.frozen, other.frozen):
             raise ValueError("KL between categorical steps from different states (their frozen positions differ)")
         return _categorical_kl(self.log_probs, other.log_probs).masked_fill(self.frozen, 0.0).sum(-1)
 
     def tilted(self, h: Tensor) -> "CategoricalStep":
         # Categorical(softmax(l)) * exp(h) is Categorical(softmax(l + h)).
-        if h.shape != self.logits.shape:
-            raise ShapeError(f"tilt field must have shape {tuple(self.logits.shape)}, got {tuple(h.shape)}")
+        self._check_state(h, "tilt field")
         return CategoricalStep(self.logits + h, self.current, self.frozen, self.tau)
 
 
-class SinglePositionStep(StepDistribution):
+class SinglePositionStep(_OneHotStep):
     """Move exactly one open position: pick it with probabilities ``w``, then draw its new state.
 
     The law of ``x_{k+1}`` is the mixture ``sum_l w_l q_l``, where ``q_l`` replaces
@@ -311,17 +330,8 @@ class SinglePositionStep(StepDistribution):
         self.log_weights = torch.log_softmax(log_weights.masked_fill(~open, LOG_ZERO), dim=-1)  # closed: log 0
 
     @property
-    def batch_size(self) -> int:
-        return self.logits.shape[0]
-
-    @property
     def is_deterministic(self) -> bool:
         return False
-
-    @property
-    def log_probs(self) -> Tensor:
-        """Normalized log-probabilities of each position's new state, ``(b, L, S)``."""
-        return torch.log_softmax(self.logits, dim=-1)
 
     def _pick(self, generator: torch.Generator | None) -> Tensor:
         """``(b,)`` index of the picked position (Gumbel-max over the log-weights)."""
@@ -334,17 +344,8 @@ class SinglePositionStep(StepDistribution):
         new = _one_hot_draw(logits + _gumbel(logits.shape, logits, generator), self.tau, relaxed)
         return self.current + pick[..., None] * (new[:, None, :] - self.current)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        with torch.no_grad():
-            return self._draw(generator, relaxed=False)
-
-    def rsample(self, generator: torch.Generator | None = None) -> Tensor:
-        """Straight-through Gumbel-softmax at the picked position (the pick itself is not differentiated)."""
-        return self._draw(generator, relaxed=True)
-
     def log_prob(self, x: Tensor) -> Tensor:
-        if x.shape != self.logits.shape:
-            raise ShapeError(f"log_prob expects one-hot states of shape {tuple(self.logits.shape)}, got {tuple(x.shape)}")
+        self._check_state(x, "log_prob's one-hot states")
         changed = (x.argmax(-1) != self.current.argmax(-1)) & self.open  # (b, L)
         if not bool((changed.sum(-1) == 1).all()):
             raise ValueError("log_prob of a state that does not differ from the current one at exactly one open position")
@@ -352,10 +353,7 @@ class SinglePositionStep(StepDistribution):
         return per_pos.masked_fill(~changed, 0.0).sum(-1)
 
     def kl(self, other: StepDistribution) -> Tensor:
-        if not isinstance(other, SinglePositionStep):
-            raise TypeError(f"KL between SinglePositionStep and {type(other).__name__} is not defined")
-        if other.logits.shape != self.logits.shape:
-            raise ShapeError(f"KL between steps of shapes {tuple(self.logits.shape)} and {tuple(other.logits.shape)}")
+        self._check_other(other)
         if not torch.equal(self.open, other.open):
             raise ValueError("KL between single-position steps from different states (their open positions differ)")
         per_pos = _categorical_kl(self.log_probs, other.log_probs)
@@ -367,8 +365,7 @@ class SinglePositionStep(StepDistribution):
         # sum_l w_l q_l(x') exp(<h, x'>): with x' = current except v at l, <h, x'> = <h, current>
         # - h[l, cur_l] + h[l, v]; so q_l's logits move by h[l] and w_l is multiplied by
         # sum_v q_l(v) exp(h[l, v] - h[l, cur_l]).
-        if h.shape != self.logits.shape:
-            raise ShapeError(f"tilt field must have shape {tuple(self.logits.shape)}, got {tuple(h.shape)}")
+        self._check_state(h, "tilt field")
         h_cur = (h * self.current).sum(-1)  # (b, L)
         log_z = torch.logsumexp(self.log_probs + h, dim=-1) - h_cur
         return SinglePositionStep(self.logits + h, self.current, self.open, self.log_weights + log_z, self.tau)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from difftilt.core.config import load_yaml, parse_yaml
 from difftilt.core.errors import ConfigError, DifftiltError
-from difftilt.core.online import EVOLUTION, config_differences, run_online
+from difftilt.core.online import EVOLUTION, config_differences, round_line, run_online
 from difftilt.core.run import RunFolder, run_kind
 
 __all__ = ["check_folder", "check_online_run", "check_output", "fmt", "main_exit", "positive_int", "run_or_reuse",
@@ -109,16 +109,20 @@ def main_exit(main) -> int:
         return 2
 
 
-def run_or_reuse(cfg: dict, path: Path) -> list[dict]:
+def run_or_reuse(cfg: dict, path: Path, label: str = "") -> list[dict]:
     """Run one arm (one method, one seed) and return its per-round rows, or reuse it from
     ``--runs``: a complete run folder is read back and an interrupted one resumed, so a
     benchmark stopped half-way loses no finished arm. A folder made with another config is
-    refused with a :class:`ConfigError` naming the fields.
+    refused with a :class:`ConfigError` naming the fields. Each round that ends here prints
+    a line, after ``label`` (an arm takes up to hours).
 
     An arm that fails (without a KL term the fine-tuned sampler can run off to infinity,
     and the reward model then sees non-finite designs) returns the rounds it finished and
     a last row ``{"failed_round": i, "error": ...}``.
     """
+    def report(row: dict, rounds: int) -> None:
+        print(f"  {label}{round_line(row, rounds)}", flush=True)
+
     method = cfg["methods"][0]
     status = path / "status.json"
     state = json.loads(status.read_text()).get("state") if status.is_file() else None
@@ -130,9 +134,9 @@ def run_or_reuse(cfg: dict, path: Path) -> list[dict]:
         if state == "failed":
             raise DifftiltError(json.loads(status.read_text()).get("error", "failed"))
         if state is not None:
-            run = run_online(cfg, resume=str(path), progress=False)
+            run = run_online(cfg, resume=str(path), progress=False, on_round=report)
         else:
-            run = run_online(cfg, output_dir=str(path.parent), name=path.name, progress=False)
+            run = run_online(cfg, output_dir=str(path.parent), name=path.name, progress=False, on_round=report)
         return run.read_json("results.json")["methods"][method]
     except DifftiltError as err:
         rounds = path / method / "rounds.jsonl"

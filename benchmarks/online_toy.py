@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, change in arms:
             cfg = {**base, **change, "seed": seed}
             folder = f"{name.replace(', ', '-').replace(' ', '')}-seed{seed}"
-            rows = run_or_reuse(cfg, runs / folder)
+            rows = run_or_reuse(cfg, runs / folder, f"seed {seed} {name}, ")
             if "failed_round" in rows[-1]:
                 failures[name].append({"seed": seed, **rows.pop()})
                 print(f"  seed {seed} {name:<16} FAILED in round {failures[name][-1]['failed_round']}: "

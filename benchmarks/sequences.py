@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = arm_config(task, label, seed, schedule, process, args.set, base=base)
                 method = cfg["methods"][0]  # a variant's method
                 path = runs / task / f"{label}-seed{seed}"
-                rows = run_or_reuse(cfg, path)
+                rows = run_or_reuse(cfg, path, f"{task} {label} seed {seed}, ")
                 failed = rows.pop() if rows and "failed_round" in rows[-1] else None
                 # a reused run with a larger budget is described as it stood at this budget
                 within = [r for r in rows if r["queries_used"] <= args.budget]

@@ -71,11 +71,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_online(args: argparse.Namespace) -> int:
-    from .online import run_online
+    from .online import round_line, run_online
+
+    def report(row: dict, rounds: int) -> None:  # a line as each round ends, beside the progress bars
+        print(round_line(row, rounds), file=sys.stderr, flush=True)
 
     try:
         run = run_online(args.config, resume=args.resume, overrides=args.set, output_dir=args.output_dir,
-                         name=args.name, progress=not args.no_progress)
+                         name=args.name, progress=not args.no_progress, on_round=None if args.no_progress else report)
     except AwaitingAnswers as err:  # the rounds answered so far, then the line saying what to do
         if err.run is not None:
             _print_online(err.run)
@@ -280,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="parent folder of the run folder (overrides output_dir)")
     p.add_argument("--name", help="run folder name (overrides name)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars, and no line on stderr as each round ends")
     p.set_defaults(func=_cmd_online)
 
     p = sub.add_parser("pretrain", help="train a domain's default model on data that ships with the package")

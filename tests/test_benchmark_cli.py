@@ -153,7 +153,7 @@ def test_order_consistency_starts_from_a_pretrained_folder_and_refuses_models_th
 
 
 def test_sequences_exits_non_zero_and_writes_nothing_when_every_arm_failed(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sequences, "run_or_reuse", lambda cfg, path: [{"failed_round": 0, "error": "boom"}])
+    monkeypatch.setattr(sequences, "run_or_reuse", lambda cfg, path, label: [{"failed_round": 0, "error": "boom"}])
     assert main_exit(lambda: sequences.main(_seq(tmp_path, "--budget", "300", "--seeds", "2"))) == 2
     captured = capsys.readouterr()
     assert "FAILED in round 0: boom" in captured.out and "best @300" in captured.out  # the table is still printed
@@ -163,7 +163,7 @@ def test_sequences_exits_non_zero_and_writes_nothing_when_every_arm_failed(tmp_p
 
 def test_sequences_prints_a_temporary_runs_folder_at_the_start(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sequences.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "tmp-runs"))
-    monkeypatch.setattr(sequences, "run_or_reuse", lambda cfg, path: [{"failed_round": 0, "error": "boom"}])
+    monkeypatch.setattr(sequences, "run_or_reuse", lambda cfg, path, label: [{"failed_round": 0, "error": "boom"}])
     argv = [a for a in _seq(tmp_path, "--budget", "100", "--seeds", "1") if a not in ("--runs", str(tmp_path / "runs"))]
     main_exit(lambda: sequences.main(argv))
     first = capsys.readouterr().out.splitlines()[0]

@@ -152,3 +152,25 @@ def test_tfbind8_learnable_reference_is_a_normalized_law_on_every_8mer():
     assert 0.5 < out["mass_on_half"] < 1 and 0.5 < out["accuracy"] <= 1  # even one epoch beats chance
     # Gibbs: no law has a lower cross-entropy on the half than the uniform law on it
     assert out["nll_half"] >= out["entropy_uniform_half"]
+
+
+def test_an_arm_that_runs_prints_a_line_as_each_round_ends_after_its_label(tmp_path, monkeypatch, capsys):
+    from difftilt.benchmarks import common
+
+    rows = [{"method": "ucb", "round": i, "queries_used": 100 * (i + 1), "best_true": 0.5, "top10_true": 0.25,
+             "seconds": 3.0} for i in range(2)]
+
+    class Done:
+        def read_json(self, name):
+            return {"methods": {"ucb": rows}}
+
+    def fake_run_online(cfg, *, on_round, **kwargs):
+        for row in rows:
+            on_round(row, 2)
+        return Done()
+
+    monkeypatch.setattr(common, "run_online", fake_run_online)
+    assert common.run_or_reuse({"methods": ["ucb"]}, tmp_path / "arm", "tfbind8 ucb seed 0, ") == rows
+    assert capsys.readouterr().out.splitlines() == [
+        "  tfbind8 ucb seed 0, ucb round 1/2: 100 queries, best 0.5000, top-10 0.2500 (3 s)",
+        "  tfbind8 ucb seed 0, ucb round 2/2: 200 queries, best 0.5000, top-10 0.2500 (3 s)"]

@@ -467,3 +467,24 @@ def test_reward_model_ranks_refit_each_rounds_model_and_score_it_on_the_next_rou
     assert main([str(run), "--reward-model", "epochs=1", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert saved["reward_model"] == {"epochs": 1} and saved["rows"] == other
+
+
+def test_each_round_that_ends_is_reported_with_its_row_and_the_command_prints_a_line_for_it(tmp_path, capsys):
+    from difftilt.core.cli import main
+    from difftilt.core.online import round_line, run_online
+
+    seen = []
+    run = run_online(str(_tiny(tmp_path, methods=["ucb", "best_of_n"])), output_dir=str(tmp_path), name="cb",
+                     progress=False, on_round=lambda row, rounds: seen.append((row, rounds)))
+    results = run.read_json("results.json")["methods"]
+    assert seen == [(row, 2) for row in results["ucb"]] + [(row, 1) for row in results["best_of_n"]]
+    row = {**results["ucb"][0], "best_true": 0.5, "top10_true": 0.25, "seconds": 12.4}
+    assert round_line(row, 2) == "ucb round 1/2: 8 queries, best 0.5000, top-10 0.2500 (12 s)"
+    assert round_line({**row, "stopped": "an answer reached stop_at 0.5"}, 2).endswith("(12 s); an answer reached stop_at 0.5")
+
+    capsys.readouterr()
+    assert main(["online", str(_tiny(tmp_path)), "--output-dir", str(tmp_path), "--name", "cli"]) == 0
+    err = capsys.readouterr().err
+    assert [l.split(":")[0] for l in err.splitlines() if l.startswith("ucb round")] == ["ucb round 1/2", "ucb round 2/2"]
+    assert main(["online", str(_tiny(tmp_path)), "--output-dir", str(tmp_path), "--name", "quiet", "--no-progress"]) == 0
+    assert "round" not in capsys.readouterr().err

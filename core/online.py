@@ -1119,8 +1119,8 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
     """
     if resume is not None:
         run = RunFolder.to_resume(resume, "online", output_dir=output_dir, name=name)
-        saved = run.path / "config.yaml"
-        cfg = _validate(load_yaml(saved))
+        saved = load_yaml(run.path / "config.yaml")
+        cfg = _validate(saved)
         if config is not None:
             differ = config_differences(read_config(config, overrides), saved)
             if differ:

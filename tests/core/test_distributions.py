@@ -265,3 +265,25 @@ def test_single_position_rejects_bad_input():
         SinglePositionStep(logits, current, is_open).log_prob(current)
     with pytest.raises(TypeError):
         SinglePositionStep(logits, current, is_open).kl(CategoricalStep(logits, current))
+
+
+@pytest.mark.parametrize("kind", ["categorical", "single_position"])
+def test_one_hot_steps_name_the_shape_or_kind_they_refuse(kind):
+    logits, current, is_open, _ = _single_position_case(0)
+
+    def make(logits, current):
+        if kind == "categorical":
+            return CategoricalStep(logits, current)
+        return SinglePositionStep(logits, current, is_open[: logits.shape[0]])
+
+    step = make(logits, current)
+    shape = tuple(logits.shape)
+    with pytest.raises(ShapeError, match=rf"log_prob's one-hot states must have shape \({shape[0]}, {shape[1]}, {shape[2]}\)"):
+        step.log_prob(current[..., :-1])
+    with pytest.raises(ShapeError, match="tilt field must have shape"):
+        step.tilted(torch.zeros(shape[0], shape[1], shape[2] + 1))
+    with pytest.raises(ShapeError, match="KL between steps of shapes"):
+        step.kl(make(logits[:1], current[:1]))
+    other = GaussianStep(torch.zeros(shape), 1.0)
+    with pytest.raises(TypeError, match=f"KL between {type(step).__name__} and GaussianStep is not defined"):
+        step.kl(other)

@@ -27,10 +27,12 @@ same weights as one never stopped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import math
 import os
+import random
 import signal
 import threading
 import warnings
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -129,6 +132,48 @@ def quiet_lightning():
     finally:
         for lg, lvl in zip(loggers, levels):
             lg.setLevel(lvl)
+
+
+@contextlib.contextmanager
+def kept_rng_states():
+    """Give the caller's global random states back after the block: Python's, numpy's,
+    torch's (the CPU's and each CUDA device's already in use) and Lightning's
+    ``PL_GLOBAL_SEED``, so that a fit or a run called from a user's session does not reseed
+    their RNGs."""
+    env = os.environ.get("PL_GLOBAL_SEED")
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        if env is None:
+            os.environ.pop("PL_GLOBAL_SEED", None)
+        else:
+            os.environ["PL_GLOBAL_SEED"] = env
+
+
+def keeps_rng_states(fn: Callable) -> Callable:
+    """``fn`` run inside :func:`kept_rng_states`."""
+
+    @functools.wraps(fn)
+    def kept(*args, **kwargs):
+        with kept_rng_states():
+            return fn(*args, **kwargs)
+
+    return kept
+
+
+@contextlib.contextmanager
+def seeded_globals(seed: int):
+    """Seed the global random states for the block (Lightning's ``seed_everything``:
+    anything in a fit that draws from them, such as a user network's dropout, repeats with
+    the seed), and give the caller's back after it (:func:`kept_rng_states`)."""
+    with kept_rng_states():
+        L.seed_everything(seed, verbose=False)
+        yield
 
 
 def make_trainer(
@@ -469,7 +514,8 @@ class Finetuner:
         initial_iterations: updates in step 2.
         initial_batch_size: chains per update in step 2.
         initial_lr: Adam learning rate in step 2.
-        seed: seeds everything.
+        seed: seeds everything in the fit (the same seed gives the same weights); the global random
+            states are seeded during :meth:`fit` and the caller's given back after it.
         save_every: updates between saves of the training state, when :meth:`fit` is given a
             ``state_file`` (``0``: only at the fit's start and after each stage); with
             ``cross_entropy``'s ``reuse``, rounded up to a multiple of it.
@@ -717,7 +763,10 @@ class Finetuner:
         self._resumed = resume
         done = stages or (lambda name, ft: None)
         # Lightning takes numpy's 32-bit seeds; a larger one (the online loop's per-round seeds) is folded
-        L.seed_everything(self.seed % (SEED_MAX + 1), verbose=False)
+        with seeded_globals(self.seed % (SEED_MAX + 1)):
+            return self._stages(done, resume)
+
+    def _stages(self, done: Callable[[str, "Finetuner"], None], resume: dict | None) -> FinetuneResult:
         if resume is not None:
             self._restore(resume)
         else:

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from .checkpoint import load_finetuned, save_model
 from .config import atomic_write_text, field_differences, load_yaml, validate_kwargs
 from .errors import AwaitingAnswers, CheckpointError, ConfigError, InputDataError, ShapeError
-from .finetune import Finetuner, check_finetune_options, estimate_path_kl, estimate_tilt
+from .finetune import Finetuner, check_finetune_options, estimate_path_kl, estimate_tilt, keeps_rng_states
 from .oracle import Oracle, OracleAnswer
 from .plotting import new_figure, save_figure
 from .plugins import Domain, load_plugin
@@ -1102,10 +1102,13 @@ def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alph
         mrun.store.close()
 
 
+@keeps_rng_states  # the run seeds torch's global state; the caller's is given back
 def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | os.PathLike | None = None,
                overrides: list[str] | None = None, output_dir: str | None = None, name: str | None = None,
                progress: bool = True, on_round: Callable[[dict, int], None] | None = None) -> RunFolder:
     """Run (or resume) ``difftilt online``; returns the run folder.
+
+    It seeds torch with the config's ``seed`` and gives the caller's random states back after.
 
     Args:
         config: YAML path or mapping (with ``resume``: optional, must match the run's).

@@ -42,8 +42,8 @@ import yaml
 from .checkpoint import save_finetuned
 from .config import atomic_write_text, check_count, field_differences, load_yaml, parse_yaml, validate_kwargs
 from .errors import CheckpointError, ConfigError, DifftiltError, OptionalDependencyError
-from .finetune import (SEED_MAX, Finetuner, FinetuneResult, check_finetune_options, estimate_kl, read_state,
-                       reward_summary)
+from .finetune import (SEED_MAX, Finetuner, FinetuneResult, check_finetune_options, estimate_kl,
+                       keeps_rng_states, read_state, reward_summary)
 from .plugins import load_plugin
 from .rollout import step_generator
 
@@ -363,6 +363,7 @@ def evaluate_model(result: FinetuneResult, reference, reward, domain, n: int, se
     return summary
 
 
+@keeps_rng_states  # the run seeds torch's global state; the caller's is given back
 def run_finetune(
     config: dict | str | os.PathLike,
     *,
@@ -373,6 +374,8 @@ def run_finetune(
     resume: str | os.PathLike | None = None,
 ) -> RunFolder:
     """Run ``difftilt finetune`` and return its run folder (the CLI calls exactly this).
+
+    It seeds torch with the config's ``seed`` and gives the caller's random states back after.
 
     While it trains, the run folder holds the whole training state (:data:`STATE_FILE`), saved
     every ``finetune.save_every`` updates and after each stage.

@@ -488,3 +488,19 @@ def test_each_round_that_ends_is_reported_with_its_row_and_the_command_prints_a_
     assert [l.split(":")[0] for l in err.splitlines() if l.startswith("ucb round")] == ["ucb round 1/2", "ucb round 2/2"]
     assert main(["online", str(_tiny(tmp_path)), "--output-dir", str(tmp_path), "--name", "quiet", "--no-progress"]) == 0
     assert "round" not in capsys.readouterr().err
+
+
+def test_a_run_seeds_torch_for_itself_and_gives_the_callers_random_state_back(tmp_path):
+    from difftilt.core.online import run_online
+    from difftilt.core.run import run_finetune
+    from tests.test_cli import TINY
+
+    runs = {"online": lambda: run_online(_tiny(tmp_path, schedule=[8]), output_dir=str(tmp_path), name="o",
+                                         progress=False),
+            "finetune": lambda: run_finetune(TINY, output_dir=tmp_path, name="f", progress=False)}
+    for name, run in runs.items():
+        torch.manual_seed(11)
+        expected = torch.rand(3)
+        torch.manual_seed(11)
+        run()
+        assert torch.equal(torch.rand(3), expected), name

@@ -1,8 +1,12 @@
 """Finetuner.fit under Lightning: a Ctrl-C stays a KeyboardInterrupt."""
 
+import os
+import random
 import signal
 
+import numpy as np
 import pytest
+import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from difftilt.core.finetune import Finetuner
@@ -74,3 +78,48 @@ def test_a_gradient_clip_norm_that_is_not_positive_is_refused(norm):
 
     with pytest.raises(ConfigError, match="max_grad_norm must be a positive number, or null"):
         Finetuner(make_mixture_process(num_steps=3), _Stops(KeyboardInterrupt), max_grad_norm=norm)
+
+
+class _DrawsGlobally(Reward):
+    """A reward that adds noise from torch's global RNG (as a user's dropout would) and keeps it."""
+
+    differentiable = True
+
+    def __init__(self):
+        super().__init__()
+        self.noise = []
+
+    def evaluate(self, x):
+        self.noise.append(float(torch.rand(())))
+        return x.sum(-1)
+
+
+def _draws():
+    return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def test_a_fit_seeds_the_global_rngs_inside_and_gives_the_callers_states_back(monkeypatch):
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    noise = []
+    for caller_seed in (1, 2):  # the caller's states differ; the fit's draws do not
+        reward = _DrawsGlobally()
+        finetuner = _finetuner(reward)
+        reward.noise.clear()  # the constructor's check of the reward draws from the caller's state
+        random.seed(caller_seed), np.random.seed(caller_seed), torch.manual_seed(caller_seed)
+        expected = _draws()
+        random.seed(caller_seed), np.random.seed(caller_seed), torch.manual_seed(caller_seed)
+        finetuner.fit()
+        assert _draws() == expected  # as if the fit had not run
+        noise.append(reward.noise)
+    assert len(noise[0]) > 2 and noise[0] == noise[1]
+    assert "PL_GLOBAL_SEED" not in os.environ
+
+
+def test_a_fit_that_stops_gives_the_callers_states_back_too():
+    finetuner = _finetuner(_Stops(KeyboardInterrupt))
+    torch.manual_seed(3)
+    expected = float(torch.rand(()))
+    torch.manual_seed(3)
+    with pytest.raises(KeyboardInterrupt):
+        finetuner.fit()
+    assert float(torch.rand(())) == expected

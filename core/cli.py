@@ -10,6 +10,7 @@ one line saying how to continue, and exit status 3.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -18,6 +19,7 @@ import shlex
 import sys
 import warnings
 from pathlib import Path
+from typing import Callable
 
 from .errors import AwaitingAnswers, DifftiltError
 
@@ -40,20 +42,34 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _says_on_stop(how_to_continue: Callable[[Path], str | None]):
+    """A Ctrl-C or SIGTERM in the block that stopped a run (its exception names the run's
+    folder, ``err.run``): print ``how_to_continue(folder)`` on stderr, if it says anything,
+    and let the exception go on."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as err:
+        path = getattr(err, "run", None)
+        line = how_to_continue(path) if path is not None else None
+        if line:
+            print(line, file=sys.stderr)
+        raise
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from .run import STATE_FILE, run_finetune
 
-    try:
+    def how_to_continue(path: Path) -> str | None:
+        if not (path / STATE_FILE).is_file():
+            return None
+        sets = [a for s in args.set for a in ("--set", s)]
+        command = shlex.join(["difftilt", "finetune", args.config, *sets, "--resume", str(path)])
+        return f"fine-tuning stopped; its last saved state is in {path / STATE_FILE}: continue it with {command}"
+
+    with _says_on_stop(how_to_continue):
         run = run_finetune(args.config, overrides=args.set, output_dir=args.output_dir, name=args.name,
                            progress=not args.no_progress, resume=args.resume)
-    except (KeyboardInterrupt, SystemExit) as err:  # Ctrl-C or SIGTERM: say how to continue
-        path = getattr(err, "run", None)
-        if path is not None and (path / STATE_FILE).is_file():
-            sets = [a for s in args.set for a in ("--set", s)]
-            command = shlex.join(["difftilt", "finetune", args.config, *sets, "--resume", str(path)])
-            print(f"fine-tuning stopped; its last saved state is in {path / STATE_FILE}: continue it with "
-                  f"{command}", file=sys.stderr)
-        raise
     summary = run.read_json("summary.json")
     ft, pre = summary["finetuned"], summary["pretrained"]
     kl = summary["kl_to_pretrained"]
@@ -76,19 +92,18 @@ def _cmd_online(args: argparse.Namespace) -> int:
     def report(row: dict, rounds: int) -> None:  # a line as each round ends, beside the progress bars
         print(round_line(row, rounds), file=sys.stderr, flush=True)
 
-    try:
-        run = run_online(args.config, resume=args.resume, overrides=args.set, output_dir=args.output_dir,
-                         name=args.name, progress=not args.no_progress, on_round=None if args.no_progress else report)
-    except AwaitingAnswers as err:  # the rounds answered so far, then the line saying what to do
-        if err.run is not None:
-            _print_online(err.run)
-        raise
-    except (KeyboardInterrupt, SystemExit) as err:  # Ctrl-C or SIGTERM: say how to continue
-        path = getattr(err, "run", None)
-        if path is not None:
-            print(f"online run stopped; continue it with {shlex.join(['difftilt', 'online', '--resume', str(path)])}",
-                  file=sys.stderr)
-        raise
+    def how_to_continue(path: Path) -> str:
+        return f"online run stopped; continue it with {shlex.join(['difftilt', 'online', '--resume', str(path)])}"
+
+    with _says_on_stop(how_to_continue):
+        try:
+            run = run_online(args.config, resume=args.resume, overrides=args.set, output_dir=args.output_dir,
+                             name=args.name, progress=not args.no_progress,
+                             on_round=None if args.no_progress else report)
+        except AwaitingAnswers as err:  # the rounds answered so far, then the line saying what to do
+            if err.run is not None:
+                _print_online(err.run)
+            raise
     _print_online(run.path)
     return 0
 

@@ -308,9 +308,13 @@ class RewardGradientControl(nn.Module):
 
 def round_line(row: dict, rounds: int) -> str:
     """A finished round's row in one line, for a long run's progress:
-    ``ucb round 3/8: 750 queries, best 0.3281, top-10 0.2750 (412 s)``."""
+    ``ucb round 3/8: 750 queries, best 0.3281, top-10 0.2750 (412 s)``, with the round's
+    edits or repeats when it had any (``..., 97 edits (63 s)``: its model or proposals ran
+    dry, or ``edit_share``)."""
+    fills = "".join(f", {row[key]:,} {word}" for key, word in (("edited", "edits"), ("repeated", "repeats"))
+                    if row.get(key))
     line = (f"{row['method']} round {row['round'] + 1}/{rounds}: {row['queries_used']:,} queries, "
-            f"best {row['best_true']:.4f}, top-10 {row['top10_true']:.4f} ({row['seconds']:.0f} s)")
+            f"best {row['best_true']:.4f}, top-10 {row['top10_true']:.4f}{fills} ({row['seconds']:.0f} s)")
     return f"{line}; {row['stopped']}" if "stopped" in row else line
 
 

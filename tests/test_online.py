@@ -478,8 +478,10 @@ def test_each_round_that_ends_is_reported_with_its_row_and_the_command_prints_a_
                      progress=False, on_round=lambda row, rounds: seen.append((row, rounds)))
     results = run.read_json("results.json")["methods"]
     assert seen == [(row, 2) for row in results["ucb"]] + [(row, 1) for row in results["best_of_n"]]
-    row = {**results["ucb"][0], "best_true": 0.5, "top10_true": 0.25, "seconds": 12.4}
+    row = {**results["ucb"][0], "best_true": 0.5, "top10_true": 0.25, "seconds": 12.4, "edited": 0, "repeated": 0}
     assert round_line(row, 2) == "ucb round 1/2: 8 queries, best 0.5000, top-10 0.2500 (12 s)"
+    assert round_line({**row, "edited": 1200, "repeated": 3}, 2) == ("ucb round 1/2: 8 queries, best 0.5000, "
+                                                                     "top-10 0.2500, 1,200 edits, 3 repeats (12 s)")
     assert round_line({**row, "stopped": "an answer reached stop_at 0.5"}, 2).endswith("(12 s); an answer reached stop_at 0.5")
 
     capsys.readouterr()

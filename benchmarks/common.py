@@ -11,7 +11,7 @@ from pathlib import Path
 
 from difftilt.core.config import load_yaml, parse_yaml
 from difftilt.core.errors import ConfigError, DifftiltError
-from difftilt.core.online import EVOLUTION, config_differences, round_line, run_online
+from difftilt.core.online import EVOLUTION, config_differences, read_rows, round_line, run_online
 from difftilt.core.run import RunFolder, run_kind
 
 __all__ = ["check_folder", "check_online_run", "check_output", "fmt", "main_exit", "positive_int", "run_or_reuse",
@@ -139,8 +139,7 @@ def run_or_reuse(cfg: dict, path: Path, label: str = "") -> list[dict]:
             run = run_online(cfg, output_dir=str(path.parent), name=path.name, progress=False, on_round=report)
         return run.read_json("results.json")["methods"][method]
     except DifftiltError as err:
-        rounds = path / method / "rounds.jsonl"
-        rows = [json.loads(line) for line in rounds.read_text().splitlines() if line.strip()] if rounds.is_file() else []
+        rows = read_rows(path / method)
         return rows + [{"failed_round": len(rows), "error": str(err)}]
 
 

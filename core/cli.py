@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import datetime as _dt
 import json
 import logging
 import os
@@ -63,17 +64,23 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     def how_to_continue(path: Path) -> str | None:
         if not (path / STATE_FILE).is_file():
             return None
-        sets = [a for s in args.set for a in ("--set", s)]
-        command = shlex.join(["difftilt", "finetune", args.config, *sets, "--resume", str(path)])
+        command = shlex.join(["difftilt", "finetune", "--resume", str(path)])  # with the config it was started with
         return f"fine-tuning stopped; its last saved state is in {path / STATE_FILE}: continue it with {command}"
 
     with _says_on_stop(how_to_continue):
         run = run_finetune(args.config, overrides=args.set, output_dir=args.output_dir, name=args.name,
                            progress=not args.no_progress, resume=args.resume)
-    summary = run.read_json("summary.json")
+    _print_finetune(run.path)
+    return 0
+
+
+def _print_finetune(path: Path) -> None:
+    """A complete finetune run's summary: the pretrained and fine-tuned models' rewards, the KL
+    between them, the distance to the exact target where the domain knows it, and the plot."""
+    summary = json.loads((path / "summary.json").read_text())
     ft, pre = summary["finetuned"], summary["pretrained"]
     kl = summary["kl_to_pretrained"]
-    print(f"run folder: {run.path}")
+    print(f"run folder: {path}")
     print(f"{'':<12}{'reward mean':>12}{'reward max':>12}{'feasible':>10}")
     for label, s in (("pretrained", pre), ("fine-tuned", ft)):
         print(f"{label:<12}{s['reward_mean']:>12.4f}{s['reward_max']:>12.4f}{s['feasible']:>10.3f}")
@@ -82,8 +89,28 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     extras = {k: v for k, v in ft.items() if k in ("sw2", "mean_error", "weight_error", "target_reward")}
     if extras:
         print("exact target p*: " + ", ".join(f"{k} = {v:.4f}" for k, v in extras.items()))
-    print(f"plot: {run.path / 'training.png'}")
-    return 0
+    print(f"plot: {path / 'training.png'}")
+
+
+#: A finetune stage's length in its config's ``finetune`` section.
+_STAGE_LENGTH = {"transitions": "iterations", "value": "value_refit_iterations", "initial": "initial_iterations"}
+
+
+def _print_finetune_progress(path: Path, rows: list[dict]) -> None:
+    """An unfinished finetune run: per stage begun, its last update's metrics."""
+    from .config import load_yaml
+
+    lengths = load_yaml(path / "config.yaml").get("finetune") or {}
+    print(f"run folder: {path}")
+    if not rows:
+        print("no update finished yet")
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        last = [r for r in rows if r["stage"] == stage][-1]
+        total = lengths.get(_STAGE_LENGTH.get(stage, ""))
+        done = last.get("iteration", -1) + 1
+        shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("reward", "kl", "value_loss") if k in last)
+        print(f"{stage:<12} update {done:,}" + (f" of {total:,}" if isinstance(total, int) else "")
+              + (f": {shown}" if shown else ""))
 
 
 def _cmd_online(args: argparse.Namespace) -> int:
@@ -108,11 +135,13 @@ def _cmd_online(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_online(path: Path) -> None:
-    """An online run's rounds so far, each method's best design, and its plot (nothing before
-    its first round)."""
-    results = json.loads((path / "results.json").read_text()) if (path / "results.json").is_file() else {}
-    if not any(results.get("methods", {}).values()):
+def _print_online(path: Path, plot: bool = True) -> None:
+    """An online run's rounds so far, each method's best design, and (``plot``) its plot;
+    nothing before its first round."""
+    from .online import read_results
+
+    results = read_results(path)
+    if not any(results["methods"].values()):
         return
     cols = [("queries_used", "queries", "d"), ("best_true", "best", ".4f"), ("top10_true", "top-10", ".4f"),
             ("eval_mean_true", "model mean", ".4f"), ("eval_feasible", "feasible", ".3f"),
@@ -131,7 +160,8 @@ def _print_online(path: Path) -> None:
             value, design = best
             shown = design if len(design) <= 60 else f"{design[:57]}..."
             print(f"{method:<12}best design {value:.4f} {shown}  (all: {path / method / 'designs.csv'})")
-    print(f"plot: {path / 'reward_vs_queries.png'}")
+    if plot:
+        print(f"plot: {path / 'reward_vs_queries.png'}")
 
 
 def _best_design(path: Path) -> tuple[float, str] | None:
@@ -142,6 +172,67 @@ def _best_design(path: Path) -> tuple[float, str] | None:
     with open(path, newline="") as f:
         answered = [(float(r["value"]), r["design"]) for r in csv.DictReader(f) if r["status"] == "answered"]
     return max(answered, key=lambda a: a[0]) if answered else None
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .run import STATE_FILE, RunFolder, run_kind
+
+    path = Path(args.run)
+    if not path.is_dir():
+        raise ConfigError(f"{path} does not exist" if not path.exists() else f"{path} is not a folder")
+    kind = run_kind(path)
+    if kind is None:
+        raise ConfigError(f"{path} is not a difftilt run folder (no config.yaml of difftilt finetune or online)")
+    plot = Path(args.plot) if args.plot else None
+    if plot is not None and plot.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise ConfigError(f"--plot {args.plot}: write a .png, .pdf or .svg file")
+    run = RunFolder(path)
+    status = run.status()
+    state, error = status.get("state"), status.get("error")
+    when = f"started {status['started']}" if "started" in status else "not started"
+    if state == "complete":
+        when += f", finished {status['updated']}"
+    else:  # when it last made progress: its last round's row, or its last update's
+        logs = list(path.glob("*/rounds.jsonl")) if kind == "online" else [path / "metrics.jsonl"]
+        times = [f.stat().st_mtime for f in logs if f.is_file()]
+        if times:
+            last = _dt.datetime.fromtimestamp(max(times)).isoformat(timespec="seconds")
+            when += f", {'last round ended' if kind == 'online' else 'last update'} {last}"
+    if state == "running" and run.in_use():
+        print(f"{kind} run: running (pid {status.get('pid', '?')}), {when}")
+    elif state == "running":
+        print(f"{kind} run: stopped without a word (its status reads running, but no process on this machine "
+              f"holds it: killed, or its machine went down), {when}")
+    elif state == "complete":
+        print(f"{kind} run: complete, {when}")
+    else:
+        print(f"{kind} run: {state or 'no status'}" + (f" ({error})" if error else "") + f", {when}")
+
+    if kind == "online":
+        _print_online(path, plot=state == "complete")
+        if plot is not None:
+            from .online import plot_results, read_results
+
+            print(f"plot of the rounds so far: {plot_results(read_results(path), plot)}")
+    else:
+        rows = run.metrics()
+        if state == "complete" and (path / "summary.json").is_file():
+            _print_finetune(path)
+        else:
+            _print_finetune_progress(path, rows)
+        if plot is not None:
+            from .plotting import plot_training
+
+            print(f"plot of the updates so far: {plot_training(rows, plot, title=path.name)}")
+
+    if state not in ("complete", "waiting", None) and not (state == "running" and run.in_use()):
+        if kind == "finetune" and not (path / STATE_FILE).is_file():
+            print("it saved no training state to continue from: start it again")
+        else:
+            fixed = "once the cause is fixed, " if state == "failed" else ""
+            print(f"{fixed}continue it with: {shlex.join(['difftilt', kind, '--resume', str(path)])}")
+    return 0
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -282,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plugins)
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained model toward a reward (ELEGANT)")
-    p.add_argument("config", help="YAML run config")
+    p.add_argument("config", nargs="?", help="YAML run config (optional with --resume: the run's own)")
     p.add_argument("--output-dir", help="parent folder of the run folder (overrides output_dir)")
     p.add_argument("--name", help="run folder name (overrides name)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -301,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars, and no line on stderr as each round ends")
     p.set_defaults(func=_cmd_online)
+
+    p = sub.add_parser("show", help="where a finetune or online run folder stands: its state, its rounds or "
+                                    "updates so far, how to continue it")
+    p.add_argument("run", metavar="RUN_DIR", help="a run folder (running, stopped or complete)")
+    p.add_argument("--plot", metavar="FILE", help="also draw its rounds (or updates) so far to FILE (.png, .pdf, .svg)")
+    p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("pretrain", help="train a domain's default model on data that ships with the package")
     p.add_argument("config", help="YAML pretraining config (see the domain's configs/pretrain_*.yaml)")
@@ -353,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("difftilt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the output went away (`| head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141
     except SystemExit as err:
         # Lightning turns a SIGTERM during a fit into SystemExit() (status 0): a scheduler
         # that killed the run would read it as a success

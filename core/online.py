@@ -63,7 +63,8 @@ from .store import COUNTED, STATUSES, SQLiteFeedbackStore
 from .strategies import PolicyGradient, UpdateContext
 
 __all__ = ["METHODS", "OnlineRunConfig", "config_differences", "run_online", "round_line", "OracleSpec", "PPOSpec",
-           "RewardGradientControl", "retune_round", "unique_batch", "design_key", "design_keys"]
+           "RewardGradientControl", "retune_round", "unique_batch", "design_key", "design_keys", "read_rows",
+           "read_results", "plot_results"]
 
 METHODS = ("ucb", "bootstrap", "thompson", "greedy", "nonadaptive", "ppo", "guidance", "best_of_n", "ga", "hill_climb")
 #: Model-free baselines: they edit queried designs with the domain's mutation/crossover.
@@ -365,8 +366,7 @@ class _MethodRun:
         atomic_write_text(self.state_path, json.dumps({**self.state(), **kw}) + "\n")
 
     def rows(self) -> list[dict]:
-        path = self.folder / "rounds.jsonl"
-        return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
+        return read_rows(self.folder)
 
     def _append_row(self, row: dict) -> None:
         with open(self.folder / "rounds.jsonl", "a") as f:
@@ -865,7 +865,36 @@ class _PPO:
 # --------------------------------------------------------------------------- the run
 
 
-def _plot(results: dict, path: Path) -> None:
+def read_rows(folder: str | os.PathLike) -> list[dict]:
+    """A method's rows so far, one per finished round, from ``<run>/<method>/rounds.jsonl``
+    (each written as its round ends; ``results.json`` holds the same rows once the run is done)."""
+    path = Path(folder) / "rounds.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def read_results(run_dir: str | os.PathLike) -> dict:
+    """An online run's rounds so far, in ``results.json``'s form (``{"methods": {method: rows},
+    "schedule": [...]}``, every method of its config, ``[]`` for one not begun): a run still
+    going, stopped, or done.
+
+    Raises:
+        CheckpointError: ``run_dir`` is not an online run folder.
+    """
+    path = Path(run_dir)
+    try:
+        cfg = load_yaml(path / "config.yaml")
+    except (OSError, ConfigError):
+        cfg = None
+    if not isinstance(cfg, dict) or "oracle" not in cfg:
+        raise CheckpointError(f"{path} is not a difftilt online run folder (no online config.yaml)")
+    methods = cfg.get("methods") or []
+    return {"methods": {m: read_rows(path / m) for m in methods}, "schedule": cfg.get("schedule")}
+
+
+def plot_results(results: dict, path: str | os.PathLike) -> Path:
+    """``reward_vs_queries.png``: per method, the top-10 true reward found, the model's mean true
+    reward and its feasible fraction against the oracle queries used (``results`` as in
+    ``results.json``; a star where a method stopped at ``stop_at``)."""
     keys = [("top10_true", "top-10 true reward of queried designs"), ("eval_mean_true", "mean true reward of model samples"),
             ("eval_feasible", "feasible fraction of model samples")]
     fig, axes = new_figure(1, len(keys), figsize=(5 * len(keys), 3.6))
@@ -883,7 +912,7 @@ def _plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:  # nothing yet while the first round's answers are out
         axes[0].legend(fontsize=8)
-    save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _setup(cfg: OnlineRunConfig) -> tuple[Domain, Process, Reward, nn.Module, dict]:
@@ -1169,7 +1198,7 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
             finally:
                 mrun.store.close()
             run.write_json("results.json", results)
-        _plot(results, run.path / "reward_vs_queries.png")
+        plot_results(results, run.path / "reward_vs_queries.png")
         run.write_json("results.json", results)
         if waiting:
             count = sum(err.count for err in waiting.values())

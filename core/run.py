@@ -170,6 +170,22 @@ class RunFolder:
             raise ConfigError(f"{self.path} is in use by another difftilt process") from None
         return handle
 
+    def in_use(self) -> bool:
+        """Whether a process holds the folder's lock (:meth:`lock`): a run going on now on this
+        machine. A run whose status still reads ``running`` with no holder was killed, or its
+        machine went down. Tested by taking a shared lock and dropping it at once; opens
+        nothing for writing."""
+        path = self.path / ".lock"
+        if not path.is_file():
+            return False
+        with open(path) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
     def status(self) -> dict:
         """The content of ``status.json`` (``{}`` if absent)."""
         path = self.path / "status.json"
@@ -365,7 +381,7 @@ def evaluate_model(result: FinetuneResult, reference, reward, domain, n: int, se
 
 @keeps_rng_states  # the run seeds torch's global state; the caller's is given back
 def run_finetune(
-    config: dict | str | os.PathLike,
+    config: dict | str | os.PathLike | None = None,
     *,
     overrides: list[str] | None = None,
     output_dir: str | os.PathLike | None = None,
@@ -381,7 +397,8 @@ def run_finetune(
     every ``finetune.save_every`` updates and after each stage.
 
     Args:
-        config: a YAML path or the same mapping.
+        config: a YAML path or the same mapping; with ``resume``, the run's own
+            ``config.yaml`` when omitted.
         overrides: ``key.sub=value`` strings applied on top (YAML values).
         output_dir: overrides ``config.output_dir`` (not used with ``resume``).
         name: overrides ``config.name`` (not used with ``resume``).
@@ -396,6 +413,10 @@ def run_finetune(
             the config, plugin, process or reward; with ``resume``, a config that differs
             from the run's, a run that is complete or that holds no saved state.
     """
+    if config is None:
+        if resume is None:
+            raise ConfigError("give a config file (or --resume RUN_DIR)")
+        config = RunFolder.to_resume(resume, "finetune", output_dir=output_dir, name=name).path / "config.yaml"
     cfg = load_config(config, overrides)
     if output_dir is not None:
         cfg.output_dir = str(output_dir)
@@ -424,7 +445,7 @@ def run_finetune(
     reward = domain.make_reward(cfg.reward, process)
     finetuner = Finetuner(
         process, reward, seed=cfg.seed, policy=domain.make_policy(process), value_net=domain.make_value_net(process),
-        **{"progress": progress, **ft_kwargs},
+        **{**ft_kwargs, "progress": progress and ft_kwargs.get("progress", True)},  # --no-progress wins
     )
 
     if run is None:

@@ -168,3 +168,12 @@ def test_a_diverging_run_fails_as_divergence_not_as_the_rewards_nan(tmp_path):
     status = json.loads((tmp_path / "runs" / "hot" / "status.json").read_text())
     assert status["state"] == "failed" and status["error"].startswith("TrainingDivergedError: ")
     assert not (tmp_path / "runs" / "hot" / "model").exists()
+
+
+def test_output_whose_reader_went_away_ends_quietly(tmp_path):
+    """``difftilt ... | head``: the pipe's reader closes before the command prints; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "difftilt", "plugins"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # long before the command, still importing, prints its first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=600) == 141 and err == ""

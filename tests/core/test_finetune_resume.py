@@ -222,12 +222,14 @@ def test_ctrl_c_prints_the_command_that_continues_the_run_and_that_command_ends_
     run = tmp_path / "run"
     lines = capsys.readouterr().err.strip().splitlines()
     assert status == 130 and lines[-1] == "difftilt: interrupted"
-    command = f"difftilt finetune {cfg} --set finetune.lr=0.02 --resume {run}"
+    command = f"difftilt finetune --resume {run}"  # the run's own config.yaml, --set included
     assert lines[-2] == (f"fine-tuning stopped; its last saved state is in {run / STATE_FILE}: continue it with "
                          f"{command}")
     assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
 
     assert main(shlex.split(command)[1:] + ["--no-progress"]) == 0
-    assert f"run folder: {run}" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert f"run folder: {run}" in said.out
+    assert "it/s" not in said.out + said.err  # no progress bar: --no-progress wins over the saved config's progress: true
     assert json.loads((run / "status.json").read_text())["state"] == "complete"
     _assert_same_model(run, straight.path)

@@ -1,0 +1,133 @@
+"""difftilt show: where a run folder stands (running, stopped without a word, interrupted,
+failed, complete), its rounds or updates so far, and the command that continues it."""
+
+import json
+import shlex
+
+import pytest
+
+from difftilt.core.cli import main
+from difftilt.core.online import read_results, run_online
+from difftilt.core.run import STATE_FILE, RunFolder
+
+from .test_finetune_resume import TINY, _stopped
+from .test_online_guards import CFG
+
+ONLINE = {**CFG, "methods": ["ucb", "best_of_n"]}
+
+
+def _show(capsys, *args) -> tuple[int, list[str]]:
+    status = main(["show", *map(str, args)])
+    return status, capsys.readouterr().out.strip().splitlines()
+
+
+def _stopped_finetune(tmp_path, monkeypatch, call: int) -> RunFolder:
+    """A finetune run stopped by a Ctrl-C at its ``call``-th update (counted over all stages)."""
+    return _stopped(tmp_path, monkeypatch, TINY, call)
+
+
+def test_a_stopped_finetune_run_shows_its_stages_so_far_and_the_command_that_ends_it(tmp_path, monkeypatch, capsys):
+    run = _stopped_finetune(tmp_path, monkeypatch, 9)  # the value stage's third update
+    status, lines = _show(capsys, run.path)
+    assert status == 0
+    assert lines[0].startswith("finetune run: interrupted (stopped (KeyboardInterrupt); continue with --resume), "
+                               "started ")
+    assert lines[1] == f"run folder: {run.path}"
+    rows = run.metrics()
+    transitions = [r for r in rows if r["stage"] == "transitions"][-1]
+    value = [r for r in rows if r["stage"] == "value"][-1]
+    assert lines[2] == (f"transitions  update 7 of 7: reward {transitions['reward']:.4f}, kl {transitions['kl']:.4f}, "
+                        f"value_loss {transitions['value_loss']:.4f}")
+    assert lines[3].startswith("value        update 2 of 3")  # updates 0 and 1 were done
+    assert f"value_loss {value['value_loss']:.4f}" in lines[3]
+    assert lines[-1] == f"continue it with: difftilt finetune --resume {run.path}"
+
+    # the command it gives ends the run, and the run then shows its summary
+    assert main(shlex.split(lines[-1].split(": ", 1)[1])[1:] + ["--no-progress"]) == 0
+    capsys.readouterr()
+    status, lines = _show(capsys, run.path)
+    assert lines[0].startswith("finetune run: complete, started ")
+    assert lines[1] == f"run folder: {run.path}" and lines[-1] == f"plot: {run.path / 'training.png'}"
+    assert any(line.startswith("KL(fine-tuned || pretrained) = ") for line in lines)
+    assert not any("continue it with" in line for line in lines)
+
+
+def test_a_run_whose_status_reads_running_is_told_apart_from_one_a_process_holds(tmp_path, monkeypatch, capsys):
+    run = _stopped_finetune(tmp_path, monkeypatch, 3)
+    status = run.status()
+    run.write_json("status.json", {**status, "state": "running", "pid": 12345})  # as after a kill -9
+    del status["error"]
+    assert not run.in_use()
+    _, lines = _show(capsys, run.path)
+    assert lines[0].startswith("finetune run: stopped without a word (its status reads running, but no process on "
+                               "this machine holds it: killed, or its machine went down), started ")
+    assert lines[-1] == f"continue it with: difftilt finetune --resume {run.path}"
+    with run.lock():  # as the run's own process holds it
+        assert run.in_use()
+        _, lines = _show(capsys, run.path)
+    assert lines[0].startswith("finetune run: running (pid 12345), started ")
+    assert not any("continue it with" in line for line in lines)
+    assert not run.in_use()  # showing it took nothing
+
+
+def test_a_finetune_run_that_saved_no_state_says_to_start_again(tmp_path, monkeypatch, capsys):
+    run = _stopped_finetune(tmp_path, monkeypatch, 1)
+    (run.path / STATE_FILE).unlink()  # as a kill -9 before its first save
+    _, lines = _show(capsys, run.path)
+    assert lines[2].startswith("transitions  update 1 of 7: reward ")
+    assert lines[-1] == "it saved no training state to continue from: start it again"
+
+
+def test_an_online_run_shows_each_methods_rounds_so_far_and_plots_them(tmp_path, capsys):
+    run = run_online(ONLINE, output_dir=str(tmp_path), name="run", progress=False)
+    done = run.read_json("results.json")
+    assert read_results(run.path) == done  # the rounds files hold results.json's rows
+    status, lines = _show(capsys, run.path)
+    assert status == 0 and lines[0].startswith("online run: complete, started ")
+    assert lines[1] == f"run folder: {run.path}"
+    table = [line.split() for line in lines[3:]]
+    assert [(r[0], r[1], r[2]) for r in table[:3]] == [("ucb", "0", "8"), ("ucb", "1", "16"), ("best_of_n", "0", "16")]
+    assert table[1][3] == f"{done['methods']['ucb'][1]['best_true']:.4f}"
+    assert lines[-1] == f"plot: {run.path / 'reward_vs_queries.png'}"
+
+    # the same run caught after ucb's first round: results.json not yet written, best_of_n not begun
+    (run.path / "results.json").unlink()
+    rounds = run.path / "ucb" / "rounds.jsonl"
+    rounds.write_text(rounds.read_text().splitlines()[0] + "\n")
+    (run.path / "best_of_n" / "rounds.jsonl").unlink()
+    run.set_status("interrupted", error="stopped (KeyboardInterrupt); continue with --resume")
+    assert read_results(run.path) == {"methods": {"ucb": done["methods"]["ucb"][:1], "best_of_n": []},
+                                      "schedule": [8, 8]}
+    status, lines = _show(capsys, run.path, "--plot", tmp_path / "so_far.png")
+    assert lines[0].startswith("online run: interrupted (stopped (KeyboardInterrupt); continue with --resume)")
+    assert [line.split()[:3] for line in lines[3:4]] == [["ucb", "0", "8"]]
+    assert not any(line.startswith("plot: ") for line in lines)  # the run's own plot is not of these rounds
+    assert f"plot of the rounds so far: {tmp_path / 'so_far.png'}" in lines
+    assert (tmp_path / "so_far.png").stat().st_size > 0
+    assert lines[-1] == f"continue it with: difftilt online --resume {run.path}"
+
+    run.set_status("failed", error="OracleError: the lab's server is down")
+    _, lines = _show(capsys, run.path)
+    assert lines[0].startswith("online run: failed (OracleError: the lab's server is down), started ")
+    assert lines[-1] == f"once the cause is fixed, continue it with: difftilt online --resume {run.path}"
+
+
+@pytest.mark.parametrize("what, message", [
+    ("missing", "{path} does not exist"),
+    ("file", "{path} is not a folder"),
+    ("folder", "{path} is not a difftilt run folder (no config.yaml of difftilt finetune or online)"),
+    ("plot", "--plot x.jpg: write a .png, .pdf or .svg file"),
+])
+def test_show_refuses_what_is_not_a_run_folder_in_one_line(tmp_path, capsys, what, message):
+    path = tmp_path / what
+    args = [path]
+    if what == "file":
+        path.write_text("")
+    elif what == "folder":
+        path.mkdir()
+    elif what == "plot":
+        path.mkdir()
+        (path / "config.yaml").write_text(json.dumps({"plugin": "toy", "reward": {"name": "linear"}}))
+        args += ["--plot", "x.jpg"]
+    assert main(["show", *map(str, args)]) == 2
+    assert capsys.readouterr().err.strip() == "difftilt: error: " + message.format(path=path)

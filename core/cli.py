@@ -174,41 +174,107 @@ def _best_design(path: Path) -> tuple[float, str] | None:
     return max(answered, key=lambda a: a[0]) if answered else None
 
 
-def _cmd_show(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
-    from .run import STATE_FILE, RunFolder, run_kind
+def _standing(path: Path, kind: str) -> tuple[str, str, str, str | None]:
+    """Where a run folder stands: its state in a word (``running``, ``stopped``: its status
+    reads running but no process on this machine holds it, ``interrupted``, ``failed``,
+    ``waiting``, ``complete``), that state in a sentence, when it started and last moved on,
+    and the line saying how to continue it (``None``: nothing to continue, or it is going on)."""
+    from .run import STATE_FILE, RunFolder
 
-    path = Path(args.run)
-    if not path.is_dir():
-        raise ConfigError(f"{path} does not exist" if not path.exists() else f"{path} is not a folder")
-    kind = run_kind(path)
-    if kind is None:
-        raise ConfigError(f"{path} is not a difftilt run folder (no config.yaml of difftilt finetune or online)")
-    plot = Path(args.plot) if args.plot else None
-    if plot is not None and plot.suffix.lower() not in (".png", ".pdf", ".svg"):
-        raise ConfigError(f"--plot {args.plot}: write a .png, .pdf or .svg file")
     run = RunFolder(path)
     status = run.status()
-    state, error = status.get("state"), status.get("error")
+    state, error = status.get("state") or "no status", status.get("error")
     when = f"started {status['started']}" if "started" in status else "not started"
     if state == "complete":
         when += f", finished {status['updated']}"
-    else:  # when it last made progress: its last round's row, or its last update's
+    else:  # when it last moved on: its last round's row, or its last update's
         logs = list(path.glob("*/rounds.jsonl")) if kind == "online" else [path / "metrics.jsonl"]
         times = [f.stat().st_mtime for f in logs if f.is_file()]
         if times:
             last = _dt.datetime.fromtimestamp(max(times)).isoformat(timespec="seconds")
             when += f", {'last round ended' if kind == 'online' else 'last update'} {last}"
     if state == "running" and run.in_use():
-        print(f"{kind} run: running (pid {status.get('pid', '?')}), {when}")
-    elif state == "running":
-        print(f"{kind} run: stopped without a word (its status reads running, but no process on this machine "
-              f"holds it: killed, or its machine went down), {when}")
-    elif state == "complete":
-        print(f"{kind} run: complete, {when}")
+        return state, f"running (pid {status.get('pid', '?')})", when, None
+    if state == "running":
+        state, said = "stopped", ("stopped without a word (its status reads running, but no process on this "
+                                  "machine holds it: killed, or its machine went down)")
     else:
-        print(f"{kind} run: {state or 'no status'}" + (f" ({error})" if error else "") + f", {when}")
+        said = state + (f" ({error})" if error else "")
+    if state in ("complete", "waiting", "no status"):  # a waiting run's error says how to go on
+        return state, said, when, None
+    if kind == "finetune" and not (path / STATE_FILE).is_file():
+        return state, said, when, "it saved no training state to continue from: start it again"
+    fixed = "once the cause is fixed, " if state == "failed" else ""
+    return state, said, when, f"{fixed}continue it with: {shlex.join(['difftilt', kind, '--resume', str(path)])}"
 
+
+def _run_folders(path: Path) -> list[tuple[Path, str]]:
+    """The run folders at or below ``path`` (a benchmark's ``--runs`` tree) and their kinds,
+    sorted; the folders inside a run are not searched."""
+    from .run import run_kind
+
+    found = []
+    for folder, subfolders, files in os.walk(path):
+        kind = run_kind(folder) if "config.yaml" in files else None
+        if kind is not None:
+            found.append((Path(folder), kind))
+            subfolders.clear()
+        subfolders.sort()
+    return sorted(found)
+
+
+def _progress(path: Path, kind: str) -> str:
+    """A run's progress in a few words: per online method, queries used of the budget and the
+    best answer; a fine-tuning's last update."""
+    if kind == "finetune":
+        from .run import RunFolder
+
+        if (path / "summary.json").is_file():
+            summary = json.loads((path / "summary.json").read_text())
+            return (f"reward mean {summary['finetuned']['reward_mean']:.4f} "
+                    f"(pretrained {summary['pretrained']['reward_mean']:.4f})")
+        rows = RunFolder(path).metrics()
+        return f"{rows[-1]['stage']} update {rows[-1].get('iteration', -1) + 1:,}" if rows else "no update yet"
+    from .online import read_results
+
+    results = read_results(path)
+    budget = sum(results["schedule"] or [])
+    parts = []
+    for method, rows in results["methods"].items():
+        best = f", best {rows[-1]['best_true']:.4f}" if rows and "best_true" in rows[-1] else ""
+        parts.append(f"{method} {rows[-1]['queries_used'] if rows else 0:,}/{budget:,} queries{best}")
+    return "; ".join(parts)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .run import run_kind
+
+    path = Path(args.run)
+    if not path.is_dir():
+        raise ConfigError(f"{path} does not exist" if not path.exists() else f"{path} is not a folder")
+    plot = Path(args.plot) if args.plot else None
+    if plot is not None and plot.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise ConfigError(f"--plot {args.plot}: write a .png, .pdf or .svg file")
+    kind = run_kind(path)
+    if kind is None:  # a folder of runs (a benchmark's --runs): one line each
+        runs = _run_folders(path)
+        if not runs:
+            raise ConfigError(f"{path} is not a difftilt run folder (no config.yaml of difftilt finetune or "
+                              "online), nor a folder holding some")
+        if plot is not None:
+            raise ConfigError(f"--plot draws one run's rounds; {path} holds {len(runs)} runs")
+        names = [str(run.relative_to(path)) for run, _ in runs]
+        width = max(len(n) for n in names)
+        print(f"{'run':<{width}}  {'kind':<8}  {'state':<11}  progress")
+        for name, (run, kind) in zip(names, runs):
+            state = _standing(run, kind)[0]
+            print(f"{name:<{width}}  {kind:<8}  {state:<11}  {_progress(run, kind)}")
+        print(f"{len(runs)} runs in {path}; difftilt show {path}/<run> for one's rounds or updates and how to go on")
+        return 0
+
+    state, said, when, advice = _standing(path, kind)
+    print(f"{kind} run: {said}, {when}")
     if kind == "online":
         _print_online(path, plot=state == "complete")
         if plot is not None:
@@ -216,7 +282,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
             print(f"plot of the rounds so far: {plot_results(read_results(path), plot)}")
     else:
-        rows = run.metrics()
+        from .run import RunFolder
+
+        rows = RunFolder(path).metrics()
         if state == "complete" and (path / "summary.json").is_file():
             _print_finetune(path)
         else:
@@ -225,13 +293,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
             from .plotting import plot_training
 
             print(f"plot of the updates so far: {plot_training(rows, plot, title=path.name)}")
-
-    if state not in ("complete", "waiting", None) and not (state == "running" and run.in_use()):
-        if kind == "finetune" and not (path / STATE_FILE).is_file():
-            print("it saved no training state to continue from: start it again")
-        else:
-            fixed = "once the cause is fixed, " if state == "failed" else ""
-            print(f"{fixed}continue it with: {shlex.join(['difftilt', kind, '--resume', str(path)])}")
+    if advice:
+        print(advice)
     return 0
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from difftilt.core.cli import main
 from difftilt.core.online import read_results, run_online
-from difftilt.core.run import STATE_FILE, RunFolder
+from difftilt.core.run import STATE_FILE, RunFolder, run_finetune
 
 from .test_finetune_resume import TINY, _stopped
 from .test_online_guards import CFG
@@ -115,7 +115,8 @@ def test_an_online_run_shows_each_methods_rounds_so_far_and_plots_them(tmp_path,
 @pytest.mark.parametrize("what, message", [
     ("missing", "{path} does not exist"),
     ("file", "{path} is not a folder"),
-    ("folder", "{path} is not a difftilt run folder (no config.yaml of difftilt finetune or online)"),
+    ("folder", "{path} is not a difftilt run folder (no config.yaml of difftilt finetune or online), nor a folder "
+               "holding some"),
     ("plot", "--plot x.jpg: write a .png, .pdf or .svg file"),
 ])
 def test_show_refuses_what_is_not_a_run_folder_in_one_line(tmp_path, capsys, what, message):
@@ -131,3 +132,29 @@ def test_show_refuses_what_is_not_a_run_folder_in_one_line(tmp_path, capsys, wha
         args += ["--plot", "x.jpg"]
     assert main(["show", *map(str, args)]) == 2
     assert capsys.readouterr().err.strip() == "difftilt: error: " + message.format(path=path)
+
+
+def test_a_folder_of_runs_shows_one_line_per_run(tmp_path, monkeypatch, capsys):
+    """A benchmark's --runs tree: each run folder below it, found without looking inside runs."""
+    online = run_online({**ONLINE, "methods": ["ucb"], "schedule": [8, 8, 8]}, output_dir=str(tmp_path / "a"),
+                        name="online-seed0", progress=False)
+    rows = online.read_json("results.json")["methods"]["ucb"]
+    (online.path / "ucb" / "rounds.jsonl").write_text(json.dumps(rows[0]) + "\n")  # caught after round 0
+    online.write_json("status.json", {**online.status(), "state": "running"})  # and killed
+    stopped = _stopped_finetune(tmp_path / "b", monkeypatch, 9)
+    done = run_finetune(TINY, output_dir=tmp_path / "b" / "c", name="run", progress=False)
+    summary = done.read_json("summary.json")
+    (tmp_path / "b" / "notes").mkdir()
+    status, lines = _show(capsys, tmp_path)
+    assert status == 0
+    assert lines == [
+        "run             kind      state        progress",
+        f"a/online-seed0  online    stopped      ucb 8/24 queries, best {rows[0]['best_true']:.4f}",
+        "b/c/run         finetune  complete     reward mean "
+        f"{summary['finetuned']['reward_mean']:.4f} (pretrained {summary['pretrained']['reward_mean']:.4f})",
+        "b/run           finetune  interrupted  value update 2",
+        f"3 runs in {tmp_path}; difftilt show {tmp_path}/<run> for one's rounds or updates and how to go on",
+    ]
+    assert main(["show", str(tmp_path), "--plot", str(tmp_path / "p.png")]) == 2
+    assert capsys.readouterr().err.strip() == (f"difftilt: error: --plot draws one run's rounds; {tmp_path} holds "
+                                               "3 runs")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from difftilt.core.config import load_yaml, parse_yaml
 from difftilt.core.errors import ConfigError, DifftiltError
-from difftilt.core.online import EVOLUTION, config_differences, read_rows, round_line, run_online
+from difftilt.core.online import EVOLUTION, RoundLines, config_differences, read_rows, run_online
 from difftilt.core.run import RunFolder, run_kind
 
 __all__ = ["check_folder", "check_online_run", "check_output", "fmt", "main_exit", "positive_int", "run_or_reuse",
@@ -120,8 +120,10 @@ def run_or_reuse(cfg: dict, path: Path, label: str = "") -> list[dict]:
     and the reward model then sees non-finite designs) returns the rounds it finished and
     a last row ``{"failed_round": i, "error": ...}``.
     """
+    line = RoundLines()
+
     def report(row: dict, rounds: int) -> None:
-        print(f"  {label}{round_line(row, rounds)}", flush=True)
+        print(f"  {label}{line(row, rounds)}", flush=True)
 
     method = cfg["methods"][0]
     status = path / "status.json"

@@ -114,10 +114,12 @@ def _print_finetune_progress(path: Path, rows: list[dict]) -> None:
 
 
 def _cmd_online(args: argparse.Namespace) -> int:
-    from .online import round_line, run_online
+    from .online import RoundLines, run_online
+
+    line = RoundLines()
 
     def report(row: dict, rounds: int) -> None:  # a line as each round ends, beside the progress bars
-        print(round_line(row, rounds), file=sys.stderr, flush=True)
+        print(line(row, rounds), file=sys.stderr, flush=True)
 
     def how_to_continue(path: Path) -> str:
         return f"online run stopped; continue it with {shlex.join(['difftilt', 'online', '--resume', str(path)])}"

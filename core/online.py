@@ -62,7 +62,7 @@ from .run import RunFolder, read_config
 from .store import COUNTED, STATUSES, SQLiteFeedbackStore
 from .strategies import PolicyGradient, UpdateContext
 
-__all__ = ["METHODS", "OnlineRunConfig", "config_differences", "run_online", "round_line", "OracleSpec", "PPOSpec",
+__all__ = ["METHODS", "OnlineRunConfig", "config_differences", "run_online", "round_line", "RoundLines", "OracleSpec", "PPOSpec",
            "RewardGradientControl", "retune_round", "unique_batch", "design_key", "design_keys", "read_rows",
            "read_results", "plot_results"]
 
@@ -307,16 +307,40 @@ class RewardGradientControl(nn.Module):
 # --------------------------------------------------------------------------- metrics
 
 
-def round_line(row: dict, rounds: int) -> str:
+def round_line(row: dict, rounds: int, left_seconds: float | None = None) -> str:
     """A finished round's row in one line, for a long run's progress:
     ``ucb round 3/8: 750 queries, best 0.3281, top-10 0.2750 (412 s)``, with the round's
     edits or repeats when it had any (``..., 97 edits (63 s)``: its model or proposals ran
-    dry, or ``edit_share``)."""
+    dry, or ``edit_share``), and the method's time left when given (``(412 s, about 34 min
+    left)``; :class:`RoundLines` estimates it)."""
     fills = "".join(f", {row[key]:,} {word}" for key, word in (("edited", "edits"), ("repeated", "repeats"))
                     if row.get(key))
+    left = f", about {_duration(left_seconds)} left" if left_seconds else ""
     line = (f"{row['method']} round {row['round'] + 1}/{rounds}: {row['queries_used']:,} queries, "
-            f"best {row['best_true']:.4f}, top-10 {row['top10_true']:.4f}{fills} ({row['seconds']:.0f} s)")
+            f"best {row['best_true']:.4f}, top-10 {row['top10_true']:.4f}{fills} ({row['seconds']:.0f} s{left})")
     return f"{line}; {row['stopped']}" if "stopped" in row else line
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``34 min``, ``2.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
+class RoundLines:
+    """:func:`round_line` with each method's time left: its rounds still to run at the mean
+    pace of those it finished in this process (a round that stopped the method has none)."""
+
+    def __init__(self):
+        self._seconds: dict[str, list[float]] = {}
+
+    def __call__(self, row: dict, rounds: int) -> str:
+        done = self._seconds.setdefault(row["method"], [])
+        done.append(row["seconds"])
+        left = rounds - row["round"] - 1
+        pace = sum(done) / len(done)
+        return round_line(row, rounds, pace * left if left > 0 and "stopped" not in row else None)
 
 
 def _top_mean(values: list[float], k: int = 10) -> float:

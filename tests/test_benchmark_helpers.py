@@ -158,7 +158,7 @@ def test_an_arm_that_runs_prints_a_line_as_each_round_ends_after_its_label(tmp_p
     from difftilt.benchmarks import common
 
     rows = [{"method": "ucb", "round": i, "queries_used": 100 * (i + 1), "best_true": 0.5, "top10_true": 0.25,
-             "seconds": 3.0} for i in range(2)]
+             "seconds": seconds} for i, seconds in enumerate([30.0, 90.0, 20.0])]
 
     class Done:
         def read_json(self, name):
@@ -166,11 +166,12 @@ def test_an_arm_that_runs_prints_a_line_as_each_round_ends_after_its_label(tmp_p
 
     def fake_run_online(cfg, *, on_round, **kwargs):
         for row in rows:
-            on_round(row, 2)
+            on_round(row, 3)
         return Done()
 
     monkeypatch.setattr(common, "run_online", fake_run_online)
     assert common.run_or_reuse({"methods": ["ucb"]}, tmp_path / "arm", "tfbind8 ucb seed 0, ") == rows
-    assert capsys.readouterr().out.splitlines() == [
-        "  tfbind8 ucb seed 0, ucb round 1/2: 100 queries, best 0.5000, top-10 0.2500 (3 s)",
-        "  tfbind8 ucb seed 0, ucb round 2/2: 200 queries, best 0.5000, top-10 0.2500 (3 s)"]
+    assert capsys.readouterr().out.splitlines() == [  # the time left: rounds to go at the mean pace so far
+        "  tfbind8 ucb seed 0, ucb round 1/3: 100 queries, best 0.5000, top-10 0.2500 (30 s, about 60 s left)",
+        "  tfbind8 ucb seed 0, ucb round 2/3: 200 queries, best 0.5000, top-10 0.2500 (90 s, about 60 s left)",
+        "  tfbind8 ucb seed 0, ucb round 3/3: 300 queries, best 0.5000, top-10 0.2500 (20 s)"]

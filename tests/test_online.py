@@ -483,11 +483,15 @@ def test_each_round_that_ends_is_reported_with_its_row_and_the_command_prints_a_
     assert round_line({**row, "edited": 1200, "repeated": 3}, 2) == ("ucb round 1/2: 8 queries, best 0.5000, "
                                                                      "top-10 0.2500, 1,200 edits, 3 repeats (12 s)")
     assert round_line({**row, "stopped": "an answer reached stop_at 0.5"}, 2).endswith("(12 s); an answer reached stop_at 0.5")
+    for left, said in ((45, "45 s"), (2040, "34 min"), (9000, "2.5 h")):
+        assert round_line(row, 2, left).endswith(f"(12 s, about {said} left)")
 
     capsys.readouterr()
     assert main(["online", str(_tiny(tmp_path)), "--output-dir", str(tmp_path), "--name", "cli"]) == 0
     err = capsys.readouterr().err
-    assert [l.split(":")[0] for l in err.splitlines() if l.startswith("ucb round")] == ["ucb round 1/2", "ucb round 2/2"]
+    said = [l for l in err.splitlines() if l.startswith("ucb round")]
+    assert [l.split(":")[0] for l in said] == ["ucb round 1/2", "ucb round 2/2"]
+    assert " left)" in said[0] and " left)" not in said[1]  # the time left, once there is any
     assert main(["online", str(_tiny(tmp_path)), "--output-dir", str(tmp_path), "--name", "quiet", "--no-progress"]) == 0
     assert "round" not in capsys.readouterr().err
 

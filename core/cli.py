@@ -162,7 +162,7 @@ def _print_online(path: Path, plot: bool = True) -> None:
             value, design = best
             shown = design if len(design) <= 60 else f"{design[:57]}..."
             print(f"{method:<12}best design {value:.4f} {shown}  (all: {path / method / 'designs.csv'})")
-    if plot:
+    if plot and (path / "reward_vs_queries.png").is_file():
         print(f"plot: {path / 'reward_vs_queries.png'}")
 
 
@@ -278,7 +278,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     state, said, when, advice = _standing(path, kind)
     print(f"{kind} run: {said}, {when}")
     if kind == "online":
-        _print_online(path, plot=state == "complete")
+        _print_online(path, plot=plot is None)  # the run's own plot, redrawn every minute or so while it runs
         if plot is not None:
             from .online import plot_results, read_results
 

@@ -889,6 +889,10 @@ class _PPO:
 # --------------------------------------------------------------------------- the run
 
 
+#: Seconds: a run redraws its plot after a round at most this often (and once at its end).
+PLOT_EVERY = 60.0
+
+
 def read_rows(folder: str | os.PathLike) -> list[dict]:
     """A method's rows so far, one per finished round, from ``<run>/<method>/rounds.jsonl``
     (each written as its round ends; ``results.json`` holds the same rows once the run is done)."""
@@ -1210,10 +1214,19 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
     run.set_status("running", pid=os.getpid())
     results: dict = {"methods": {}, "schedule": cfg.schedule}
     waiting: dict[str, AwaitingAnswers] = {}
+    plotted = [time.monotonic()]
+
+    def round_ended(row: dict, rounds: int) -> None:  # a long run's plot is there to look at while it runs
+        if time.monotonic() - plotted[0] >= PLOT_EVERY:
+            plot_results(read_results(run.path), run.path / "reward_vs_queries.png")
+            plotted[0] = time.monotonic()
+        if on_round is not None:
+            on_round(row, rounds)
+
     try:
         for method in cfg.methods:
             mrun = _MethodRun(cfg, method, domain, pretrained, truth, featurizer, run.path / method, progress,
-                              on_round)
+                              round_ended)
             try:
                 results["methods"][method] = mrun.run(process_spec)
             except AwaitingAnswers as err:  # its round is out for measurement: the other methods go on

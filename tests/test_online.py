@@ -510,3 +510,20 @@ def test_a_run_seeds_torch_for_itself_and_gives_the_callers_random_state_back(tm
         torch.manual_seed(11)
         run()
         assert torch.equal(torch.rand(3), expected), name
+
+
+def test_a_run_redraws_its_plot_as_rounds_end_at_most_every_plot_every_seconds(tmp_path, monkeypatch):
+    from difftilt.core import online
+
+    def run(name, every):
+        monkeypatch.setattr(online, "PLOT_EVERY", every)
+        folder = tmp_path / name
+        seen = []  # after each round: is there a plot, and is the run over (results.json)?
+        online.run_online(str(_tiny(tmp_path)), output_dir=str(tmp_path), name=name, progress=False,
+                          on_round=lambda row, rounds: seen.append(((folder / "reward_vs_queries.png").is_file(),
+                                                                    (folder / "results.json").is_file())))
+        assert (folder / "reward_vs_queries.png").is_file()  # and always at the end
+        return seen
+
+    assert run("each", 0.0) == [(True, False), (True, False)]
+    assert run("hourly", 3600.0) == [(False, False), (False, False)]

@@ -210,9 +210,9 @@ def _standing(path: Path, kind: str) -> tuple[str, str, str, str | None]:
     return state, said, when, f"{fixed}continue it with: {shlex.join(['difftilt', kind, '--resume', str(path)])}"
 
 
-def _run_folders(path: Path) -> list[tuple[Path, str]]:
-    """The run folders at or below ``path`` (a benchmark's ``--runs`` tree) and their kinds,
-    sorted; the folders inside a run are not searched."""
+def _run_folders(path: Path, depth: int = 3) -> list[tuple[Path, str]]:
+    """The run folders below ``path`` (a benchmark's ``--runs`` tree: ``<task>/<arm>``), down to
+    ``depth`` levels, and their kinds, sorted; the folders inside a run are not searched."""
     from .run import run_kind
 
     found = []
@@ -220,8 +220,8 @@ def _run_folders(path: Path) -> list[tuple[Path, str]]:
         kind = run_kind(folder) if "config.yaml" in files else None
         if kind is not None:
             found.append((Path(folder), kind))
+        if kind is not None or len(Path(folder).relative_to(path).parts) >= depth:
             subfolders.clear()
-        subfolders.sort()
     return sorted(found)
 
 

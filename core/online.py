@@ -58,7 +58,7 @@ from .reward import Reward, RewardOutput
 from .reward_models import (REWARD_MODELS, AcquisitionReward, Flatten, Greedy, MaxOverHeads, RewardModel, Thompson,
                             UCB, make_reward_model)
 from .rollout import step_generator
-from .run import RunFolder, read_config
+from .run import RunFolder, read_config, read_jsonl
 from .store import COUNTED, STATUSES, SQLiteFeedbackStore
 from .strategies import PolicyGradient, UpdateContext
 
@@ -503,6 +503,10 @@ class _MethodRun:
     def run(self, process_spec: dict) -> list[dict]:
         self.process_spec = process_spec
         done = self.state()["rounds_done"]
+        if (self.folder / "rounds.jsonl").is_file():  # resumed: the finished rounds' rows, whole, and no more
+            # (a crash after a round's row, or half of it, and before its state runs that round again)
+            rows = self.rows()[:done]
+            atomic_write_text(self.folder / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         # A resumed run stops where the original did. A round that reached the target but
         # has no row yet (a crash between its answers and its row) is run again: it re-asks
         # its designs, finds them answered, and writes its row.
@@ -895,9 +899,9 @@ PLOT_EVERY = 60.0
 
 def read_rows(folder: str | os.PathLike) -> list[dict]:
     """A method's rows so far, one per finished round, from ``<run>/<method>/rounds.jsonl``
-    (each written as its round ends; ``results.json`` holds the same rows once the run is done)."""
-    path = Path(folder) / "rounds.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    (each written as its round ends; ``results.json`` holds the same rows once the run is done).
+    A last line that is not whole (being written now, or cut by a crash) is left out."""
+    return read_jsonl(Path(folder) / "rounds.jsonl")
 
 
 def read_results(run_dir: str | os.PathLike) -> dict:

@@ -47,10 +47,24 @@ from .finetune import (SEED_MAX, Finetuner, FinetuneResult, check_finetune_optio
 from .plugins import load_plugin
 from .rollout import step_generator
 
-__all__ = ["RunFolder", "FinetuneRunConfig", "run_finetune", "load_config", "run_kind", "STATE_FILE"]
+__all__ = ["RunFolder", "FinetuneRunConfig", "run_finetune", "load_config", "run_kind", "read_jsonl", "STATE_FILE"]
 
 #: A finetune run's training state, in its folder (:meth:`~.finetune.Finetuner.fit`'s ``state_file``).
 STATE_FILE = "checkpoints/state.pt"
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSON-lines file that a run appends to (``[]`` if there is none). A last
+    line that is not whole (being written now, or cut by a crash) is left out."""
+    path = Path(path)
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = [json.loads(line) for line in lines[:-1]]
+    if lines:
+        try:
+            rows.append(json.loads(lines[-1]))
+        except json.JSONDecodeError:
+            pass
+    return rows
 
 
 def run_kind(folder: str | os.PathLike) -> str | None:
@@ -203,10 +217,7 @@ class RunFolder:
 
     def metrics(self) -> list[dict]:
         """All rows of ``metrics.jsonl``."""
-        path = self.path / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path / "metrics.jsonl")
 
     def write_metric_tables(self) -> None:
         """Rewrite ``metrics.csv`` and ``metrics.json`` from ``metrics.jsonl``."""

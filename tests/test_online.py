@@ -527,3 +527,35 @@ def test_a_run_redraws_its_plot_as_rounds_end_at_most_every_plot_every_seconds(t
 
     assert run("each", 0.0) == [(True, False), (True, False)]
     assert run("hourly", 3600.0) == [(False, False), (False, False)]
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["row-written", "row-half-written"])
+def test_a_crash_between_a_rounds_row_and_its_state_leaves_the_rows_of_a_run_never_stopped(tmp_path, monkeypatch,
+                                                                                            cut):
+    from difftilt.core import online
+
+    cfg = str(_tiny(tmp_path, schedule=[8, 8, 8]))
+    straight = online.run_online(cfg, output_dir=str(tmp_path), name="straight", progress=False)
+    rows = straight.read_json("results.json")["methods"]["ucb"]
+    save = online._MethodRun._save_state
+
+    def killed(self, **kw):  # the process dies after round 1's row, before its state says so
+        if kw.get("rounds_done") == 2:
+            raise KeyboardInterrupt
+        save(self, **kw)
+
+    monkeypatch.setattr(online._MethodRun, "_save_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        online.run_online(cfg, output_dir=str(tmp_path), name="run", progress=False)
+    monkeypatch.undo()
+    folder = tmp_path / "run" / "ucb"
+    written = (folder / "rounds.jsonl").read_text()
+    if cut:  # or during that row's write
+        written = written[: written.rindex("{") + 30]
+        (folder / "rounds.jsonl").write_text(written)
+    def timeless(rows):
+        return [{**r, "seconds": 0} for r in rows]
+
+    assert timeless(online.read_rows(folder)) == timeless(rows[:1] if cut else rows[:2])  # a half line is left out
+    online.run_online(resume=str(tmp_path / "run"), progress=False)
+    assert timeless(online.read_rows(folder)) == timeless(rows)  # round 1 ran again, and wrote its row once

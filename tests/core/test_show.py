@@ -158,3 +158,15 @@ def test_a_folder_of_runs_shows_one_line_per_run(tmp_path, monkeypatch, capsys):
     assert main(["show", str(tmp_path), "--plot", str(tmp_path / "p.png")]) == 2
     assert capsys.readouterr().err.strip() == (f"difftilt: error: --plot draws one run's rounds; {tmp_path} holds "
                                                "3 runs")
+
+
+def test_a_line_being_appended_is_left_out_and_a_broken_line_before_it_is_not(tmp_path):
+    from difftilt.core.run import read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    assert read_jsonl(path) == []
+    path.write_text('{"iteration": 0}\n{"iteration": 1}\n{"itera')  # show reads while the run appends
+    assert read_jsonl(path) == [{"iteration": 0}, {"iteration": 1}] == RunFolder(tmp_path).metrics()
+    path.write_text('{"itera\n{"iteration": 1}\n')  # not a line being written: a broken file
+    with pytest.raises(json.JSONDecodeError):
+        read_jsonl(path)

@@ -75,3 +75,12 @@ class AwaitingAnswers(DifftiltError):
         self.count = int(count)
         self.reason = message if reason is None else reason  # what to do, without the count
         self.run = None  # the online run folder that waits, once the online loop has one
+
+
+class Terminated(SystemExit):
+    """The ``difftilt`` command got SIGTERM (``kill``, a scheduler's time limit): raised where
+    the process is, so that a run stops as after a Ctrl-C, records itself ``interrupted`` and
+    resumes with ``--resume``. The command then ends with exit status 143 (128 + SIGTERM)."""
+
+    def __init__(self):
+        super().__init__(143)

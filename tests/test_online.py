@@ -559,3 +559,29 @@ def test_a_crash_between_a_rounds_row_and_its_state_leaves_the_rows_of_a_run_nev
     assert timeless(online.read_rows(folder)) == timeless(rows[:1] if cut else rows[:2])  # a half line is left out
     online.run_online(resume=str(tmp_path / "run"), progress=False)
     assert timeless(online.read_rows(folder)) == timeless(rows)  # round 1 ran again, and wrote its row once
+
+
+@pytest.mark.slow
+def test_a_sigterm_outside_fine_tuning_stops_the_run_as_interrupted_and_the_resume_ends_it(tmp_path):
+    """``kill`` or a scheduler's time limit while the oracle is asked (not in a Lightning fit,
+    which has its own SIGTERM handling): the run says how to continue and ends with status 143."""
+    cfg = tmp_path / "online.yaml"
+    cfg.write_text(yaml.safe_dump(CFG))  # an oracle that takes 0.4 s a batch of 2
+    proc = _start([str(cfg), "--output-dir", str(tmp_path), "--name", "run"], tmp_path)
+    db = tmp_path / "run" / "ucb" / "feedback.sqlite"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(_answered(db)) < 2:  # in round 0's questions
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    run = tmp_path / "run"
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-2:] == [f"online run stopped; continue it with difftilt online --resume {run}",
+                                             "difftilt: terminated (SIGTERM)"]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "interrupted" and "Terminated" in status["error"]
+    assert 2 <= len(_answered(db)) < sum(SCHEDULE)
+    resumed = _start(["--resume", str(run)], tmp_path)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert len(_answered(db)) == sum(SCHEDULE)

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from difftilt.core.config import validate_kwargs
-from difftilt.core.errors import ConfigError, InputDataError
+from difftilt.core.errors import ConfigError, InputDataError, Terminated
 
 from .alphabets import DNA, PROTEIN, NotUTF8, default_alphabet, utf8_text
 from .ehrlich import EhrlichFunction
@@ -214,7 +214,7 @@ def pretrain_from_config(config: dict, progress: bool = True, output: str | None
     try:
         net, log = train_masked_diffusion(tokens, len(alphabet), progress=progress, state_file=state_file,
                                           resume=resume, **options)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):  # Ctrl-C, or the command's SIGTERM
         if state_file.is_file():
             step = read_state(state_file)["step"]
             print(f"pretraining stopped; its state at step {step:,} is in {state_file}: continue it with "

@@ -237,14 +237,16 @@ def _progress(path: Path, kind: str) -> str:
                     f"(pretrained {summary['pretrained']['reward_mean']:.4f})")
         rows = RunFolder(path).metrics()
         return f"{rows[-1]['stage']} update {rows[-1].get('iteration', -1) + 1:,}" if rows else "no update yet"
-    from .online import read_results
+    from .online import duration, read_results, time_left
 
     results = read_results(path)
     budget = sum(results["schedule"] or [])
     parts = []
     for method, rows in results["methods"].items():
         best = f", best {rows[-1]['best_true']:.4f}" if rows and "best_true" in rows[-1] else ""
-        parts.append(f"{method} {rows[-1]['queries_used'] if rows else 0:,}/{budget:,} queries{best}")
+        left = time_left(rows, budget)
+        to_go = f", about {duration(left)} to go" if left is not None else ""
+        parts.append(f"{method} {rows[-1]['queries_used'] if rows else 0:,}/{budget:,} queries{best}{to_go}")
     return "; ".join(parts)
 
 
@@ -279,6 +281,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
     print(f"{kind} run: {said}, {when}")
     if kind == "online":
         _print_online(path, plot=plot is None)  # the run's own plot, redrawn every minute or so while it runs
+        if state != "complete":
+            print(f"progress: {_progress(path, kind)}")
         if plot is not None:
             from .online import plot_results, read_results
 

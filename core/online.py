@@ -38,6 +38,7 @@ import io
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,7 +63,7 @@ from .run import RunFolder, read_config, read_jsonl
 from .store import COUNTED, STATUSES, SQLiteFeedbackStore
 from .strategies import PolicyGradient, UpdateContext
 
-__all__ = ["METHODS", "OnlineRunConfig", "config_differences", "run_online", "round_line", "RoundLines", "OracleSpec", "PPOSpec",
+__all__ = ["METHODS", "OnlineRunConfig", "config_differences", "run_online", "round_line", "RoundLines", "time_left", "duration", "OracleSpec", "PPOSpec",
            "RewardGradientControl", "retune_round", "unique_batch", "design_key", "design_keys", "read_rows",
            "read_results", "plot_results"]
 
@@ -315,13 +316,24 @@ def round_line(row: dict, rounds: int, left_seconds: float | None = None) -> str
     left)``; :class:`RoundLines` estimates it)."""
     fills = "".join(f", {row[key]:,} {word}" for key, word in (("edited", "edits"), ("repeated", "repeats"))
                     if row.get(key))
-    left = f", about {_duration(left_seconds)} left" if left_seconds else ""
+    left = f", about {duration(left_seconds)} left" if left_seconds else ""
     line = (f"{row['method']} round {row['round'] + 1}/{rounds}: {row['queries_used']:,} queries, "
             f"best {row['best_true']:.4f}, top-10 {row['top10_true']:.4f}{fills} ({row['seconds']:.0f} s{left})")
     return f"{line}; {row['stopped']}" if "stopped" in row else line
 
 
-def _duration(seconds: float) -> str:
+def time_left(rows: list[dict], budget: int) -> float | None:
+    """Seconds a method still needs for the rest of its ``budget`` at the median pace (seconds
+    per query) of its rounds so far, which a round that waited out a stop does not sway;
+    ``None`` before its first round and once it is done (budget spent, or stopped at ``stop_at``)."""
+    if not rows or "stopped" in rows[-1] or not 0 < rows[-1]["queries_used"] < budget:
+        return None
+    used = [0] + [r["queries_used"] for r in rows]
+    paces = [r["seconds"] / (b - a) for r, a, b in zip(rows, used, used[1:]) if b > a]
+    return statistics.median(paces) * (budget - used[-1]) if paces else None
+
+
+def duration(seconds: float) -> str:
     """``45 s``, ``34 min``, ``2.5 h``."""
     if seconds < 90:
         return f"{seconds:.0f} s"

@@ -92,15 +92,16 @@ def test_an_online_run_shows_each_methods_rounds_so_far_and_plots_them(tmp_path,
 
     # the same run caught after ucb's first round: results.json not yet written, best_of_n not begun
     (run.path / "results.json").unlink()
-    rounds = run.path / "ucb" / "rounds.jsonl"
-    rounds.write_text(rounds.read_text().splitlines()[0] + "\n")
+    first = {**done["methods"]["ucb"][0], "seconds": 30.0}  # 8 queries in 30 s: 8 to go, at that pace
+    (run.path / "ucb" / "rounds.jsonl").write_text(json.dumps(first) + "\n")
     (run.path / "best_of_n" / "rounds.jsonl").unlink()
     run.set_status("interrupted", error="stopped (KeyboardInterrupt); continue with --resume")
-    assert read_results(run.path) == {"methods": {"ucb": done["methods"]["ucb"][:1], "best_of_n": []},
-                                      "schedule": [8, 8]}
+    assert read_results(run.path) == {"methods": {"ucb": [first], "best_of_n": []}, "schedule": [8, 8]}
     status, lines = _show(capsys, run.path, "--plot", tmp_path / "so_far.png")
     assert lines[0].startswith("online run: interrupted (stopped (KeyboardInterrupt); continue with --resume)")
     assert [line.split()[:3] for line in lines[3:4]] == [["ucb", "0", "8"]]
+    assert (f"progress: ucb 8/16 queries, best {first['best_true']:.4f}, about 30 s to go; best_of_n 0/16 queries"
+            in lines)
     assert not any(line.startswith("plot: ") for line in lines)  # the run's own plot is not of these rounds
     assert f"plot of the rounds so far: {tmp_path / 'so_far.png'}" in lines
     assert (tmp_path / "so_far.png").stat().st_size > 0
@@ -139,6 +140,7 @@ def test_a_folder_of_runs_shows_one_line_per_run(tmp_path, monkeypatch, capsys):
     online = run_online({**ONLINE, "methods": ["ucb"], "schedule": [8, 8, 8]}, output_dir=str(tmp_path / "a"),
                         name="online-seed0", progress=False)
     rows = online.read_json("results.json")["methods"]["ucb"]
+    rows[0]["seconds"] = 30.0  # 8 queries in 30 s: 16 to go, at that pace
     (online.path / "ucb" / "rounds.jsonl").write_text(json.dumps(rows[0]) + "\n")  # caught after round 0
     online.write_json("status.json", {**online.status(), "state": "running"})  # and killed
     stopped = _stopped_finetune(tmp_path / "b", monkeypatch, 9)
@@ -149,7 +151,7 @@ def test_a_folder_of_runs_shows_one_line_per_run(tmp_path, monkeypatch, capsys):
     assert status == 0
     assert lines == [
         "run             kind      state        progress",
-        f"a/online-seed0  online    stopped      ucb 8/24 queries, best {rows[0]['best_true']:.4f}",
+        f"a/online-seed0  online    stopped      ucb 8/24 queries, best {rows[0]['best_true']:.4f}, about 60 s to go",
         "b/c/run         finetune  complete     reward mean "
         f"{summary['finetuned']['reward_mean']:.4f} (pretrained {summary['pretrained']['reward_mean']:.4f})",
         "b/run           finetune  interrupted  value update 2",
@@ -170,3 +172,22 @@ def test_a_line_being_appended_is_left_out_and_a_broken_line_before_it_is_not(tm
     path.write_text('{"itera\n{"iteration": 1}\n')  # not a line being written: a broken file
     with pytest.raises(json.JSONDecodeError):
         read_jsonl(path)
+
+
+def test_the_time_left_is_the_median_pace_of_the_rounds_so_far_times_the_queries_to_go():
+    from difftilt.core.online import duration, time_left
+
+    def rows(*rounds):  # (queries, seconds) per round
+        used, out = 0, []
+        for queries, seconds in rounds:
+            used += queries
+            out.append({"queries_used": used, "seconds": seconds})
+        return out
+
+    assert time_left([], 100) is None
+    assert time_left(rows((10, 20.0)), 100) == 180.0
+    # a round that waited out a stop (4,000 s) does not sway the pace, 2 s a query
+    assert time_left(rows((10, 20.0), (10, 4000.0), (20, 40.0)), 100) == 120.0
+    assert time_left(rows((50, 1.0), (50, 1.0)), 100) is None  # the budget is spent
+    assert time_left([{**rows((10, 20.0))[0], "stopped": "an answer reached stop_at 1"}], 100) is None
+    assert [duration(s) for s in (45, 2040, 9000)] == ["45 s", "34 min", "2.5 h"]

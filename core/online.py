@@ -341,8 +341,8 @@ def duration(seconds: float) -> str:
 
 
 class RoundLines:
-    """:func:`round_line` with each method's time left: its rounds still to run at the mean
-    pace of those it finished in this process (a round that stopped the method has none)."""
+    """:func:`round_line` with each method's time left: its rounds still to run at the median
+    time of those it finished in this process (a round that stopped the method has none)."""
 
     def __init__(self):
         self._seconds: dict[str, list[float]] = {}
@@ -351,8 +351,7 @@ class RoundLines:
         done = self._seconds.setdefault(row["method"], [])
         done.append(row["seconds"])
         left = rounds - row["round"] - 1
-        pace = sum(done) / len(done)
-        return round_line(row, rounds, pace * left if left > 0 and "stopped" not in row else None)
+        return round_line(row, rounds, statistics.median(done) * left if left > 0 and "stopped" not in row else None)
 
 
 def _top_mean(values: list[float], k: int = 10) -> float:

@@ -171,7 +171,7 @@ def test_an_arm_that_runs_prints_a_line_as_each_round_ends_after_its_label(tmp_p
 
     monkeypatch.setattr(common, "run_online", fake_run_online)
     assert common.run_or_reuse({"methods": ["ucb"]}, tmp_path / "arm", "tfbind8 ucb seed 0, ") == rows
-    assert capsys.readouterr().out.splitlines() == [  # the time left: rounds to go at the mean pace so far
+    assert capsys.readouterr().out.splitlines() == [  # the time left: rounds to go at the median time so far
         "  tfbind8 ucb seed 0, ucb round 1/3: 100 queries, best 0.5000, top-10 0.2500 (30 s, about 60 s left)",
         "  tfbind8 ucb seed 0, ucb round 2/3: 200 queries, best 0.5000, top-10 0.2500 (90 s, about 60 s left)",
         "  tfbind8 ucb seed 0, ucb round 3/3: 300 queries, best 0.5000, top-10 0.2500 (20 s)"]

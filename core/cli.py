@@ -58,6 +58,12 @@ def _says_on_stop(how_to_continue: Callable[[Path], str | None]):
         raise
 
 
+def _says_where(path: Path) -> None:
+    """A run's first line: its folder, to follow it from another terminal or resume it."""
+    print(f"running in {path} (follow it from another terminal: {shlex.join(['difftilt', 'show', str(path)])})",
+          flush=True)
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from .run import STATE_FILE, run_finetune
 
@@ -69,7 +75,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     with _says_on_stop(how_to_continue):
         run = run_finetune(args.config, overrides=args.set, output_dir=args.output_dir, name=args.name,
-                           progress=not args.no_progress, resume=args.resume)
+                           progress=not args.no_progress, resume=args.resume, on_start=_says_where)
     _print_finetune(run.path)
     return 0
 
@@ -128,7 +134,7 @@ def _cmd_online(args: argparse.Namespace) -> int:
         try:
             run = run_online(args.config, resume=args.resume, overrides=args.set, output_dir=args.output_dir,
                              name=args.name, progress=not args.no_progress,
-                             on_round=None if args.no_progress else report)
+                             on_round=None if args.no_progress else report, on_start=_says_where)
         except AwaitingAnswers as err:  # the rounds answered so far, then the line saying what to do
             if err.run is not None:
                 _print_online(err.run)

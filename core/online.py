@@ -1181,7 +1181,8 @@ def retune_round(run_dir: str | os.PathLike, method: str, round_index: int, alph
 @keeps_rng_states  # the run seeds torch's global state; the caller's is given back
 def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | os.PathLike | None = None,
                overrides: list[str] | None = None, output_dir: str | None = None, name: str | None = None,
-               progress: bool = True, on_round: Callable[[dict, int], None] | None = None) -> RunFolder:
+               progress: bool = True, on_round: Callable[[dict, int], None] | None = None,
+               on_start: Callable[[Path], None] | None = None) -> RunFolder:
     """Run (or resume) ``difftilt online``; returns the run folder.
 
     It seeds torch with the config's ``seed`` and gives the caller's random states back after.
@@ -1195,6 +1196,8 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
         progress: show fine-tuning progress bars.
         on_round: called as each round ends with its row (as in ``results.json``) and the
             method's number of rounds; :func:`round_line` makes a line of them.
+        on_start: called with the run folder once it is made (or, resumed, locked), before the
+            first question: where to follow the run (``difftilt show``) and resume it.
     """
     if resume is not None:
         run = RunFolder.to_resume(resume, "online", output_dir=output_dir, name=name)
@@ -1227,6 +1230,8 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
         run.write_config({**asdict(cfg), "methods": cfg.methods})
     lock = run.lock()
     run.set_status("running", pid=os.getpid())
+    if on_start is not None:
+        on_start(run.path)
     results: dict = {"methods": {}, "schedule": cfg.schedule}
     waiting: dict[str, AwaitingAnswers] = {}
     plotted = [time.monotonic()]

@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -399,6 +399,7 @@ def run_finetune(
     name: str | None = None,
     progress: bool = True,
     resume: str | os.PathLike | None = None,
+    on_start: Callable[[Path], None] | None = None,
 ) -> RunFolder:
     """Run ``difftilt finetune`` and return its run folder (the CLI calls exactly this).
 
@@ -418,6 +419,8 @@ def run_finetune(
             saved state; ``config`` (with ``overrides``) must be the one it was started with
             (``finetune.save_every`` and ``finetune.progress`` aside). The run ends with the
             same model and metrics as one never stopped.
+        on_start: called with the run folder once it is made (or, resumed, locked), before
+            the first update: where to follow the run (``difftilt show``) and resume it.
 
     Raises:
         DifftiltError: on bad input, before any folder is created when the problem is in
@@ -464,6 +467,8 @@ def run_finetune(
         run = RunFolder.create(cfg.output_dir, cfg.name or f"{cfg.plugin}-{stamp}")
         run.write_config(resolved)
     with run.lock():
+        if on_start is not None:
+            on_start(run.path)
         _finetune_in(run, cfg, state, finetuner, reward, domain, resolved)
     return run
 

@@ -73,6 +73,7 @@ def test_finetune_writes_a_complete_run_folder_and_sample_reads_the_model(tmp_pa
 
     assert saved["finetune"]["lr"] == inspect.signature(Finetuner).parameters["lr"].default  # defaults filled in
     assert f"run folder: {run}" in proc.stdout and "KL(fine-tuned || pretrained)" in proc.stdout
+    assert proc.stdout.splitlines()[0] == f"running in {run} (follow it from another terminal: difftilt show {run})"
 
     out = tmp_path / "s.npy"
     proc = _run(["sample", str(run / "model"), "-n", "7", "-o", str(out)], tmp_path)

@@ -138,7 +138,11 @@ def test_every_method_runs_in_the_same_harness(tmp_path):
         with SQLiteFeedbackStore(tmp_path / "r" / "all" / method / "feedback.sqlite", readonly=True) as s:
             assert s.count(COUNTED) == 16 and s.count(("pending",)) == 0
     assert len(results["methods"]["nonadaptive"]) == 1 and len(results["methods"]["ucb"]) == 2
-    for line in proc.stdout.splitlines()[2:2 + 4]:
+    run = tmp_path / "r" / "all"
+    said = proc.stdout.splitlines()
+    assert said[0] == f"running in {run} (follow it from another terminal: difftilt show {run})"  # before round 0
+    assert said[1] == f"run folder: {run}"
+    for line in said[3:3 + 4]:
         assert line.split()[0] in METHODS
 
 

@@ -205,7 +205,8 @@ def test_a_run_with_a_lab_stops_each_round_and_resumes_to_what_a_function_gives_
     measured = [_measure(sheet)]
     assert main(["online", "--resume", str(run), "--no-progress"]) == 3  # round 1 out: round 0's table first
     out = capsys.readouterr()
-    assert out.out.startswith(f"run folder: {run}\n") and "hill_climb       0          16" in out.out
+    assert out.out.startswith(f"running in {run} (follow it from another terminal: difftilt show {run})\n"
+                              f"run folder: {run}\n") and "hill_climb       0          16" in out.out
     assert out.err.startswith("difftilt: waiting: 32 designs (ucb 16, hill_climb 16)")
     measured.append(_measure(sheet))
     while True:  # each resume runs one more round of each method, then waits again

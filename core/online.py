@@ -63,9 +63,9 @@ from .run import RunFolder, read_config, read_jsonl
 from .store import COUNTED, STATUSES, SQLiteFeedbackStore
 from .strategies import PolicyGradient, UpdateContext
 
-__all__ = ["METHODS", "OnlineRunConfig", "config_differences", "run_online", "round_line", "RoundLines", "time_left", "duration", "OracleSpec", "PPOSpec",
-           "RewardGradientControl", "retune_round", "unique_batch", "design_key", "design_keys", "read_rows",
-           "read_results", "plot_results"]
+__all__ = ["METHODS", "OnlineRunConfig", "config_differences", "run_online", "round_line", "RoundLines", "time_left",
+           "duration", "OracleSpec", "PPOSpec", "RewardGradientControl", "retune_round", "unique_batch", "design_key",
+           "design_keys", "read_rows", "read_results", "plot_results"]
 
 METHODS = ("ucb", "bootstrap", "thompson", "greedy", "nonadaptive", "ppo", "guidance", "best_of_n", "ga", "hill_climb")
 #: Model-free baselines: they edit queried designs with the domain's mutation/crossover.
@@ -351,7 +351,8 @@ class RoundLines:
         done = self._seconds.setdefault(row["method"], [])
         done.append(row["seconds"])
         left = rounds - row["round"] - 1
-        return round_line(row, rounds, statistics.median(done) * left if left > 0 and "stopped" not in row else None)
+        going = left > 0 and "stopped" not in row
+        return round_line(row, rounds, statistics.median(done) * left if going else None)
 
 
 def _top_mean(values: list[float], k: int = 10) -> float:

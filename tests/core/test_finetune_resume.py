@@ -230,6 +230,6 @@ def test_ctrl_c_prints_the_command_that_continues_the_run_and_that_command_ends_
     assert main(shlex.split(command)[1:] + ["--no-progress"]) == 0
     said = capsys.readouterr()
     assert f"run folder: {run}" in said.out
-    assert "it/s" not in said.out + said.err  # no progress bar: --no-progress wins over the saved config's progress: true
+    assert "it/s" not in said.out + said.err  # no bar: --no-progress wins over the saved config's progress: true
     assert json.loads((run / "status.json").read_text())["state"] == "complete"
     _assert_same_model(run, straight.path)

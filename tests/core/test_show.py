@@ -112,6 +112,13 @@ def test_an_online_run_shows_each_methods_rounds_so_far_and_plots_them(tmp_path,
     assert lines[0].startswith("online run: failed (OracleError: the lab's server is down), started ")
     assert lines[-1] == f"once the cause is fixed, continue it with: difftilt online --resume {run.path}"
 
+    waiting = (f"8 designs (ucb 8) await the oracle's answers: fill in x.csv; then continue with: "
+               f"difftilt online --resume {run.path}")
+    run.set_status("waiting", error=waiting)  # its own message says how to go on
+    _, lines = _show(capsys, run.path)
+    assert lines[0].startswith(f"online run: waiting ({waiting}), started ")
+    assert lines[-1].startswith("progress: ucb 8/16 queries")
+
 
 @pytest.mark.parametrize("what, message", [
     ("missing", "{path} does not exist"),

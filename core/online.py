@@ -316,7 +316,7 @@ def round_line(row: dict, rounds: int, left_seconds: float | None = None) -> str
     left)``; :class:`RoundLines` estimates it)."""
     fills = "".join(f", {row[key]:,} {word}" for key, word in (("edited", "edits"), ("repeated", "repeats"))
                     if row.get(key))
-    left = f", about {duration(left_seconds)} left" if left_seconds else ""
+    left = f", about {duration(left_seconds)} left" if left_seconds and left_seconds >= 1 else ""  # not "0 s left"
     line = (f"{row['method']} round {row['round'] + 1}/{rounds}: {row['queries_used']:,} queries, "
             f"best {row['best_true']:.4f}, top-10 {row['top10_true']:.4f}{fills} ({row['seconds']:.0f} s{left})")
     return f"{line}; {row['stopped']}" if "stopped" in row else line

@@ -489,6 +489,7 @@ def test_each_round_that_ends_is_reported_with_its_row_and_the_command_prints_a_
     assert round_line({**row, "stopped": "an answer reached stop_at 0.5"}, 2).endswith("(12 s); an answer reached stop_at 0.5")
     for left, said in ((45, "45 s"), (2040, "34 min"), (9000, "2.5 h")):
         assert round_line(row, 2, left).endswith(f"(12 s, about {said} left)")
+    assert round_line(row, 2, 0.4).endswith("(12 s)")  # a GA's rounds take no time: no "about 0 s left"
 
     capsys.readouterr()
     assert main(["online", str(_tiny(tmp_path)), "--output-dir", str(tmp_path), "--name", "cli"]) == 0

@@ -164,9 +164,19 @@ def test_a_folder_of_runs_shows_one_line_per_run(tmp_path, monkeypatch, capsys):
         "b/run           finetune  interrupted  value update 2",
         f"3 runs in {tmp_path}; difftilt show {tmp_path}/<run> for one's rounds or updates and how to go on",
     ]
+    assert main(["show", str(tmp_path / "b")]) == 0 and capsys.readouterr().out.splitlines()[1:3] == [
+        "c/run  finetune  complete     reward mean "
+        f"{summary['finetuned']['reward_mean']:.4f} (pretrained {summary['pretrained']['reward_mean']:.4f})",
+        "run    finetune  interrupted  value update 2"]
     assert main(["show", str(tmp_path), "--plot", str(tmp_path / "p.png")]) == 2
     assert capsys.readouterr().err.strip() == (f"difftilt: error: --plot draws one run's rounds; {tmp_path} holds "
                                                "3 runs")
+    # three levels down at most: a run deeper than that is not looked for (nor a home folder walked through)
+    deep = tmp_path / "x" / "y" / "z"
+    deep.mkdir(parents=True)
+    (tmp_path / "b" / "c").rename(deep / "c")
+    assert main(["show", str(tmp_path / "x")]) == 2
+    assert "nor a folder holding some" in capsys.readouterr().err
 
 
 def test_a_line_being_appended_is_left_out_and_a_broken_line_before_it_is_not(tmp_path):

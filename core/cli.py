@@ -143,12 +143,12 @@ def _cmd_online(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_online(path: Path, plot: bool = True) -> None:
-    """An online run's rounds so far, each method's best design, and (``plot``) its plot;
-    nothing before its first round."""
+def _print_online(path: Path, plot: bool = True, results: dict | None = None) -> None:
+    """An online run's rounds so far (``results``, read from ``path`` if not given), each
+    method's best design, and (``plot``) its plot; nothing before its first round."""
     from .online import read_results
 
-    results = read_results(path)
+    results = read_results(path) if results is None else results
     if not any(results["methods"].values()):
         return
     cols = [("queries_used", "queries", "d"), ("best_true", "best", ".4f"), ("top10_true", "top-10", ".4f"),
@@ -232,20 +232,27 @@ def _run_folders(path: Path, depth: int = 3) -> list[tuple[Path, str]]:
 
 
 def _progress(path: Path, kind: str) -> str:
-    """A run's progress in a few words: per online method, queries used of the budget and the
-    best answer; a fine-tuning's last update."""
-    if kind == "finetune":
-        from .run import RunFolder
+    """A run's progress in a few words: an online run's (:func:`_online_progress`), or a
+    fine-tuning's result or last update."""
+    if kind == "online":
+        from .online import read_results
 
-        if (path / "summary.json").is_file():
-            summary = json.loads((path / "summary.json").read_text())
-            return (f"reward mean {summary['finetuned']['reward_mean']:.4f} "
-                    f"(pretrained {summary['pretrained']['reward_mean']:.4f})")
-        rows = RunFolder(path).metrics()
-        return f"{rows[-1]['stage']} update {rows[-1].get('iteration', -1) + 1:,}" if rows else "no update yet"
-    from .online import duration, read_results, time_left
+        return _online_progress(read_results(path))
+    from .run import RunFolder
 
-    results = read_results(path)
+    if (path / "summary.json").is_file():
+        summary = json.loads((path / "summary.json").read_text())
+        return (f"reward mean {summary['finetuned']['reward_mean']:.4f} "
+                f"(pretrained {summary['pretrained']['reward_mean']:.4f})")
+    rows = RunFolder(path).metrics()
+    return f"{rows[-1]['stage']} update {rows[-1].get('iteration', -1) + 1:,}" if rows else "no update yet"
+
+
+def _online_progress(results: dict) -> str:
+    """Per method of an online run's ``results``: queries used of the budget, the best answer
+    and the time to go."""
+    from .online import duration, time_left
+
     budget = sum(results["schedule"] or [])
     parts = []
     for method, rows in results["methods"].items():
@@ -286,13 +293,14 @@ def _cmd_show(args: argparse.Namespace) -> int:
     state, said, when, advice = _standing(path, kind)
     print(f"{kind} run: {said}, {when}")
     if kind == "online":
-        _print_online(path, plot=plot is None)  # the run's own plot, redrawn every minute or so while it runs
-        if state != "complete":
-            print(f"progress: {_progress(path, kind)}")
-        if plot is not None:
-            from .online import plot_results, read_results
+        from .online import plot_results, read_results
 
-            print(f"plot of the rounds so far: {plot_results(read_results(path), plot)}")
+        results = read_results(path)
+        _print_online(path, plot=plot is None, results=results)  # the run's own plot, redrawn as it runs
+        if state != "complete":
+            print(f"progress: {_online_progress(results)}")
+        if plot is not None:
+            print(f"plot of the rounds so far: {plot_results(results, plot)}")
     else:
         from .run import RunFolder
 
@@ -507,8 +515,6 @@ def _terminated_on_sigterm():
     is kept, and the default is put back after."""
     import signal
     import threading
-
-    from .errors import Terminated
 
     def stop(signum, frame):
         raise Terminated()

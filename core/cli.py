@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shlex
+import socket
 import sys
 import warnings
 from pathlib import Path
@@ -183,10 +184,11 @@ def _best_design(path: Path) -> tuple[float, str] | None:
 
 
 def _standing(path: Path, kind: str) -> tuple[str, str, str, str | None]:
-    """Where a run folder stands: its state in a word (``running``, ``stopped``: its status
-    reads running but no process on this machine holds it, ``interrupted``, ``failed``,
-    ``waiting``, ``complete``), that state in a sentence, when it started and last moved on,
-    and the line saying how to continue it (``None``: nothing to continue, or it is going on)."""
+    """Where a run folder stands: its state in a word (``running``; ``stopped``: its status
+    reads running but no process holds it; ``running?``: its status reads running and whether
+    a process still holds it cannot be told from here; ``interrupted``, ``failed``, ``waiting``,
+    ``complete``), that state in a sentence, when it started and last moved on, and the line
+    saying how to continue it (``None``: nothing to continue, or it is going on)."""
     from .run import STATE_FILE, RunFolder
 
     run = RunFolder(path)
@@ -201,9 +203,18 @@ def _standing(path: Path, kind: str) -> tuple[str, str, str, str | None]:
         if times:
             last = _dt.datetime.fromtimestamp(max(times)).isoformat(timespec="seconds")
             when += f", {'last round ended' if kind == 'online' else 'last update'} {last}"
-    if state == "running" and run.in_use():
-        return state, f"running (pid {status.get('pid', '?')})", when, None
+    go_on = f"continue it with: {shlex.join(['difftilt', kind, '--resume', str(path)])}"
     if state == "running":
+        held, host, here = run.in_use(), status.get("host"), socket.gethostname()
+        elsewhere = host is not None and host != here  # its locks may not reach this machine
+        pid = f"pid {status.get('pid', '?')}" + (f" on {host}" if elsewhere else "")
+        if held:
+            return state, f"running ({pid})", when, None
+        if held is None or elsewhere:
+            why = ("this file system refuses file locks" if held is None else
+                   f"no process holds it that this machine ({here}) can see")
+            return ("running?", f"running ({pid}) as its status reads, but whether it still is cannot be told "
+                    f"from here: {why}", when, f"if it has stopped, {go_on}")
         state, said = "stopped", ("stopped without a word (its status reads running, but no process on this "
                                   "machine holds it: killed, or its machine went down)")
     else:
@@ -212,8 +223,7 @@ def _standing(path: Path, kind: str) -> tuple[str, str, str, str | None]:
         return state, said, when, None
     if kind == "finetune" and not (path / STATE_FILE).is_file():
         return state, said, when, "it saved no training state to continue from: start it again"
-    fixed = "once the cause is fixed, " if state == "failed" else ""
-    return state, said, when, f"{fixed}continue it with: {shlex.join(['difftilt', kind, '--resume', str(path)])}"
+    return state, said, when, ("once the cause is fixed, " if state == "failed" else "") + go_on
 
 
 def _run_folders(path: Path, depth: int = 3) -> list[tuple[Path, str]]:

@@ -1230,7 +1230,7 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
         run = RunFolder.create(cfg.output_dir, cfg.name or f"online-{cfg.plugin}-{stamp}")
         run.write_config({**asdict(cfg), "methods": cfg.methods})
     lock = run.lock()
-    run.set_status("running", pid=os.getpid())
+    run.set_running()
     if on_start is not None:
         on_start(run.path)
     results: dict = {"methods": {}, "schedule": cfg.schedule}

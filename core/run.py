@@ -30,7 +30,9 @@ import importlib.util
 import inspect
 import io
 import json
+import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,8 @@ from .finetune import (SEED_MAX, Finetuner, FinetuneResult, check_finetune_optio
                        keeps_rng_states, read_state, reward_summary)
 from .plugins import load_plugin
 from .rollout import step_generator
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RunFolder", "FinetuneRunConfig", "run_finetune", "load_config", "run_kind", "read_jsonl", "STATE_FILE"]
 
@@ -171,7 +175,8 @@ class RunFolder:
 
     def lock(self) -> io.TextIOWrapper:
         """Hold the folder for this process: an exclusive lock on its ``.lock`` file, released
-        when the returned file is closed (use it in a ``with``) or the process ends.
+        when the returned file is closed (use it in a ``with``) or the process ends. On a file
+        system without file locks (some cluster mounts) it warns and holds nothing.
 
         Raises:
             ConfigError: another process holds it (a run still going, resumed twice).
@@ -179,26 +184,38 @@ class RunFolder:
         handle = open(self.path / ".lock", "w")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             handle.close()
             raise ConfigError(f"{self.path} is in use by another difftilt process") from None
+        except OSError as err:  # ENOLCK, EOPNOTSUPP, ...: this mount has no locks, not a holder
+            log.warning("%s: the file system refuses file locks (%s), so nothing stops a second process from "
+                        "running in this folder at the same time: start or resume it once", self.path,
+                        err.strerror or err)
         return handle
 
-    def in_use(self) -> bool:
-        """Whether a process holds the folder's lock (:meth:`lock`): a run going on now on this
-        machine. A run whose status still reads ``running`` with no holder was killed, or its
-        machine went down. Tested by taking a shared lock and dropping it at once; opens
-        nothing for writing."""
+    def in_use(self) -> bool | None:
+        """Whether a process holds the folder's lock (:meth:`lock`): a run going on now, on this
+        machine (or on another that shares the folder's file locks). A run whose status still
+        reads ``running`` with no holder was killed, or its machine went down. ``None``: the
+        file system refuses locks, so it cannot be told. Tested by taking a shared lock and
+        dropping it at once; opens nothing for writing."""
         path = self.path / ".lock"
         if not path.is_file():
             return False
         with open(path) as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:
                 return True
+            except OSError:
+                return None
             fcntl.flock(handle, fcntl.LOCK_UN)
         return False
+
+    def set_running(self, **info: Any) -> None:
+        """Record that this process runs the folder now: its pid and its machine's name (which
+        ``difftilt show`` on another machine needs, as it cannot see this one's processes)."""
+        self.set_status("running", pid=os.getpid(), host=socket.gethostname(), **info)
 
     def status(self) -> dict:
         """The content of ``status.json`` (``{}`` if absent)."""
@@ -481,7 +498,7 @@ def _finetune_in(run: RunFolder, cfg: FinetuneRunConfig, state: dict | None, fin
         _check_not_complete(run)  # again, now that it is locked
         run.write_metrics(state["history"])
         stage_times = dict(run.status().get("stage_times", {}))
-    run.set_status("running", pid=os.getpid())
+    run.set_running()
     finetuner.on_metrics = run.append_metrics
     finetuner.loggers = _make_loggers(cfg.loggers, run) or None
     process_spec = resolved["process"] if isinstance(resolved["process"], dict) else {"name": resolved["process"]}

@@ -70,6 +70,63 @@ def test_a_run_whose_status_reads_running_is_told_apart_from_one_a_process_holds
     assert not run.in_use()  # showing it took nothing
 
 
+def test_a_run_on_another_machine_is_not_called_stopped_for_want_of_a_lock_seen_here(tmp_path, monkeypatch, capsys):
+    """A cluster job's folder, looked at from the login node: its process is on the compute
+    node, whose file locks this machine may not see."""
+    import socket
+
+    here = socket.gethostname()
+    run = _stopped_finetune(tmp_path, monkeypatch, 3)
+    go_on = f"if it has stopped, continue it with: difftilt finetune --resume {run.path}"
+    run.write_json("status.json", {**run.status(), "state": "running", "pid": 12345, "host": "node17"})
+    _, lines = _show(capsys, run.path)
+    assert lines[0].startswith("finetune run: running (pid 12345 on node17) as its status reads, but whether it "
+                               f"still is cannot be told from here: no process holds it that this machine ({here}) "
+                               "can see, started ")
+    assert lines[-1] == go_on
+    _, lines = _show(capsys, tmp_path)
+    assert lines[1].split()[:3] == [run.path.name, "finetune", "running?"]
+    with run.lock():  # a lock that reaches this machine (NFS with shared locks) settles it
+        _, lines = _show(capsys, run.path)
+    assert lines[0].startswith("finetune run: running (pid 12345 on node17), started ")
+    assert not any("continue it with" in line for line in lines)
+
+    # its own machine's name is no other machine: there the lock test is trusted
+    run.write_json("status.json", {**run.status(), "host": here})
+    _, lines = _show(capsys, run.path)
+    assert lines[0].startswith("finetune run: stopped without a word")
+
+
+def test_a_file_system_without_locks_runs_with_a_warning_and_show_cannot_tell(tmp_path, monkeypatch, capsys, caplog):
+    """Some cluster mounts refuse flock (ENOLCK): that is no other process holding the folder."""
+    import errno
+    import fcntl
+    import socket
+
+    from difftilt.core import run as run_module
+
+    def refuse(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    flock = fcntl.flock
+    monkeypatch.setattr(run_module.fcntl, "flock", refuse)
+    with caplog.at_level("WARNING", logger="difftilt.core.run"):
+        run = run_online({**ONLINE, "methods": ["ucb"]}, output_dir=str(tmp_path), name="run", progress=False)
+    assert run.status()["state"] == "complete"
+    assert run.status()["host"] == socket.gethostname() and run.status()["pid"] > 0
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{run.path}: the file system refuses file locks (No locks available), so nothing stops a second process "
+        "from running in this folder at the same time: start or resume it once"]
+    assert run.in_use() is None
+    run.write_json("status.json", {**run.status(), "state": "running"})  # caught while it runs, or killed
+    _, lines = _show(capsys, run.path)
+    assert lines[0].startswith(f"online run: running (pid {run.status()['pid']}) as its status reads, but whether it "
+                               "still is cannot be told from here: this file system refuses file locks, started ")
+    assert lines[-1] == f"if it has stopped, continue it with: difftilt online --resume {run.path}"
+    monkeypatch.setattr(run_module.fcntl, "flock", flock)  # where locks work, nobody holds it
+    assert run.in_use() is False
+
+
 def test_a_finetune_run_that_saved_no_state_says_to_start_again(tmp_path, monkeypatch, capsys):
     run = _stopped_finetune(tmp_path, monkeypatch, 1)
     (run.path / STATE_FILE).unlink()  # as a kill -9 before its first save

@@ -34,6 +34,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -176,6 +177,20 @@ def seeded_globals(seed: int):
         yield
 
 
+#: How often a fine-tuning stage's progress bar is redrawn when stderr is not a terminal (a log
+#: file, a pipe): about this many times a stage, not once per update.
+LOG_BAR_REDRAWS = 10
+#: A tqdm bar's ``mininterval`` (seconds) when stderr is not a terminal: a long loop's bar (a
+#: pretraining's) then writes a line to the log twice a minute at most.
+LOG_BAR_INTERVAL = 30.0
+
+
+def bar_interval() -> float:
+    """``mininterval`` for a tqdm bar on stderr: tqdm's 0.1 s on a terminal,
+    :data:`LOG_BAR_INTERVAL` in a log file."""
+    return 0.1 if sys.stderr.isatty() else LOG_BAR_INTERVAL
+
+
 def make_trainer(
     stage: str,
     iterations: int,
@@ -192,18 +207,19 @@ def make_trainer(
     callbacks = []
     if progress:
         from lightning.pytorch.callbacks import TQDMProgressBar
+        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+        class _Bar(Tqdm):
+            def set_description(self, desc=None, refresh=True):  # the stage's name, never "Epoch 0"
+                super().set_description(stage, refresh)
 
         class _StageBar(TQDMProgressBar):
-            def init_train_tqdm(self):
-                bar = super().init_train_tqdm()
-                bar.set_description(stage)
-                return bar
+            def init_train_tqdm(self):  # Lightning's, on stderr: stdout is the command's results
+                return _Bar(desc=stage, position=2 * self.process_position, disable=self.is_disabled, leave=True,
+                            dynamic_ncols=True, file=sys.stderr, smoothing=0, bar_format=self.BAR_FORMAT)
 
-            def on_train_epoch_start(self, trainer, *args):
-                super().on_train_epoch_start(trainer, *args)
-                self.train_progress_bar.set_description(stage)
-
-        callbacks.append(_StageBar(refresh_rate=max(1, iterations // 200)))
+        redraws = 200 if sys.stderr.isatty() else LOG_BAR_REDRAWS
+        callbacks.append(_StageBar(refresh_rate=max(1, iterations // redraws)))
     return L.Trainer(
         max_epochs=1,
         limit_train_batches=iterations,

@@ -487,7 +487,7 @@ class _MethodRun:
         alpha = self.alpha(i) if alpha is None else alpha
         ft = Finetuner(freeze(prev), reward, alpha=alpha, policy=policy,
                        initial_policy=initial_policy, value_net=self.domain.make_value_net(self.pretrained),
-                       seed=self._round_seed(i, 3), **{"progress": self.progress, **self.cfg.finetune})
+                       seed=self._round_seed(i, 3), **{**self.cfg.finetune, "progress": self.progress and self.cfg.finetune.get("progress", True)})
         return ft.fit().model
 
     def _load(self, i: int) -> Process:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from difftilt.core.config import atomic_write_text, check_count, check_rate
 from difftilt.core.errors import CheckpointError, ConfigError, TrainingDivergedError
+from difftilt.core.finetune import bar_interval
 from difftilt.core.statefile import load_state, write_state
 
 from .mdlm import MaskedDiffusionProcess, SequenceDenoiser, masked_diffusion_loss
@@ -154,7 +155,7 @@ def train_masked_diffusion(
         running, start = state["running"], state["step"]
     net.train()
     bar = tqdm(range(start, steps), desc="pretrain", disable=not progress, dynamic_ncols=True,
-               initial=start, total=steps)
+               initial=start, total=steps, mininterval=bar_interval())
     for i in bar:
         idx = torch.randint(tokens.shape[0], (batch_size,), generator=g)
         loss = masked_diffusion_loss(net, tokens[idx], schedule, generator=g)
@@ -172,7 +173,8 @@ def train_masked_diffusion(
             running = 0.0
             if val.shape[0]:
                 log.val_losses.append(_held_out_loss(net, val, schedule, seed))
-            bar.set_postfix(loss=f"{log.losses[-1]:.4f}", **({"val": f"{log.val_losses[-1]:.4f}"} if val.shape[0] else {}))
+            shown = {"loss": f"{log.losses[-1]:.4f}", **({"val": f"{log.val_losses[-1]:.4f}"} if val.shape[0] else {})}
+            bar.set_postfix(shown, refresh=False)  # at the bar's next redraw
         if state_file is not None and (i + 1) % save_every == 0 and i + 1 < steps:
             write_state(state_file, {"settings": settings, "step": i + 1, "net": net.state_dict(),
                                      "opt": opt.state_dict(), "sched": sched.state_dict(),

@@ -123,3 +123,29 @@ def test_a_fit_that_stops_gives_the_callers_states_back_too():
     with pytest.raises(KeyboardInterrupt):
         finetuner.fit()
     assert float(torch.rand(())) == expected
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_progress_bars_are_on_stderr_and_a_log_file_gets_a_few_redraws_a_stage(monkeypatch, capsys, terminal):
+    """stdout is the command's results (``difftilt online > results.txt``); in a log file a
+    stage's bar is redrawn about LOG_BAR_REDRAWS times, not once per update."""
+    import sys
+
+    from difftilt.core.finetune import LOG_BAR_REDRAWS, bar_interval
+    from difftilt.core.reward import FunctionReward
+    from difftilt.plugins.toy import make_mixture_process
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    iterations = 200
+    Finetuner(make_mixture_process(num_steps=3), FunctionReward(lambda x: x.sum(-1), differentiable=True), alpha=1.0,
+              iterations=iterations, batch_size=8, learn_initial=False, progress=True, seed=0).fit()
+    out, err = capsys.readouterr()
+    assert out == ""
+    updates = [line for line in err.split("\r") if line.startswith("transitions: ") and "/200 [" in line]
+    drawn = {line.split("/200")[0].split()[-1] for line in updates}  # the update counts shown
+    assert "200" in drawn
+    if terminal:
+        assert len(drawn) == iterations + 1 and bar_interval() == 0.1  # 0 to 200, each shown
+    else:
+        assert drawn == {str(i) for i in range(0, iterations + 1, iterations // LOG_BAR_REDRAWS)}
+        assert bar_interval() == 30.0

@@ -159,3 +159,14 @@ def test_resume_needs_an_online_run_folder_that_exists(tmp_path):
     with pytest.raises(ConfigError, match=f"^{tmp_path} is a finetune run folder \\(difftilt finetune\\), "
                                           "not an online one$"):
         run_online(resume=tmp_path, progress=False)
+
+
+def test_no_progress_wins_over_a_configs_finetune_progress(tmp_path, capsys):
+    """``difftilt online --no-progress`` on a config that asks for the bars (``finetune.progress:
+    true``) draws none, as ``difftilt finetune`` does; with progress they are on stderr."""
+    cfg = {**CFG, "finetune": {**CFG["finetune"], "progress": True}}
+    run_online(cfg, output_dir=str(tmp_path), name="quiet", progress=False)
+    assert capsys.readouterr() == ("", "")
+    run_online(cfg, output_dir=str(tmp_path), name="bars", progress=True)
+    out, err = capsys.readouterr()
+    assert out == "" and "transitions: " in err

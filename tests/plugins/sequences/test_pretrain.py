@@ -144,3 +144,18 @@ def test_bad_training_settings_and_an_unwritable_output_are_errors_before_any_tr
     assert main(["pretrain", str(path), "--no-progress", "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a readable pretraining state" in err[0] and "delete it to start over" in err[0]
+
+
+def test_the_pretraining_bar_writes_a_log_file_a_line_now_and_then_not_one_per_step(monkeypatch, capsys):
+    import sys
+
+    from difftilt.core.finetune import bar_interval
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # stderr is a log file
+    monkeypatch.setattr(pretrain_module.tqdm, "monitor_interval", 0)  # no monitor thread to add redraws
+    train_masked_diffusion(_corpus(), 4, steps=100, progress=True, **TINY)
+    out, err = capsys.readouterr()
+    drawn = [line.split("/100")[0].split()[-1] for line in err.split("\r") if "/100 [" in line]
+    assert out == "" and drawn == ["0", "100"]  # 30 s between redraws: the start and the end of a short run
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert bar_interval() == 0.1  # tqdm's own on a terminal

@@ -29,6 +29,7 @@ It plots the best score after each round against calls.
 Usage::
 
     python -m difftilt.benchmarks.sequences --runs runs/seq                    # everything
+    python -m difftilt.benchmarks.sequences --runs runs/seq --jobs 8           # ... 8 arms at a time
     python -m difftilt.benchmarks.sequences --tasks ehrlich-20-32-2-4 tfbind8 --budget 2000 --runs runs/seq
     python -m difftilt.benchmarks.sequences --tasks tfbind8 --methods ucb --budget 1000 --first-seed 3 --seeds 12 \
         --set fill=edits --runs runs/seq-random-edits                           # held-out seeds, an ablation
@@ -46,6 +47,7 @@ import itertools
 import json
 import shlex
 import statistics
+import sys
 import tempfile
 import time
 from importlib import resources
@@ -246,9 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default=None,
                         help="keep run folders (and pretrained task models) here; finished arms are reused "
                         "(default: a new temporary folder, printed at the start)")
-    parser.add_argument("--out", default="benchmarks/results/sequences.json")
-    parser.add_argument("--plot", default="benchmarks/results/sequences.png")
+    parser.add_argument("--jobs", type=positive_int, default=1,
+                        help="arms run at once, each in a process of its own on one thread, as the committed "
+                        "tables were made (default 1: one after another, in this process, on its threads)")
+    parser.add_argument("--out", default="benchmarks/results/sequences.json", help="the tables as JSON")
+    parser.add_argument("--plot", default="benchmarks/results/sequences.png",
+                        help="the best score after each round against calls (.png, .pdf, .svg)")
     args = parser.parse_args(argv)
+    args.methods = list(dict.fromkeys(args.methods))  # each arm once
 
     # everything that can be checked is checked before the first arm (a run takes hours)
     check_arms(args.tasks, args.methods, args.first_seed, args.budget, args.set)
@@ -261,35 +268,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run folders: {runs} (temporary; give it as --runs to reuse the finished arms)", flush=True)
     checkpoints = checkpoints_for(args.budget)
     schedules: dict[str, list[int]] = {}
-    results: dict = {}
-    t0 = time.time()
-    for task in args.tasks:
+    plan = []  # every arm, in the table's order: (task, label, seed, config, run folder)
+    for task in args.tasks:  # the task models first: pretrained here (on first use) before any arm runs
         spec = TASKS[task]
         base = load_yaml(_configs_dir() / spec["config"])
         process = _pretrained_process(task, runs / "models")
         schedule = schedules[task] = schedule_for(args.budget, spec.get("rounds", base["schedule"]))
-        results[task] = {}
-        for label in args.methods:
-            arms = []
-            for seed in range(args.first_seed, args.first_seed + args.seeds):
-                cfg = arm_config(task, label, seed, schedule, process, args.set, base=base)
-                method = cfg["methods"][0]  # a variant's method
-                path = runs / task / f"{label}-seed{seed}"
-                rows = run_or_reuse(cfg, path, f"{task} {label} seed {seed}, ")
-                failed = rows.pop() if rows and "failed_round" in rows[-1] else None
-                # a reused run with a larger budget is described as it stood at this budget
-                within = [r for r in rows if r["queries_used"] <= args.budget]
-                ends = list(itertools.accumulate(schedule))  # after each round, for the plot
-                read = store_curve(path / method, sorted({*checkpoints, *ends})) if rows else {}
-                arm = {"seed": seed, "curve": {c: read[c] for c in checkpoints if c in read},
-                       "rounds": {c: read[c] for c in ends if c in read},
-                       "last": within[-1] if within else {}, "failed": failed}
-                arms.append(arm)
-                best = {c: round(v["best"], 3) for c, v in arm["curve"].items()}
-                print(f"  {task} {label:<12} seed {seed}: best {best}"
-                      + (f"  FAILED in round {failed['failed_round']}: {failed['error']}" if failed else "")
-                      + f"  ({time.time() - t0:.0f} s)", flush=True)
-            results[task][label] = arms
+        plan += [(task, label, seed, arm_config(task, label, seed, schedule, process, args.set, base=base),
+                  runs / task / f"{label}-seed{seed}")
+                 for label in args.methods for seed in range(args.first_seed, args.first_seed + args.seeds)]
+    try:
+        if args.jobs > 1:
+            run_arms(plan, args.jobs)
+        results = run_plan(plan, args.budget, checkpoints, schedules)
+    except KeyboardInterrupt:
+        print(f"stopped; the same command goes on from there: finished arms are read back, interrupted ones "
+              f"resumed (run folders: {runs})", file=sys.stderr)
+        return 130
     _print_tables(results, checkpoints, schedules, args.seeds)
     if all_failed(results):  # a table of failures must not replace committed results
         raise DifftiltError(f"every arm failed; nothing written to {args.out} or {args.plot} "
@@ -300,6 +295,82 @@ def main(argv: list[str] | None = None) -> int:
     _plot(results, checkpoints, plot)
     print(f"results: {args.out}\nplot: {args.plot}\nrun folders: {runs}")
     return 0
+
+
+def run_plan(plan: list[tuple], budget: int, checkpoints: list[int], schedules: dict[str, list[int]]) -> dict:
+    """Run each arm of ``plan`` in turn (or read it back: :func:`run_or_reuse`) and read its
+    scores after each checkpoint and round from its feedback store: ``{task: {label: [arm
+    per seed]}}``, a line per arm as it is read."""
+    t0 = time.time()
+    results: dict = {}
+    for task, label, seed, cfg, path in plan:
+        method = cfg["methods"][0]  # a variant's method
+        rows = run_or_reuse(cfg, path, _arm_label(task, label, seed))
+        failed = rows.pop() if rows and "failed_round" in rows[-1] else None
+        # a reused run with a larger budget is described as it stood at this budget
+        within = [r for r in rows if r["queries_used"] <= budget]
+        ends = list(itertools.accumulate(schedules[task]))  # after each round, for the plot
+        read = store_curve(path / method, sorted({*checkpoints, *ends})) if rows else {}
+        arm = {"seed": seed, "curve": {c: read[c] for c in checkpoints if c in read},
+               "rounds": {c: read[c] for c in ends if c in read},
+               "last": within[-1] if within else {}, "failed": failed}
+        results.setdefault(task, {}).setdefault(label, []).append(arm)
+        best = {c: round(v["best"], 3) for c, v in arm["curve"].items()}
+        print(f"  {task} {label:<12} seed {seed}: best {best}"
+              + (f"  FAILED in round {failed['failed_round']}: {failed['error']}" if failed else "")
+              + f"  ({time.time() - t0:.0f} s)", flush=True)
+    return results
+
+
+def _arm_label(task: str, label: str, seed: int) -> str:
+    return f"{task} {label} seed {seed}, "
+
+
+def run_arms(plan: list[tuple], jobs: int) -> None:
+    """Run the arms of ``plan`` that are not complete, ``jobs`` at a time, each in a process of
+    its own on one thread, as the committed tables were made (the results depend on the
+    thread count, not on the load). The table is then read back from their run folders, as
+    a run one after another reads finished arms back; an arm whose process died without a
+    word is resumed there, in this process."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch threads forked
+    waiting = [arm for arm in plan if _state(arm[4]) != "complete"]
+    running: list = []
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                task, label, seed, cfg, path = waiting.pop(0)
+                child = spawn.Process(target=_run_arm, args=(cfg, path, _arm_label(task, label, seed)),
+                                      name=f"{task}/{label}-seed{seed}")
+                child.start()
+                running.append(child)
+            wait([child.sentinel for child in running])
+            running = [child for child in running if child.is_alive()]
+    except KeyboardInterrupt:  # the terminal's Ctrl-C reached the arms too: each marks its run interrupted
+        for child in running:
+            child.join(timeout=60)
+            if child.is_alive():
+                child.terminate()
+        raise
+
+
+def _state(path: Path) -> str | None:
+    status = path / "status.json"
+    return json.loads(status.read_text()).get("state") if status.is_file() else None
+
+
+def _run_arm(cfg: dict, path: Path, label: str) -> None:
+    """One arm in a process of its own (:func:`run_arms`); a Ctrl-C ends it quietly, its run
+    marked interrupted."""
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        run_or_reuse(cfg, path, label)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def all_failed(results: dict) -> bool:

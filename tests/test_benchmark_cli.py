@@ -189,3 +189,55 @@ def test_finetune_speed_refuses_cuda_where_there_is_no_gpu(tmp_path, capsys):
         finetune_speed.main(["--devices", "cpu", "cuda", "--out", str(tmp_path / "x.json")])
     assert exit_.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_sequences_jobs_run_the_arms_at_once_and_give_the_tables_of_one_after_another(tmp_path, capfd):
+    """--jobs 2: the same table, JSON and run folders as the arms run one after another on one
+    thread (real, tiny arms: TFBind8, a round of 100 and one of 20, two fine-tuning updates)."""
+    tiny = ["--tasks", "tfbind8", "--methods", "ucb", "ga", "hill_climb", "ga", "--budget", "120", "--seeds", "1",
+            "--set", "finetune.iterations=2", "--set", "reward_model.epochs=5", "--set", "eval_samples=16"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each job runs
+    try:
+        assert sequences.main([*tiny, "--runs", str(tmp_path / "a"), "--out", str(tmp_path / "a.json"),
+                               "--plot", str(tmp_path / "a.png")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one = capfd.readouterr().out
+    assert sequences.main([*tiny, "--jobs", "2", "--runs", str(tmp_path / "b"), "--out", str(tmp_path / "b.json"),
+                           "--plot", str(tmp_path / "b.png")]) == 0
+    two = capfd.readouterr().out
+    assert two.count(" round ") == 2 * 3  # the workers' round lines (fd 1 is theirs too)
+
+    def table(out):
+        return [line for line in out.splitlines() if line.startswith(("method", "ucb ", "ga ", "hill_climb "))]
+
+    def untimed(path):
+        results = json.loads(path.read_text())["results"]["tfbind8"]
+        for arms in results.values():
+            for arm in arms:
+                arm["last"].pop("seconds")
+        return results
+
+    assert len(table(one)) == 4 and table(two) == table(one)
+    assert list(untimed(tmp_path / "a.json")) == ["ucb", "ga", "hill_climb"]  # ga asked twice, run once
+    assert untimed(tmp_path / "b.json") == untimed(tmp_path / "a.json")
+    assert sorted(p.name for p in (tmp_path / "b" / "tfbind8").iterdir()) == sorted(
+        f"{m}-seed{s}" for m in ("ucb", "ga", "hill_climb") for s in (0,))
+    # and a second --jobs run reads the finished arms back
+    assert sequences.main([*tiny, "--jobs", "2", "--runs", str(tmp_path / "b"), "--out", str(tmp_path / "c.json"),
+                           "--plot", str(tmp_path / "c.png")]) == 0
+    assert " round " not in capfd.readouterr().out  # nothing ran again
+    assert untimed(tmp_path / "c.json") == untimed(tmp_path / "b.json")
+
+
+def test_sequences_says_how_to_go_on_when_stopped_by_a_ctrl_c(tmp_path, monkeypatch, capsys):
+    def interrupted(cfg, path, label):
+        raise KeyboardInterrupt  # as run_online re-raises it, its run marked interrupted
+
+    monkeypatch.setattr(sequences, "run_or_reuse", interrupted)
+    assert sequences.main(_seq(tmp_path, "--budget", "100", "--seeds", "1")) == 130
+    assert capsys.readouterr().err == (f"stopped; the same command goes on from there: finished arms are read back, "
+                                       f"interrupted ones resumed (run folders: {tmp_path / 'runs'})\n")
+    assert not (tmp_path / "x.json").exists()

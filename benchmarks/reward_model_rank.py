@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from difftilt.core.online import reward_model_ranks
+from difftilt.core.online_diagnostics import reward_model_ranks
 
 from .common import check_online_run, check_output, main_exit, yaml_setting
 

@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 from difftilt.core.config import load_yaml
-from difftilt.core.online import retune_round
+from difftilt.core.online_diagnostics import retune_round
 
 from .common import check_online_run, check_output, main_exit, yaml_setting
 

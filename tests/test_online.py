@@ -364,7 +364,8 @@ def test_config_differences_name_the_fields_and_a_resume_under_another_config_is
 def test_retune_round_at_the_runs_alpha_repeats_the_round_and_a_larger_alpha_moves_less(tmp_path):
     from difftilt.benchmarks.round_alpha import main
     from difftilt.core.errors import CheckpointError, ConfigError
-    from difftilt.core.online import retune_round, run_online
+    from difftilt.core.online import run_online
+    from difftilt.core.online_diagnostics import retune_round
 
     raw = yaml.safe_load(_tiny(tmp_path, methods=["ucb", "best_of_n"], alpha=0.5, schedule=[8, 8, 8]).read_text())
     run = run_online(raw, output_dir=str(tmp_path), name="run", progress=False).path
@@ -420,7 +421,7 @@ def test_retune_round_at_the_runs_alpha_repeats_the_round_and_a_larger_alpha_mov
 
 def test_spearman_is_the_correlation_of_ranks_with_ties_at_their_mean_rank():
     from difftilt.core.errors import ShapeError
-    from difftilt.core.online import spearman
+    from difftilt.core.online_diagnostics import spearman
 
     x = torch.tensor([0.3, 1.0, 2.0, 7.0])
     assert spearman(x, x) == pytest.approx(1.0) and spearman(x, -x) == pytest.approx(-1.0)
@@ -435,7 +436,8 @@ def test_spearman_is_the_correlation_of_ranks_with_ties_at_their_mean_rank():
 def test_reward_model_ranks_refit_each_rounds_model_and_score_it_on_the_next_rounds_answers(tmp_path):
     from difftilt.benchmarks.reward_model_rank import main
     from difftilt.core.errors import ConfigError
-    from difftilt.core.online import reward_model_ranks, run_online, spearman
+    from difftilt.core.online import run_online
+    from difftilt.core.online_diagnostics import reward_model_ranks, spearman
 
     raw = yaml.safe_load(_tiny(tmp_path, methods=["ucb", "best_of_n"], schedule=[8, 8, 8]).read_text())
     run = run_online(raw, output_dir=str(tmp_path), name="run", progress=False).path
@@ -449,7 +451,7 @@ def test_reward_model_ranks_refit_each_rounds_model_and_score_it_on_the_next_rou
         assert r["test_mean"] == pytest.approx(float(test.mean())) and r["top10"] == pytest.approx(float(test.mean()))
         assert -1.0 <= r["rho_mean"] <= 1.0 and -1.0 <= r["rho_acquisition"] <= 1.0
     # round 1's row is round 0's reward model: the run's settings and seed, fit on round 0's answers
-    from difftilt.core.online import _open_seiko_run
+    from difftilt.core.online_diagnostics import _open_seiko_run
 
     mrun = _open_seiko_run(run, "ucb", "test")
     try:

@@ -207,7 +207,7 @@ def test_a_folder_of_runs_shows_one_line_per_run(tmp_path, monkeypatch, capsys):
     rows[0]["seconds"] = 30.0  # 8 queries in 30 s: 16 to go, at that pace
     (online.path / "ucb" / "rounds.jsonl").write_text(json.dumps(rows[0]) + "\n")  # caught after round 0
     online.write_json("status.json", {**online.status(), "state": "running"})  # and killed
-    stopped = _stopped_finetune(tmp_path / "b", monkeypatch, 9)
+    _stopped_finetune(tmp_path / "b", monkeypatch, 9)
     done = run_finetune(TINY, output_dir=tmp_path / "b" / "c", name="run", progress=False)
     summary = done.read_json("summary.json")
     (tmp_path / "b" / "notes").mkdir()

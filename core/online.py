@@ -485,9 +485,10 @@ class _MethodRun:
             initial_policy = ResidualControlProcess(aux.base, copy.deepcopy(aux.control).requires_grad_(True),
                                                     aux.control_input)
         alpha = self.alpha(i) if alpha is None else alpha
+        progress = self.progress and self.cfg.finetune.get("progress", True)  # --no-progress wins over the config
         ft = Finetuner(freeze(prev), reward, alpha=alpha, policy=policy,
                        initial_policy=initial_policy, value_net=self.domain.make_value_net(self.pretrained),
-                       seed=self._round_seed(i, 3), **{**self.cfg.finetune, "progress": self.progress and self.cfg.finetune.get("progress", True)})
+                       seed=self._round_seed(i, 3), **{**self.cfg.finetune, "progress": progress})
         return ft.fit().model
 
     def _load(self, i: int) -> Process:

@@ -1,6 +1,8 @@
-"""The benchmark commands refuse bad options before any work, in one line (no real runs here)."""
+"""The benchmark commands refuse bad options before any work, in one line; the sequences benchmark's
+--jobs on tiny real arms; the summary of the committed tables."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +243,21 @@ def test_sequences_says_how_to_go_on_when_stopped_by_a_ctrl_c(tmp_path, monkeypa
     assert capsys.readouterr().err == (f"stopped; the same command goes on from there: finished arms are read back, "
                                        f"interrupted ones resumed (run folders: {tmp_path / 'runs'})\n")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_summary_reads_each_arm_from_its_committed_table(tmp_path, capsys):
+    from difftilt.benchmarks import sequences_summary as summary
+
+    arms = summary.read_arms(Path(summary.__file__).parent / "results")
+    assert list(arms) == list(summary.BUDGETS)
+    # the README's figures: (20, 64, 4, 4) at 2,000 calls, seeds 0-2
+    assert [round(v, 4) for v in arms["ehrlich-20-64-4-4"]["ucb"][2000]] == [0.5625, 0.3164, 0.3164]
+    assert round(sum(arms["ehrlich-20-64-4-4"]["hill_climb"][2000]) / 3, 3) == 0.453
+    lines = summary.table(arms)
+    assert lines[1].split()[:4] == ["ucb", "1.000", "(3/3", "at"]  # 1.0 on every seed of (20, 32, 2, 4)
+    assert summary.main(["--plot", str(tmp_path / "s.png")]) == 0 and (tmp_path / "s.png").stat().st_size > 0
+    with pytest.raises(CheckpointError, match="no such result file"):
+        summary.read_arms(tmp_path)
+    (tmp_path / "sequences_tfbind8.json").write_text(json.dumps({"results": {"tfbind8": {}}}))
+    with pytest.raises(CheckpointError, match="has no ucb on tfbind8"):
+        summary.read_arms(tmp_path, {"tfbind8": [("ucb", "sequences_tfbind8.json")]})

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from difftilt.core.config import load_yaml, parse_yaml
-from difftilt.core.errors import ConfigError, DifftiltError
+from difftilt.core.errors import ConfigError, DifftiltError, stopped_by_sigterm, terminated_on_sigterm
 from difftilt.core.online import EVOLUTION, RoundLines, config_differences, read_rows, run_online
 from difftilt.core.run import RunFolder, run_kind
 
@@ -100,13 +100,24 @@ def check_online_run(folder: str | os.PathLike) -> None:
 
 
 def main_exit(main) -> int:
-    """``main()``'s exit status; a difftilt error (a bad option, a run folder that does not
-    match) ends with one line and status 2 instead of a traceback."""
+    """``main()``'s exit status, with SIGTERM raising :class:`~difftilt.core.errors.Terminated`
+    while it runs: a difftilt error (a bad option, a run folder that does not match) ends with
+    one line and status 2 instead of a traceback, a Ctrl-C with status 130 and a SIGTERM
+    (``kill``, a scheduler's time limit) with 143, the run it stopped marked interrupted."""
     try:
-        return main()
+        with terminated_on_sigterm():
+            return main()
     except DifftiltError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as err:
+        if stopped_by_sigterm(err):
+            print("terminated (SIGTERM)", file=sys.stderr)
+            return 143
+        raise
 
 
 def run_or_reuse(cfg: dict, path: Path, label: str = "") -> list[dict]:

@@ -54,7 +54,7 @@ from importlib import resources
 from pathlib import Path
 
 from difftilt.core.config import load_yaml
-from difftilt.core.errors import ConfigError, DifftiltError
+from difftilt.core.errors import ConfigError, DifftiltError, stopped_by_sigterm, terminated_on_sigterm
 from difftilt.core.plotting import new_figure, save_figure
 from difftilt.core.online import METHODS, _validate, design_key
 from difftilt.core.plugins import load_plugin
@@ -281,10 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.jobs > 1:
             run_arms(plan, args.jobs)
         results = run_plan(plan, args.budget, checkpoints, schedules)
-    except KeyboardInterrupt:
-        print(f"stopped; the same command goes on from there: finished arms are read back, interrupted ones "
-              f"resumed (run folders: {runs})", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, SystemExit) as stop:  # a Ctrl-C, or a SIGTERM (main_exit's Terminated)
+        sigterm = isinstance(stop, SystemExit)
+        if sigterm and not stopped_by_sigterm(stop):
+            raise
+        print(f"{'terminated (SIGTERM)' if sigterm else 'stopped'}; the same command goes on from there: finished "
+              f"arms are read back, interrupted ones resumed (run folders: {runs})", file=sys.stderr)
+        return 143 if sigterm else 130
     _print_tables(results, checkpoints, schedules, args.seeds)
     if all_failed(results):  # a table of failures must not replace committed results
         raise DifftiltError(f"every arm failed; nothing written to {args.out} or {args.plot} "
@@ -348,11 +351,17 @@ def run_arms(plan: list[tuple], jobs: int) -> None:
                 running.append(child)
             wait([child.sentinel for child in running])
             running = [child for child in running if child.is_alive()]
-    except KeyboardInterrupt:  # the terminal's Ctrl-C reached the arms too: each marks its run interrupted
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # A terminal's Ctrl-C reaches the arms too, as a scheduler's SIGTERM does; a SIGTERM sent to
+        # this process alone is passed on. Each arm then marks its run interrupted and ends.
+        if isinstance(stop, SystemExit):
+            for child in running:
+                child.terminate()
         for child in running:
             child.join(timeout=60)
-            if child.is_alive():
+            if child.is_alive():  # a Ctrl-C that reached this process only
                 child.terminate()
+                child.join(timeout=60)
         raise
 
 
@@ -362,15 +371,18 @@ def _state(path: Path) -> str | None:
 
 
 def _run_arm(cfg: dict, path: Path, label: str) -> None:
-    """One arm in a process of its own (:func:`run_arms`); a Ctrl-C ends it quietly, its run
-    marked interrupted."""
+    """One arm in a process of its own (:func:`run_arms`); a Ctrl-C or a SIGTERM ends it quietly,
+    its run marked interrupted."""
     import torch
 
     torch.set_num_threads(1)
     try:
-        run_or_reuse(cfg, path, label)
+        with terminated_on_sigterm():
+            run_or_reuse(cfg, path, label)
     except KeyboardInterrupt:
         sys.exit(130)
+    except SystemExit as stop:
+        sys.exit(143 if stopped_by_sigterm(stop) else stop.code)
 
 
 def all_failed(results: dict) -> bool:

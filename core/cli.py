@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from .errors import AwaitingAnswers, DifftiltError, Terminated
+from .errors import AwaitingAnswers, DifftiltError, stopped_by_sigterm, terminated_on_sigterm
 
 __all__ = ["main", "build_parser"]
 
@@ -517,28 +517,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def _terminated_on_sigterm():
-    """While the command runs, SIGTERM raises :class:`~difftilt.core.errors.Terminated` where
-    the process is (its default would end the process on the spot, leaving a run's status at
-    ``running``). During a fit Lightning also sees the signal. A SIGTERM handler already set
-    is kept, and the default is put back after."""
-    import signal
-    import threading
-
-    def stop(signum, frame):
-        raise Terminated()
-
-    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    if ours:
-        signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        if ours:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = build_parser()
@@ -551,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with _terminated_on_sigterm():
+        with terminated_on_sigterm():
             return args.func(args)
     except AwaitingAnswers as err:  # not a failure: the oracle's answers come later
         if debug:
@@ -572,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as err:
         # Lightning turns a SIGTERM during a fit into SystemExit() (status 0): a scheduler
         # that killed the run would read it as a success
-        if isinstance(err, Terminated) or type(err).__name__ == "SIGTERMException":
+        if stopped_by_sigterm(err):
             print("difftilt: terminated (SIGTERM)", file=sys.stderr)
             return 143
         raise

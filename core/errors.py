@@ -7,6 +7,10 @@ such an error as one line and exits with status 2 (a traceback only with
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+
 
 class DifftiltError(Exception):
     """Base class of the errors a user can cause (bad config, bad data, bad model)."""
@@ -84,3 +88,31 @@ class Terminated(SystemExit):
 
     def __init__(self):
         super().__init__(143)
+
+
+def stopped_by_sigterm(err: BaseException) -> bool:
+    """Whether ``err`` is a SIGTERM's: :class:`Terminated`, or Lightning's ``SIGTERMException``
+    (a ``SystemExit`` it raises when the signal comes during a fit)."""
+    return isinstance(err, Terminated) or type(err).__name__ == "SIGTERMException"
+
+
+@contextlib.contextmanager
+def terminated_on_sigterm():
+    """While in the block, SIGTERM raises :class:`Terminated` where the process is (its
+    default would end the process on the spot, leaving a run's status at ``running``); a
+    second SIGTERM while the first winds the run down is ignored. During a fit Lightning
+    also sees the signal. A SIGTERM handler already set (or a thread other than the main
+    one) is left alone, and the default is put back after."""
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: the run is stopping
+        raise Terminated()
+
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if ours:
+        signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+

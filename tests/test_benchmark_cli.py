@@ -10,7 +10,7 @@ import torch
 from difftilt.benchmarks import (finetune_speed, order_consistency, reward_model_rank, round_alpha, sequences,
                                  sequences_pretrained)
 from difftilt.benchmarks.common import check_online_run, main_exit
-from difftilt.core.errors import CheckpointError, ConfigError
+from difftilt.core.errors import CheckpointError, ConfigError, Terminated
 
 
 def _seq(tmp_path, *extra):
@@ -198,7 +198,8 @@ def test_sequences_jobs_run_the_arms_at_once_and_give_the_tables_of_one_after_an
     """--jobs 2: the same table, JSON and run folders as the arms run one after another on one
     thread (real, tiny arms: TFBind8, a round of 100 and one of 20, two fine-tuning updates)."""
     tiny = ["--tasks", "tfbind8", "--methods", "ucb", "ga", "hill_climb", "ga", "--budget", "120", "--seeds", "1",
-            "--set", "finetune.iterations=2", "--set", "reward_model.epochs=5", "--set", "eval_samples=16"]
+            "--set", "finetune.iterations=2", "--set", "finetune.batch_size=16", "--set", "reward_model.epochs=5",
+            "--set", "eval_samples=16"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each job runs
     try:
@@ -234,15 +235,47 @@ def test_sequences_jobs_run_the_arms_at_once_and_give_the_tables_of_one_after_an
     assert untimed(tmp_path / "c.json") == untimed(tmp_path / "b.json")
 
 
-def test_sequences_says_how_to_go_on_when_stopped_by_a_ctrl_c(tmp_path, monkeypatch, capsys):
-    def interrupted(cfg, path, label):
-        raise KeyboardInterrupt  # as run_online re-raises it, its run marked interrupted
+@pytest.mark.parametrize("stop, status, said", [(KeyboardInterrupt, 130, "stopped"),
+                                                 (Terminated, 143, "terminated (SIGTERM)")])
+def test_sequences_says_how_to_go_on_when_stopped_by_a_ctrl_c_or_a_sigterm(tmp_path, monkeypatch, capsys, stop,
+                                                                           status, said):
+    def stopped(cfg, path, label):
+        raise stop()  # as run_online re-raises it, its run marked interrupted
 
-    monkeypatch.setattr(sequences, "run_or_reuse", interrupted)
-    assert sequences.main(_seq(tmp_path, "--budget", "100", "--seeds", "1")) == 130
-    assert capsys.readouterr().err == (f"stopped; the same command goes on from there: finished arms are read back, "
+    monkeypatch.setattr(sequences, "run_or_reuse", stopped)
+    assert main_exit(lambda: sequences.main(_seq(tmp_path, "--budget", "100", "--seeds", "1"))) == status
+    assert capsys.readouterr().err == (f"{said}; the same command goes on from there: finished arms are read back, "
                                        f"interrupted ones resumed (run folders: {tmp_path / 'runs'})\n")
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_the_jobs_runner_alone_stops_its_arms_as_interrupted_and_the_command_goes_on(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "difftilt.benchmarks.sequences", "--tasks", "tfbind8", "--methods", "ucb",
+               "--budget", "500", "--jobs", "2", "--seeds", "1", "--set", "finetune.iterations=10",
+               "--set", "finetune.batch_size=16", "--set", "eval_samples=16", "--set", "reward_model.epochs=5",
+               "--runs", "runs", "--out", "x.json", "--plot", "x.png"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rounds = [tmp_path / "runs" / "tfbind8" / "ucb-seed0" / "ucb" / "rounds.jsonl"]
+    deadline = time.time() + 300
+    while not all(r.is_file() for r in rounds) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)  # the arm has finished its first round of five
+    proc.send_signal(signal.SIGTERM)  # to the runner only, not to its arms' processes
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM); the same command goes on from there")
+    states = [json.loads((r.parent.parent / "status.json").read_text())["state"] for r in rounds]
+    assert states == ["interrupted"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads((r.parent.parent / "status.json").read_text())["state"] for r in rounds] == ["complete"]
 
 
 def test_the_summary_reads_each_arm_from_its_committed_table(tmp_path, capsys):

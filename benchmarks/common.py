@@ -156,6 +156,61 @@ def run_or_reuse(cfg: dict, path: Path, label: str = "") -> list[dict]:
         return rows + [{"failed_round": len(rows), "error": str(err)}]
 
 
+def run_arms(arms: list[tuple[dict, Path, str]], jobs: int) -> None:
+    """Run the arms (``(config, run folder, label)``) that are not complete, ``jobs`` at a
+    time, each in a process of its own on one thread, as the committed tables were made (the
+    results depend on the thread count, not on the load). The caller then reads them back
+    with :func:`run_or_reuse`, as a run one after another reads finished arms back; an arm
+    whose process died without a word is resumed there, in the caller's process."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch threads forked
+    waiting = [arm for arm in arms if _state(arm[1]) != "complete"]
+    running: list = []
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                cfg, path, label = waiting.pop(0)
+                child = spawn.Process(target=_run_arm, args=(cfg, path, label), name=str(path))
+                child.start()
+                running.append(child)
+            wait([child.sentinel for child in running])
+            running = [child for child in running if child.is_alive()]
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # A terminal's Ctrl-C reaches the arms too, as a scheduler's SIGTERM does; a SIGTERM sent to
+        # this process alone is passed on. Each arm then marks its run interrupted and ends.
+        if isinstance(stop, SystemExit):
+            for child in running:
+                child.terminate()
+        for child in running:
+            child.join(timeout=60)
+            if child.is_alive():  # a Ctrl-C that reached this process only
+                child.terminate()
+                child.join(timeout=60)
+        raise
+
+
+def _state(path: Path) -> str | None:
+    status = path / "status.json"
+    return json.loads(status.read_text()).get("state") if status.is_file() else None
+
+
+def _run_arm(cfg: dict, path: Path, label: str) -> None:
+    """One arm in a process of its own (:func:`run_arms`); a Ctrl-C or a SIGTERM ends it quietly,
+    its run marked interrupted."""
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        with terminated_on_sigterm():
+            run_or_reuse(cfg, path, label)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except SystemExit as stop:
+        sys.exit(143 if stopped_by_sigterm(stop) else stop.code)
+
+
 def _check_same_arm(cfg: dict, path: Path, *, complete: bool) -> None:
     """Refuse to reuse a run folder made with another config (say, before a task's settings
     changed). A complete run with more rounds is fine: it is read at this budget."""

@@ -32,7 +32,7 @@ from difftilt.core.config import load_yaml
 from difftilt.core.plotting import new_figure, save_figure
 from difftilt.core.online import METHODS
 
-from .common import fmt, main_exit, run_or_reuse
+from .common import fmt, main_exit, positive_int, run_arms, run_or_reuse
 
 COLUMNS = [("top10_true", "top-10 true"), ("best_true", "best true"), ("eval_mean_true", "model mean"),
            ("eval_feasible", "feasible"), ("min_feasible", "min feasible"), ("eval_diversity", "diversity"),
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="online config (default: the toy online.yaml)")
     parser.add_argument("--runs", default=None,
                         help="keep run folders here; finished arms found there are reused (default: a temporary folder)")
+    parser.add_argument("--jobs", type=positive_int, default=1,
+                        help="arms run at once, each in a process of its own on one thread (default 1: one after "
+                        "another, in this process)")
     parser.add_argument("--out", default="benchmarks/results/online_toy.json")
     parser.add_argument("--plot", default="benchmarks/results/online_toy.png")
     args = parser.parse_args(argv)
@@ -66,23 +69,27 @@ def main(argv: list[str] | None = None) -> int:
     final: dict[str, list[dict]] = {name: [] for name, _ in arms}
     curves: dict[str, list[list[dict]]] = {name: [] for name, _ in arms}
     failures: dict[str, list[dict]] = {name: [] for name, _ in arms}
+    def folder(name: str, seed: int) -> Path:
+        return runs / f"{name.replace(', ', '-').replace(' ', '')}-seed{seed}"
+
+    plan = [(seed, name, {**base, **change, "seed": seed}, folder(name, seed))
+            for seed in range(args.seeds) for name, change in arms]  # seed by seed
+    if args.jobs > 1:
+        run_arms([(cfg, path, f"seed {seed} {name}, ") for seed, name, cfg, path in plan], args.jobs)
     t0 = time.time()
-    for seed in range(args.seeds):
-        for name, change in arms:
-            cfg = {**base, **change, "seed": seed}
-            folder = f"{name.replace(', ', '-').replace(' ', '')}-seed{seed}"
-            rows = run_or_reuse(cfg, runs / folder, f"seed {seed} {name}, ")
-            if "failed_round" in rows[-1]:
-                failures[name].append({"seed": seed, **rows.pop()})
-                print(f"  seed {seed} {name:<16} FAILED in round {failures[name][-1]['failed_round']}: "
-                      f"{failures[name][-1]['error']}", flush=True)
-                if not rows:
-                    continue
-            rows[-1]["min_feasible"] = min(r.get("eval_feasible", 1.0) for r in rows)
-            final[name].append(rows[-1])
-            curves[name].append(rows)
-            print(f"  seed {seed} {name:<16} top-10 {rows[-1]['top10_true']:.3f}  feasible "
-                  f"{rows[-1].get('eval_feasible', float('nan')):.3f}  ({time.time() - t0:.0f} s)", flush=True)
+    for seed, name, cfg, path in plan:
+        rows = run_or_reuse(cfg, path, f"seed {seed} {name}, ")  # read back where it is done
+        if "failed_round" in rows[-1]:
+            failures[name].append({"seed": seed, **rows.pop()})
+            print(f"  seed {seed} {name:<16} FAILED in round {failures[name][-1]['failed_round']}: "
+                  f"{failures[name][-1]['error']}", flush=True)
+            if not rows:
+                continue
+        rows[-1]["min_feasible"] = min(r.get("eval_feasible", 1.0) for r in rows)
+        final[name].append(rows[-1])
+        curves[name].append(rows)
+        print(f"  seed {seed} {name:<16} top-10 {rows[-1]['top10_true']:.3f}  feasible "
+              f"{rows[-1].get('eval_feasible', float('nan')):.3f}  ({time.time() - t0:.0f} s)", flush=True)
 
     print(f"\nonline toy benchmark: {args.seeds} seeds, budget {sum(base['schedule'])} queries in rounds "
           f"{base['schedule']}, mean ± std over seeds")

@@ -54,14 +54,14 @@ from importlib import resources
 from pathlib import Path
 
 from difftilt.core.config import load_yaml
-from difftilt.core.errors import ConfigError, DifftiltError, stopped_by_sigterm, terminated_on_sigterm
+from difftilt.core.errors import ConfigError, DifftiltError, stopped_by_sigterm
 from difftilt.core.plotting import new_figure, save_figure
 from difftilt.core.online import METHODS, _validate, design_key
 from difftilt.core.plugins import load_plugin
 from difftilt.core.run import read_config
 from difftilt.core.store import COUNTED, SQLiteFeedbackStore
 
-from .common import check_folder, check_output, fmt, main_exit, plot_suffixes, positive_int, run_or_reuse
+from .common import check_folder, check_output, fmt, main_exit, plot_suffixes, positive_int, run_arms, run_or_reuse
 
 CHECKPOINTS = [500, 1000, 2000, 5000]
 # Arms that are a method with a config change, each in its own run folders: SEIKO-UCB with a
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                  for label in args.methods for seed in range(args.first_seed, args.first_seed + args.seeds)]
     try:
         if args.jobs > 1:
-            run_arms(plan, args.jobs)
+            run_arms([(cfg, path, _arm_label(task, label, seed)) for task, label, seed, cfg, path in plan], args.jobs)
         results = run_plan(plan, args.budget, checkpoints, schedules)
     except (KeyboardInterrupt, SystemExit) as stop:  # a Ctrl-C, or a SIGTERM (main_exit's Terminated)
         sigterm = isinstance(stop, SystemExit)
@@ -327,62 +327,6 @@ def run_plan(plan: list[tuple], budget: int, checkpoints: list[int], schedules: 
 
 def _arm_label(task: str, label: str, seed: int) -> str:
     return f"{task} {label} seed {seed}, "
-
-
-def run_arms(plan: list[tuple], jobs: int) -> None:
-    """Run the arms of ``plan`` that are not complete, ``jobs`` at a time, each in a process of
-    its own on one thread, as the committed tables were made (the results depend on the
-    thread count, not on the load). The table is then read back from their run folders, as
-    a run one after another reads finished arms back; an arm whose process died without a
-    word is resumed there, in this process."""
-    import multiprocessing
-    from multiprocessing.connection import wait
-
-    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch threads forked
-    waiting = [arm for arm in plan if _state(arm[4]) != "complete"]
-    running: list = []
-    try:
-        while waiting or running:
-            while waiting and len(running) < jobs:
-                task, label, seed, cfg, path = waiting.pop(0)
-                child = spawn.Process(target=_run_arm, args=(cfg, path, _arm_label(task, label, seed)),
-                                      name=f"{task}/{label}-seed{seed}")
-                child.start()
-                running.append(child)
-            wait([child.sentinel for child in running])
-            running = [child for child in running if child.is_alive()]
-    except (KeyboardInterrupt, SystemExit) as stop:
-        # A terminal's Ctrl-C reaches the arms too, as a scheduler's SIGTERM does; a SIGTERM sent to
-        # this process alone is passed on. Each arm then marks its run interrupted and ends.
-        if isinstance(stop, SystemExit):
-            for child in running:
-                child.terminate()
-        for child in running:
-            child.join(timeout=60)
-            if child.is_alive():  # a Ctrl-C that reached this process only
-                child.terminate()
-                child.join(timeout=60)
-        raise
-
-
-def _state(path: Path) -> str | None:
-    status = path / "status.json"
-    return json.loads(status.read_text()).get("state") if status.is_file() else None
-
-
-def _run_arm(cfg: dict, path: Path, label: str) -> None:
-    """One arm in a process of its own (:func:`run_arms`); a Ctrl-C or a SIGTERM ends it quietly,
-    its run marked interrupted."""
-    import torch
-
-    torch.set_num_threads(1)
-    try:
-        with terminated_on_sigterm():
-            run_or_reuse(cfg, path, label)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except SystemExit as stop:
-        sys.exit(143 if stopped_by_sigterm(stop) else stop.code)
 
 
 def all_failed(results: dict) -> bool:

@@ -294,3 +294,26 @@ def test_the_summary_reads_each_arm_from_its_committed_table(tmp_path, capsys):
     (tmp_path / "sequences_tfbind8.json").write_text(json.dumps({"results": {"tfbind8": {}}}))
     with pytest.raises(CheckpointError, match="has no ucb on tfbind8"):
         summary.read_arms(tmp_path, {"tfbind8": [("ucb", "sequences_tfbind8.json")]})
+
+
+def test_the_online_toy_benchmark_hands_its_arms_to_the_jobs_and_reads_them_back(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from difftilt.benchmarks import online_toy
+
+    tiny = {"plugin": "toy", "seed": 0, "process": {"name": "mixture", "num_steps": 8},
+            "oracle": {"reward": {"name": "bumps", "centers": [[0.0, -3.0]], "heights": [1.0], "widths": 0.5},
+                       "batch_size": 4},
+            "schedule": [8], "eval_samples": 8}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny))
+    handed = []
+    monkeypatch.setattr(online_toy, "run_arms", lambda arms, jobs: handed.append((arms, jobs)))  # runs nothing
+    argv = ["--config", str(tmp_path / "c.yaml"), "--methods", "best_of_n", "--seeds", "2", "--no-no-kl-arm",
+            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o.json"), "--plot", str(tmp_path / "o.png")]
+    assert online_toy.main([*argv, "--jobs", "3"]) == 0
+    [(arms, jobs)] = handed
+    assert jobs == 3 and [(cfg["seed"], path.name, label) for cfg, path, label in arms] == [
+        (0, "best_of_n-seed0", "seed 0 best_of_n, "), (1, "best_of_n-seed1", "seed 1 best_of_n, ")]
+    # the arms it handed over, run here instead, are what it read back
+    assert [len(r) for r in json.loads((tmp_path / "o.json").read_text())["curves"]["best_of_n"]] == [1, 1]
+    assert online_toy.main(argv) == 0 and len(handed) == 1  # --jobs 1: nothing handed over

@@ -287,8 +287,14 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if kind is None:  # a folder of runs (a benchmark's --runs): one line each
         runs = _run_folders(path)
         if not runs:
-            raise ConfigError(f"{path} is not a difftilt run folder (no config.yaml of difftilt finetune or "
-                              "online), nor a folder holding some")
+            described = _described_by_a_plugin(path)  # a model folder a pretraining writes
+            if described is None:
+                raise ConfigError(f"{path} is not a difftilt run folder (no config.yaml of difftilt finetune or "
+                                  "online), nor a folder holding some, nor a model folder of an installed plugin")
+            if plot is not None:
+                raise ConfigError(f"--plot draws a run's rounds or updates; {path} is a model folder")
+            print("\n".join(described))
+            return 0
         if plot is not None:
             raise ConfigError(f"--plot draws one run's rounds; {path} holds {len(runs)} runs")
         names = [str(run.relative_to(path)) for run, _ in runs]
@@ -326,6 +332,22 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if advice:
         print(advice)
     return 0
+
+
+def _described_by_a_plugin(path: Path) -> list[str] | None:
+    """The lines of the first installed plugin that knows the folder (``Domain.describe_folder``)."""
+    from .plugins import load_plugin, plugin_entry_points
+
+    for name in sorted(plugin_entry_points()):
+        try:
+            described = load_plugin(name).describe_folder(path)
+        except DifftiltError:
+            raise
+        except Exception:  # a broken plugin must not hide the one that knows the folder
+            continue
+        if described is not None:
+            return described
+    return None
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:

@@ -162,6 +162,12 @@ class Domain:
         resume need not take it). Domains without a trainable default raise."""
         raise ConfigError(f"plugin '{self.name}' has no pretrain command")
 
+    def describe_folder(self, path: "os.PathLike") -> list[str] | None:
+        """Where a folder this domain's :meth:`pretrain` writes stands, in lines (a pretraining
+        under way or stopped: its step, losses and how to continue it; a finished model), else
+        ``None`` (``difftilt show`` asks each installed plugin about a folder that is no run)."""
+        return None
+
     def load_folder(self, path: "os.PathLike") -> Process | None:
         """The pretrained model in ``path`` if it is a folder this domain's :meth:`pretrain`
         writes, else ``None`` (``difftilt sample`` asks each installed plugin)."""

@@ -360,6 +360,11 @@ class SequencesDomain(Domain):
 
         return pretrain_from_config(config, progress=progress, output=output, command=command, resume=resume)
 
+    def describe_folder(self, path) -> list[str] | None:
+        from .pretrain import describe_pretraining
+
+        return describe_pretraining(path)
+
     def load_folder(self, path) -> MaskedDiffusionProcess | None:
         """A model folder written by ``difftilt pretrain`` (e.g. ``checkpoints/tfbind8``)."""
         return load_pretrained(path) if is_pretrained_folder(path) else None

@@ -10,7 +10,9 @@ holds its state for ``--resume`` (:data:`STATE_FILE`, ``torch.save``, read back 
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -89,6 +91,7 @@ def train_masked_diffusion(
     state_file: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
+    command: str | None = None,
 ) -> tuple[SequenceDenoiser, TrainingLog]:
     """Fit a :class:`SequenceDenoiser` to ``tokens`` ``(n, L)`` with MDLM's bound.
 
@@ -107,7 +110,8 @@ def train_masked_diffusion(
     moments, the schedule, the random generator, the losses) is written there, so that a
     run stopped at any moment continues with ``resume=True`` from the last save and ends
     with the same weights as one never stopped. ``resume`` refuses a state made with other
-    settings or another corpus.
+    settings or another corpus. ``command``, the command that runs this training, is kept
+    in the state, for :func:`describe_pretraining` to say how to continue it.
     """
     if neighbor_init not in ("counts", "zeros"):
         raise ConfigError(f"neighbor_init must be 'counts' or 'zeros', got {neighbor_init!r}")
@@ -178,7 +182,8 @@ def train_masked_diffusion(
         if state_file is not None and (i + 1) % save_every == 0 and i + 1 < steps:
             write_state(state_file, {"settings": settings, "step": i + 1, "net": net.state_dict(),
                                      "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                     "generator": g.get_state(), "log": asdict(log), "running": running})
+                                     "generator": g.get_state(), "log": asdict(log), "running": running,
+                                     "command": command})
     net.eval()
     return net, log
 
@@ -195,6 +200,44 @@ def _held_out_loss(net: SequenceDenoiser, val: torch.Tensor, schedule: str, seed
     loss = masked_diffusion_loss(net, val, schedule, generator=torch.Generator().manual_seed(seed + 1))
     net.train(was_training)
     return float(loss)
+
+
+def describe_pretraining(folder: str | os.PathLike) -> list[str] | None:
+    """Where a model folder's pretraining stands, in lines (``difftilt show``): an unfinished
+    one's last saved step, losses and the command that continues it, or a finished model's
+    steps, final losses and the command that made it; ``None`` for a folder it did not write."""
+    folder = Path(folder)
+    state, info = folder / STATE_FILE, folder / PROCESS_FILE
+    if state.is_file():
+        saved = read_state(state)
+        steps, log = saved["settings"]["steps"], TrainingLog(**saved["log"])
+        when = _dt.datetime.fromtimestamp(state.stat().st_mtime).isoformat(timespec="seconds")
+        command = saved.get("command") or "difftilt pretrain CONFIG"
+        return [f"pretraining, unfinished: its state at step {saved['step']:,} of {steps:,} was saved {when} "
+                "(it goes on from there if it is still running)", f"model folder: {folder}",
+                _losses_line(log.losses, log.val_losses),
+                f"if it has stopped, continue it with: {command} --resume"]
+    if not info.is_file():
+        return None
+    made = json.loads(info.read_text())
+    if made.get("format") != FORMAT:
+        return None
+    losses, val = made.get("losses", []), made.get("val_losses", [])
+    steps = made["train"].get("steps", inspect.signature(train_masked_diffusion).parameters["steps"].default)
+    used = made["data"].get("num_sequences_used")
+    lines = [f"pretrained model: {steps:,} steps on {f'{used:,}' if isinstance(used, int) else '?'} sequences "
+             f"({made['data'].get('name')})",
+             f"model folder: {folder}", _losses_line(losses, val), f"made by: {made.get('command', '?')}"]
+    if (folder / "training.png").is_file():
+        lines.append(f"loss curve: {folder / 'training.png'}")
+    return lines
+
+
+def _losses_line(losses: list[float], val_losses: list[float]) -> str:
+    if not losses:
+        return f"no loss logged yet (one every {LOG_EVERY} steps)"
+    return (f"loss {losses[-1]:.4f} (first logged {losses[0]:.4f})"
+            + (f", held-out {val_losses[-1]:.4f} (first {val_losses[0]:.4f})" if val_losses else ""))
 
 
 def read_state(path: str | os.PathLike) -> dict:

@@ -196,7 +196,7 @@ def pretrain_from_config(config: dict, progress: bool = True, output: str | None
     train = dict(config.get("train") or {})
     proc = dict(config.get("process") or {})
     options = validate_kwargs(train_masked_diffusion, {**model, **train}, "model/train",
-                              skip=("tokens", "vocab_size", "progress", "state_file", "resume"))
+                              skip=("tokens", "vocab_size", "progress", "state_file", "resume", "command"))
     proc_opts = validate_kwargs(MaskedDiffusionProcess, proc, "process", skip=("denoiser", "alphabet", "pad"))
     proc_opts["pad"] = pad
     if pad is not None and "sampler" not in proc_opts and "num_steps" not in proc_opts:
@@ -213,12 +213,12 @@ def pretrain_from_config(config: dict, progress: bool = True, output: str | None
                           f"to start over")
     try:
         net, log = train_masked_diffusion(tokens, len(alphabet), progress=progress, state_file=state_file,
-                                          resume=resume, **options)
+                                          resume=resume, command=command, **options)
     except (KeyboardInterrupt, Terminated):  # Ctrl-C, or the command's SIGTERM
         if state_file.is_file():
             step = read_state(state_file)["step"]
             print(f"pretraining stopped; its state at step {step:,} is in {state_file}: continue it with "
-                  f"difftilt pretrain CONFIG --resume", file=sys.stderr)
+                  f"{command or 'difftilt pretrain CONFIG'} --resume", file=sys.stderr)
         raise
     process = MaskedDiffusionProcess(net, alphabet=alphabet, **proc_opts)
     folder = save_pretrained(process, out, data={"name": name, **data, "num_sequences_used": int(tokens.shape[0])},

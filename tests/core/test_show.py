@@ -181,7 +181,7 @@ def test_an_online_run_shows_each_methods_rounds_so_far_and_plots_them(tmp_path,
     ("missing", "{path} does not exist"),
     ("file", "{path} is not a folder"),
     ("folder", "{path} is not a difftilt run folder (no config.yaml of difftilt finetune or online), nor a folder "
-               "holding some"),
+               "holding some, nor a model folder of an installed plugin"),
     ("plot", "--plot x.jpg: write a .png, .pdf or .svg file"),
 ])
 def test_show_refuses_what_is_not_a_run_folder_in_one_line(tmp_path, capsys, what, message):

@@ -97,8 +97,16 @@ def test_the_pretrain_command_refuses_to_overwrite_a_stopped_run_and_resumes_it_
     state = tmp_path / "model" / STATE_FILE
     assert state.is_file()
     assert capsys.readouterr().err.strip().splitlines()[-2:] == [
-        f"pretraining stopped; its state at step 50 is in {state}: continue it with difftilt pretrain CONFIG --resume",
+        f"pretraining stopped; its state at step 50 is in {state}: continue it with difftilt pretrain {path} --resume",
         "difftilt: interrupted"]
+    assert main(["show", str(tmp_path / "model")]) == 0  # where it stands, and the command that goes on
+    shown = capsys.readouterr().out.strip().splitlines()
+    assert shown[0].startswith("pretraining, unfinished: its state at step 50 of 120 was saved ")
+    log = torch.load(state, weights_only=True)["log"]  # step 50's losses, the first logged
+    assert shown[1:] == [f"model folder: {tmp_path / 'model'}",
+                         f"loss {log['losses'][0]:.4f} (first logged {log['losses'][0]:.4f}), held-out "
+                         f"{log['val_losses'][0]:.4f} (first {log['val_losses'][0]:.4f})",
+                         f"if it has stopped, continue it with: difftilt pretrain {path} --resume"]
     assert main(["pretrain", str(path), "--no-progress"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"difftilt: error: {tmp_path / 'model'} holds an unfinished pretraining (step 50 of 120); continue it with "
@@ -109,6 +117,15 @@ def test_the_pretrain_command_refuses_to_overwrite_a_stopped_run_and_resumes_it_
     assert (folder / "training.png").stat().st_size > 0
     info = json.loads((folder / "process.json").read_text())
     assert info["command"] == f"difftilt pretrain {path}" and len(info["val_losses"]) == len(info["losses"]) == 2
+    capsys.readouterr()
+    assert main(["show", str(folder)]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == [
+        "pretrained model: 120 steps on 200 sequences (file)", f"model folder: {folder}",
+        f"loss {info['losses'][-1]:.4f} (first logged {info['losses'][0]:.4f}), held-out {info['val_losses'][-1]:.4f} "
+        f"(first {info['val_losses'][0]:.4f})", f"made by: difftilt pretrain {path}", f"loss curve: {folder / 'training.png'}"]
+    assert main(["show", str(folder), "--plot", str(tmp_path / "p.png")]) == 2
+    assert capsys.readouterr().err.strip() == (f"difftilt: error: --plot draws a run's rounds or updates; {folder} is "
+                                               "a model folder")
     whole = pretrain_from_config({**cfg, "output": str(tmp_path / "whole")}, progress=False)
     assert (whole / "denoiser.safetensors").read_bytes() == (folder / "denoiser.safetensors").read_bytes()
     assert main(["pretrain", str(path), "--no-progress", "--resume"]) == 2  # nothing left to resume

@@ -46,22 +46,16 @@ def load_start(path: Path):
     """The model ``--start`` names: a fine-tuned checkpoint folder (``model_index.json``) or a
     pretrained model folder that an installed plugin reads (``Domain.load_folder``, e.g. the
     sequences plugin's ``process.json`` folders), as ``difftilt sample`` reads them."""
-    from difftilt.core.plugins import load_plugin, plugin_entry_points
+    from difftilt.core.plugins import ask_plugins
 
     path = Path(path)
     if (path / "model_index.json").is_file():
         return load_finetuned(path).model
     if not path.is_dir():
         raise CheckpointError(f"--start {path} is not a folder")
-    for name in sorted(plugin_entry_points()):
-        try:
-            process = load_plugin(name).load_folder(path)
-        except CheckpointError:
-            raise
-        except Exception:  # a broken plugin must not hide the one that reads the folder
-            continue
-        if process is not None:
-            return process
+    found = ask_plugins(lambda domain: domain.load_folder(path))
+    if found is not None:
+        return found[1]
     raise CheckpointError(f"--start {path} is neither a fine-tuned model folder (no model_index.json) nor a "
                           "pretrained model folder (as difftilt pretrain writes)")
 

@@ -287,13 +287,15 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if kind is None:  # a folder of runs (a benchmark's --runs): one line each
         runs = _run_folders(path)
         if not runs:
-            described = _described_by_a_plugin(path)  # a model folder a pretraining writes
+            from .plugins import ask_plugins
+
+            described = ask_plugins(lambda domain: domain.describe_folder(path))  # a pretraining's model folder
             if described is None:
                 raise ConfigError(f"{path} is not a difftilt run folder (no config.yaml of difftilt finetune or "
                                   "online), nor a folder holding some, nor a model folder of an installed plugin")
             if plot is not None:
                 raise ConfigError(f"--plot draws a run's rounds or updates; {path} is a model folder")
-            print("\n".join(described))
+            print("\n".join(described[1]))
             return 0
         if plot is not None:
             raise ConfigError(f"--plot draws one run's rounds; {path} holds {len(runs)} runs")
@@ -334,22 +336,6 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _described_by_a_plugin(path: Path) -> list[str] | None:
-    """The lines of the first installed plugin that knows the folder (``Domain.describe_folder``)."""
-    from .plugins import load_plugin, plugin_entry_points
-
-    for name in sorted(plugin_entry_points()):
-        try:
-            described = load_plugin(name).describe_folder(path)
-        except DifftiltError:
-            raise
-        except Exception:  # a broken plugin must not hide the one that knows the folder
-            continue
-        if described is not None:
-            return described
-    return None
-
-
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from .config import load_yaml
     from .errors import ConfigError
@@ -377,7 +363,7 @@ def _load_sampler(path: Path):
     or a pretrained one that an installed plugin reads (``Domain.load_folder``)."""
     from .checkpoint import load_finetuned
     from .errors import CheckpointError
-    from .plugins import load_plugin, plugin_entry_points
+    from .plugins import ask_plugins, load_plugin
 
     if (path / "model_index.json").is_file():
         result = load_finetuned(path)
@@ -385,17 +371,11 @@ def _load_sampler(path: Path):
         return result.model, result.transitions.reference, load_plugin(plugin)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder")
-    tried = []
-    for name in sorted(plugin_entry_points()):
-        try:
-            domain = load_plugin(name)
-        except Exception as err:  # a broken plugin must not hide the one that reads the folder
-            tried.append(f"{name} (failed to load: {type(err).__name__})")
-            continue
-        process = domain.load_folder(path)
-        if process is not None:
-            return process, process, domain
-        tried.append(name)
+    tried: list[str] = []
+    found = ask_plugins(lambda domain: domain.load_folder(path), tried)
+    if found is not None:
+        domain, process = found
+        return process, process, domain
     raise CheckpointError(f"{path} is neither a fine-tuned model folder (no model_index.json) nor a pretrained "
                           f"model folder of an installed plugin (tried: {', '.join(tried) or 'none installed'})")
 

@@ -33,7 +33,8 @@ from .errors import ConfigError, PluginNotFoundError
 from .process import Process
 from .reward import Reward
 
-__all__ = ["Domain", "ENTRY_POINT_GROUP", "AUTOLOAD_ENV", "plugin_entry_points", "load_plugin", "list_plugins"]
+__all__ = ["Domain", "ENTRY_POINT_GROUP", "AUTOLOAD_ENV", "plugin_entry_points", "load_plugin", "ask_plugins",
+           "list_plugins"]
 
 ENTRY_POINT_GROUP = "difftilt.plugins"
 AUTOLOAD_ENV = "DIFFTILT_DISABLE_PLUGIN_AUTOLOAD"
@@ -221,6 +222,36 @@ def load_plugin(name: str) -> Domain:
         raise PluginNotFoundError(f"plugin '{name}' ({ep.value}) did not produce a difftilt Domain")
     log.info("loaded plugin %s from %s", name, ep.value)
     return domain
+
+
+def ask_plugins(ask: Callable[[Domain], Any], tried: list[str] | None = None) -> tuple[Domain, Any] | None:
+    """``(domain, answer)`` of the first installed plugin, by name, whose ``ask(domain)`` is not
+    ``None`` (which one reads a model folder, say), else ``None``. A plugin that fails to load
+    or to answer is passed over, so that a broken plugin does not hide the one that knows; a
+    difftilt error (a folder it knows but cannot read) is raised. ``tried`` collects the names
+    asked, with why a plugin was passed over."""
+    from .errors import DifftiltError
+
+    for name in sorted(plugin_entry_points()):
+        try:
+            domain = load_plugin(name)
+        except Exception as err:
+            if tried is not None:
+                tried.append(f"{name} (failed to load: {type(err).__name__})")
+            continue
+        try:
+            answer = ask(domain)
+        except DifftiltError:
+            raise
+        except Exception as err:
+            if tried is not None:
+                tried.append(f"{name} (failed: {type(err).__name__}: {err})")
+            continue
+        if answer is not None:
+            return domain, answer
+        if tried is not None:
+            tried.append(name)
+    return None
 
 
 def list_plugins() -> list[dict[str, str]]:

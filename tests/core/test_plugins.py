@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from difftilt.core.plugins import Domain
@@ -33,3 +34,38 @@ def test_hooks_without_the_process_keyword_are_called_without_it():
     aware = _Aware()
     assert torch.equal(aware.mutate(x, generator=g, process="keep"), x)
     assert aware.decode(x, process="model") == ["ABB"]
+
+
+def test_ask_plugins_passes_over_a_broken_plugin_and_says_why(monkeypatch):
+    """Which installed plugin reads a folder (difftilt sample, show): the first that answers,
+    a plugin that fails to load or to answer passed over, a difftilt error raised."""
+    from types import SimpleNamespace
+
+    from difftilt.core import plugins
+    from difftilt.core.errors import CheckpointError
+
+    def answers(value):
+        def ask():
+            if isinstance(value, Exception):
+                raise value
+            return value
+        return SimpleNamespace(ask=ask)
+
+    installed = {"a": ImportError("no module"), "b": answers(KeyError("x")), "c": answers(None), "d": answers("yes"),
+                 "e": answers("too late")}
+
+    def load(name):
+        if isinstance(installed[name], Exception):
+            raise installed[name]
+        return installed[name]
+
+    monkeypatch.setattr(plugins, "plugin_entry_points", lambda: dict.fromkeys(installed))
+    monkeypatch.setattr(plugins, "load_plugin", load)
+    tried = []
+    assert plugins.ask_plugins(lambda domain: domain.ask(), tried) == (installed["d"], "yes")
+    assert tried == ["a (failed to load: ImportError)", "b (failed: KeyError: 'x')", "c"]
+    installed["b"] = answers(CheckpointError("a folder it knows but cannot read"))
+    with pytest.raises(CheckpointError, match="cannot read"):
+        plugins.ask_plugins(lambda domain: domain.ask())
+    installed.update(b=answers(None), d=answers(None), e=answers(None))
+    assert plugins.ask_plugins(lambda domain: domain.ask()) is None

@@ -223,10 +223,11 @@ def describe_pretraining(folder: str | os.PathLike) -> list[str] | None:
     if made.get("format") != FORMAT:
         return None
     losses, val = made.get("losses", []), made.get("val_losses", [])
-    steps = made["train"].get("steps", inspect.signature(train_masked_diffusion).parameters["steps"].default)
-    used = made["data"].get("num_sequences_used")
+    train, data = made.get("train") or {}, made.get("data") or {}
+    steps = train.get("steps", inspect.signature(train_masked_diffusion).parameters["steps"].default)
+    used = data.get("num_sequences_used")
     lines = [f"pretrained model: {steps:,} steps on {f'{used:,}' if isinstance(used, int) else '?'} sequences "
-             f"({made['data'].get('name')})",
+             f"({data.get('name', '?')})",
              f"model folder: {folder}", _losses_line(losses, val), f"made by: {made.get('command', '?')}"]
     if (folder / "training.png").is_file():
         lines.append(f"loss curve: {folder / 'training.png'}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -137,15 +136,15 @@ def run_or_reuse(cfg: dict, path: Path, label: str = "") -> list[dict]:
         print(f"  {label}{line(row, rounds)}", flush=True)
 
     method = cfg["methods"][0]
-    status = path / "status.json"
-    state = json.loads(status.read_text()).get("state") if status.is_file() else None
+    status = RunFolder(path).status()
+    state = status.get("state")
     if state is not None:
         _check_same_arm(cfg, path, complete=state == "complete")
     try:
         if state == "complete":
             return RunFolder(path).read_json("results.json")["methods"][method]
         if state == "failed":
-            raise DifftiltError(json.loads(status.read_text()).get("error", "failed"))
+            raise DifftiltError(status.get("error", "failed"))
         if state is not None:
             run = run_online(cfg, resume=str(path), progress=False, on_round=report)
         else:
@@ -166,7 +165,7 @@ def run_arms(arms: list[tuple[dict, Path, str]], jobs: int) -> None:
     from multiprocessing.connection import wait
 
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch threads forked
-    waiting = [arm for arm in arms if _state(arm[1]) != "complete"]
+    waiting = [arm for arm in arms if RunFolder(arm[1]).status().get("state") != "complete"]
     running: list = []
     try:
         while waiting or running:
@@ -189,11 +188,6 @@ def run_arms(arms: list[tuple[dict, Path, str]], jobs: int) -> None:
                 child.terminate()
                 child.join(timeout=60)
         raise
-
-
-def _state(path: Path) -> str | None:
-    status = path / "status.json"
-    return json.loads(status.read_text()).get("state") if status.is_file() else None
 
 
 def _run_arm(cfg: dict, path: Path, label: str) -> None:

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     final: dict[str, list[dict]] = {name: [] for name, _ in arms}
     curves: dict[str, list[list[dict]]] = {name: [] for name, _ in arms}
     failures: dict[str, list[dict]] = {name: [] for name, _ in arms}
+
     def folder(name: str, seed: int) -> Path:
         return runs / f"{name.replace(', ', '-').replace(' ', '')}-seed{seed}"
 

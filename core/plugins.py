@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import validate_kwargs
-from .errors import ConfigError, PluginNotFoundError
+from .errors import ConfigError, DifftiltError, PluginNotFoundError
 from .process import Process
 from .reward import Reward
 
@@ -230,8 +230,6 @@ def ask_plugins(ask: Callable[[Domain], Any], tried: list[str] | None = None) ->
     or to answer is passed over, so that a broken plugin does not hide the one that knows; a
     difftilt error (a folder it knows but cannot read) is raised. ``tried`` collects the names
     asked, with why a plugin was passed over."""
-    from .errors import DifftiltError
-
     for name in sorted(plugin_entry_points()):
         try:
             domain = load_plugin(name)

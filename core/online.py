@@ -1006,8 +1006,20 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
         on_start: called with the run folder once it is made (or, resumed, locked), before the
             first question: where to follow the run (``difftilt show``) and resume it.
     """
-    if resume is not None:
-        run = RunFolder.to_resume(resume, "online", output_dir=output_dir, name=name)
+    if resume is None:
+        return _run_online(config, None, overrides, output_dir, name, progress, on_round, on_start)
+    run = RunFolder.to_resume(resume, "online", output_dir=output_dir, name=name)
+    if isinstance(config, (str, os.PathLike)):
+        config = Path(config).absolute()  # given from here; the run goes on where it was started
+    with run.in_start_directory():
+        return _run_online(config, run, overrides, output_dir, name, progress, on_round, on_start)
+
+
+def _run_online(config: dict | str | os.PathLike | None, run: RunFolder | None, overrides: list[str] | None,
+                output_dir: str | None, name: str | None, progress: bool,
+                on_round: Callable[[dict, int], None] | None, on_start: Callable[[Path], None] | None) -> RunFolder:
+    """:func:`run_online` in a new run folder (``run`` None) or, resumed, in ``run``."""
+    if run is not None:
         saved = load_yaml(run.path / "config.yaml")
         cfg = _validate(saved)
         if config is not None:
@@ -1031,7 +1043,7 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
                           f"score {cfg.eval_samples} of each round's model samples with it outside the budget; "
                           "set eval_samples: 0")
 
-    if resume is None:
+    if run is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run = RunFolder.create(cfg.output_dir, cfg.name or f"online-{cfg.plugin}-{stamp}")
         run.write_config({**asdict(cfg), "methods": cfg.methods})

@@ -22,6 +22,7 @@ failure) continues from its last saved state with ``run_finetune(config, resume=
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import datetime as _dt
@@ -36,7 +37,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
@@ -145,6 +146,7 @@ class RunFolder:
         now = _dt.datetime.now().isoformat(timespec="seconds")
         status = {**prev, "state": state, "updated": now, **info}
         status.setdefault("started", now)
+        status.setdefault("directory", str(Path.cwd()))  # where the config's relative paths point
         self.write_json("status.json", status)
 
     @classmethod
@@ -172,6 +174,30 @@ class RunFolder:
             raise ConfigError(f"{run.path} is {a[kind]} {kind} run folder (difftilt {kind}), "
                               f"not {a[command]} {command} one")
         return run
+
+    @contextlib.contextmanager
+    def in_start_directory(self) -> Iterator["RunFolder"]:
+        """Work, while in the ``with``, in the directory the run was started from (``directory``
+        in ``status.json``), so that a run resumed from elsewhere reads its config's relative
+        paths (a model folder, a lab's measurement file, an oracle's ``.py`` file) where they
+        were given; ``path`` is then made absolute. If that directory is gone (the run folder
+        was moved to another machine), the current one is kept, with a warning."""
+        here, start = Path.cwd(), self.status().get("directory")
+        if start is None or Path(start) == here:
+            yield self
+            return
+        if not Path(start).is_dir():
+            log.warning("%s was started in %s, which is not here: its config's relative paths are read from %s",
+                        self.path, start, here)
+            yield self
+            return
+        log.info("resuming %s in %s, where it was started (its config's relative paths point there)", self.path, start)
+        self.path = self.path.absolute()  # the messages that name it hold from either directory
+        os.chdir(start)
+        try:
+            yield self
+        finally:
+            os.chdir(here)
 
     def lock(self) -> io.TextIOWrapper:
         """Hold the folder for this process: an exclusive lock on its ``.lock`` file, released
@@ -444,10 +470,23 @@ def run_finetune(
             the config, plugin, process or reward; with ``resume``, a config that differs
             from the run's, a run that is complete or that holds no saved state.
     """
-    if config is None:
-        if resume is None:
+    if resume is None:
+        if config is None:
             raise ConfigError("give a config file (or --resume RUN_DIR)")
-        config = RunFolder.to_resume(resume, "finetune", output_dir=output_dir, name=name).path / "config.yaml"
+        return _run_finetune(config, None, overrides, output_dir, name, progress, on_start)
+    run = RunFolder.to_resume(resume, "finetune", output_dir=output_dir, name=name)
+    if config is None:
+        config = run.path / "config.yaml"
+    elif isinstance(config, (str, os.PathLike)):
+        config = Path(config).absolute()  # given from here; the run goes on where it was started
+    with run.in_start_directory():
+        return _run_finetune(config, run, overrides, output_dir, name, progress, on_start)
+
+
+def _run_finetune(config: dict | str | os.PathLike, run: RunFolder | None, overrides: list[str] | None,
+                  output_dir: str | os.PathLike | None, name: str | None, progress: bool,
+                  on_start: Callable[[Path], None] | None) -> RunFolder:
+    """:func:`run_finetune` in a new run folder (``run`` None) or, resumed, in ``run``."""
     cfg = load_config(config, overrides)
     if output_dir is not None:
         cfg.output_dir = str(output_dir)
@@ -468,10 +507,7 @@ def run_finetune(
     strategy = resolved["finetune"].get("strategy")
     if not isinstance(strategy, (str, dict)):  # a Strategy object given through the Python API
         resolved["finetune"]["strategy"] = type(strategy).__name__
-    run = state = None
-    if resume is not None:
-        run = RunFolder.to_resume(resume, "finetune", output_dir=output_dir, name=name)
-        state = _resumable(run, resolved)
+    state = _resumable(run, resolved) if run is not None else None
     process = domain.make_process(cfg.process)
     reward = domain.make_reward(cfg.reward, process)
     finetuner = Finetuner(

@@ -171,7 +171,7 @@ class MeasurementFile:
     with an empty value, and raises :class:`~difftilt.core.errors.AwaitingAnswers`. Rows
     are only ever appended, so the file can be edited between calls (other columns are
     kept and ignored); a sequence listed twice must have one value. A relative path is read
-    from the working directory, so resume a run from where it started. A file it cannot read
+    from the working directory (a resumed run works in the one it was started from). A file it cannot read
     (not UTF-8 text, a quote left open, a missing column, a value that is not a finite
     number) also leaves the designs waiting, with the line to fix, rather than record them
     as failed: a typo must not cost a measurement, nor budget.

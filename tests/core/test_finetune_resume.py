@@ -3,6 +3,7 @@ as a run never stopped."""
 
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +234,39 @@ def test_ctrl_c_prints_the_command_that_continues_the_run_and_that_command_ends_
     assert "it/s" not in said.out + said.err  # no bar: --no-progress wins over the saved config's progress: true
     assert json.loads((run / "status.json").read_text())["state"] == "complete"
     _assert_same_model(run, straight.path)
+
+
+def test_a_run_resumed_from_another_directory_goes_on_in_the_one_it_was_started_from(tmp_path, monkeypatch):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "project")  # a config's relative paths were given from here
+    run = _stopped(tmp_path, monkeypatch, TINY, call=5)
+    assert json.loads((run.path / "status.json").read_text())["directory"] == str(tmp_path / "project")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    seen = []
+    run_finetune(resume=run.path, progress=False, on_start=lambda path: seen.append((path, Path.cwd())))
+    assert seen == [(run.path, tmp_path / "project")]
+    assert Path.cwd() == tmp_path / "elsewhere"  # given back
+    _assert_same_model(run.path, run_finetune(TINY, output_dir=tmp_path, name="never_stopped", progress=False).path)
+
+
+def test_a_run_works_in_its_start_directory_until_the_with_ends_and_stays_put_if_that_is_gone(tmp_path, monkeypatch,
+                                                                                               caplog):
+    (tmp_path / "start").mkdir()
+    monkeypatch.chdir(tmp_path / "start")
+    run = RunFolder.create(tmp_path, "run")
+    run.set_running()
+    assert run.status()["directory"] == str(tmp_path / "start")
+    with run.in_start_directory() as same:  # resumed from where it started: nothing moves
+        assert Path.cwd() == tmp_path / "start" and same.path == tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    later = RunFolder("run")  # named from here
+    with pytest.raises(RuntimeError, match="boom"), later.in_start_directory():
+        assert Path.cwd() == tmp_path / "start" and later.path == tmp_path / "run"  # made absolute
+        raise RuntimeError("boom")
+    assert Path.cwd() == tmp_path  # given back, after a failure too
+    (tmp_path / "start").rmdir()
+    with caplog.at_level("WARNING"), RunFolder("run").in_start_directory():
+        assert Path.cwd() == tmp_path
+    assert (f"run was started in {tmp_path / 'start'}, which is not here: its config's relative paths are read "
+            f"from {tmp_path}") in caplog.text

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +231,25 @@ def test_a_run_with_a_lab_stops_each_round_and_resumes_to_what_a_function_gives_
         rows = [[json.loads(line)["queries_used"] for line in (path / method / "rounds.jsonl").read_text().splitlines()]
                 for path in (direct.path, run)]
         assert rows == [[16, 32], [16, 32]]
+
+
+def test_a_lab_run_resumed_from_another_directory_reads_the_file_it_was_started_with(tmp_path, monkeypatch):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    cfg = {"plugin": "sequences", "seed": 0, "process": "tfbind8", "methods": ["hill_climb"], "schedule": [8, 8],
+           "eval_samples": 0, "output_dir": "runs", "name": "lab",
+           "oracle": {"reward": {"name": "lab", "file": "measurements.csv"}, "batch_size": 8}}
+    with pytest.raises(AwaitingAnswers):
+        run_online(cfg, progress=False)
+    sheet = tmp_path / "project" / "measurements.csv"
+    assert _measure(sheet) == 8
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a cluster job, say, that resumes it by its full path
+    run = tmp_path / "project" / "runs" / "lab"
+    with pytest.raises(AwaitingAnswers, match=f"in {sheet}; then continue with: difftilt online --resume {run}$"):
+        run_online(resume=run, progress=False)  # round 0 answered from the file; round 1 out
+    assert not (tmp_path / "elsewhere" / "measurements.csv").exists() and Path.cwd() == tmp_path / "elsewhere"
+    assert _measure(sheet) == 8
+    run_online(resume=run, progress=False)
+    rows = [json.loads(line) for line in (run / "hill_climb" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["queries_used"] for r in rows] == [8, 16] and len(_rows(sheet)) == 16

@@ -282,12 +282,19 @@ def test_the_summary_reads_each_arm_from_its_committed_table(tmp_path, capsys):
     from difftilt.benchmarks import sequences_summary as summary
 
     arms = summary.read_arms(Path(summary.__file__).parent / "results")
-    assert list(arms) == list(summary.BUDGETS)
+    assert list(arms) == list(summary.BUDGETS[0]) == list(summary.BUDGETS[1])
     # the README's figures: (20, 64, 4, 4) at 2,000 calls, seeds 0-2
     assert [round(v, 4) for v in arms["ehrlich-20-64-4-4"]["ucb"][2000]] == [0.5625, 0.3164, 0.3164]
     assert round(sum(arms["ehrlich-20-64-4-4"]["hill_climb"][2000]) / 3, 3) == 0.453
+    assert round(sum(arms["ehrlich-20-64-4-4"]["ucb"][5000]) / 3, 3) == 0.661
+    # an arm listed twice: the 2,000-call cells of its own table, the 5,000 ones from the longer run's
+    nonadaptive = arms["ehrlich-20-32-4-4"]["nonadaptive"]
+    assert round(sum(nonadaptive[2000]) / 3, 3) == 0.164 and round(sum(nonadaptive[5000]) / 3, 3) == 0.203
     lines = summary.table(arms)
     assert lines[1].split()[:4] == ["ucb", "1.000", "(3/3", "at"]  # 1.0 on every seed of (20, 32, 2, 4)
+    at_5000 = summary.table(arms, summary.BUDGETS[1])
+    rows = [line.split()[0] for line in at_5000[1:]]
+    assert rows[0] == "ucb" and "ucb_edits" not in rows  # no line for an arm that never ran that far
     assert summary.main(["--plot", str(tmp_path / "s.png")]) == 0 and (tmp_path / "s.png").stat().st_size > 0
     with pytest.raises(CheckpointError, match="no such result file"):
         summary.read_arms(tmp_path)

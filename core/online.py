@@ -1010,7 +1010,7 @@ def run_online(config: dict | str | os.PathLike | None = None, *, resume: str | 
         return _run_online(config, None, overrides, output_dir, name, progress, on_round, on_start)
     run = RunFolder.to_resume(resume, "online", output_dir=output_dir, name=name)
     if isinstance(config, (str, os.PathLike)):
-        config = Path(config).absolute()  # given from here; the run goes on where it was started
+        config = Path(config).resolve()  # given from here; the run goes on where it was started
     with run.in_start_directory():
         return _run_online(config, run, overrides, output_dir, name, progress, on_round, on_start)
 

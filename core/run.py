@@ -180,7 +180,7 @@ class RunFolder:
         """Work, while in the ``with``, in the directory the run was started from (``directory``
         in ``status.json``), so that a run resumed from elsewhere reads its config's relative
         paths (a model folder, a lab's measurement file, an oracle's ``.py`` file) where they
-        were given; ``path`` is then made absolute. If that directory is gone (the run folder
+        were given; ``path`` is then made absolute (resolved). If that directory is gone (the run folder
         was moved to another machine), the current one is kept, with a warning."""
         here, start = Path.cwd(), self.status().get("directory")
         if start is None or Path(start) == here:
@@ -192,7 +192,7 @@ class RunFolder:
             yield self
             return
         log.info("resuming %s in %s, where it was started (its config's relative paths point there)", self.path, start)
-        self.path = self.path.absolute()  # the messages that name it hold from either directory
+        self.path = self.path.resolve()  # the messages that name it hold from either directory
         os.chdir(start)
         try:
             yield self
@@ -478,7 +478,7 @@ def run_finetune(
     if config is None:
         config = run.path / "config.yaml"
     elif isinstance(config, (str, os.PathLike)):
-        config = Path(config).absolute()  # given from here; the run goes on where it was started
+        config = Path(config).resolve()  # given from here; the run goes on where it was started
     with run.in_start_directory():
         return _run_finetune(config, run, overrides, output_dir, name, progress, on_start)
 

@@ -180,8 +180,8 @@ class RunFolder:
         """Work, while in the ``with``, in the directory the run was started from (``directory``
         in ``status.json``), so that a run resumed from elsewhere reads its config's relative
         paths (a model folder, a lab's measurement file, an oracle's ``.py`` file) where they
-        were given; ``path`` is then made absolute (resolved). If that directory is gone (the run folder
-        was moved to another machine), the current one is kept, with a warning."""
+        were given; ``path`` is then resolved. If that directory is gone (the run folder was
+        moved to another machine), the current one is kept, with a warning."""
         here, start = Path.cwd(), self.status().get("directory")
         if start is None or Path(start) == here:
             yield self
@@ -476,7 +476,7 @@ def run_finetune(
         return _run_finetune(config, None, overrides, output_dir, name, progress, on_start)
     run = RunFolder.to_resume(resume, "finetune", output_dir=output_dir, name=name)
     if config is None:
-        config = run.path / "config.yaml"
+        config = run.path.resolve() / "config.yaml"
     elif isinstance(config, (str, os.PathLike)):
         config = Path(config).resolve()  # given from here; the run goes on where it was started
     with run.in_start_directory():

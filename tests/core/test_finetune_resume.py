@@ -238,15 +238,15 @@ def test_ctrl_c_prints_the_command_that_continues_the_run_and_that_command_ends_
 
 def test_a_run_resumed_from_another_directory_goes_on_in_the_one_it_was_started_from(tmp_path, monkeypatch):
     (tmp_path / "project").mkdir()
-    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "deeper").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "project")  # a config's relative paths were given from here
     run = _stopped(tmp_path, monkeypatch, TINY, call=5)
     assert json.loads((run.path / "status.json").read_text())["directory"] == str(tmp_path / "project")
-    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere" / "deeper")
     seen = []
-    run_finetune(resume=run.path, progress=False, on_start=lambda path: seen.append((path, Path.cwd())))
+    run_finetune(resume="../../run", progress=False, on_start=lambda path: seen.append((path, Path.cwd())))
     assert seen == [(run.path, tmp_path / "project")]
-    assert Path.cwd() == tmp_path / "elsewhere"  # given back
+    assert Path.cwd() == tmp_path / "elsewhere" / "deeper"  # given back
     _assert_same_model(run.path, run_finetune(TINY, output_dir=tmp_path, name="never_stopped", progress=False).path)
 
 

@@ -67,6 +67,7 @@ SOURCES = {
                 ("hill_climb", "sequences_tfbind8.json"),
                 ("ucb", "sequences_tfbind8_5000.json"),
                 ("bootstrap", "sequences_tfbind8_arms_5000.json"),
+                ("greedy", "sequences_tfbind8_arms_5000.json"),
                 ("nonadaptive", "sequences_tfbind8_arms_5000.json"),
                 ("ga", "sequences_tfbind8_5000.json"),
                 ("hill_climb", "sequences_tfbind8_5000.json")],

@@ -59,7 +59,7 @@ from .reward import Reward, RewardOutput
 from .reward_models import (REWARD_MODELS, AcquisitionReward, Flatten, Greedy, MaxOverHeads, RewardModel, Thompson,
                             UCB, make_reward_model)
 from .rollout import step_generator
-from .run import RunFolder, read_config, read_jsonl
+from .run import RunFolder, read_config, read_jsonl, saved_config
 from .store import COUNTED, STATUSES, SQLiteFeedbackStore
 from .strategies import PolicyGradient, UpdateContext
 
@@ -926,11 +926,8 @@ def read_results(run_dir: str | os.PathLike) -> dict:
         CheckpointError: ``run_dir`` is not an online run folder.
     """
     path = Path(run_dir)
-    try:
-        cfg = load_yaml(path / "config.yaml")
-    except (OSError, ConfigError):
-        cfg = None
-    if not isinstance(cfg, dict) or "oracle" not in cfg:
+    cfg = saved_config(path)
+    if cfg is None or "oracle" not in cfg:
         raise CheckpointError(f"{path} is not a difftilt online run folder (no online config.yaml)")
     methods = cfg.get("methods") or []
     return {"methods": {m: read_rows(path / m) for m in methods}, "schedule": cfg.get("schedule")}

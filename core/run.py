@@ -72,15 +72,22 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def run_kind(folder: str | os.PathLike) -> str | None:
-    """``"online"`` or ``"finetune"``: which command made the run folder, told by its
-    config (an online config has an ``oracle``, a finetune config a ``reward`` and none);
-    ``None`` when there is no readable config."""
+def saved_config(folder: str | os.PathLike) -> dict | None:
+    """The config mapping a run folder was started with (its ``config.yaml``), or ``None``
+    when there is no readable one."""
     try:
         cfg = load_yaml(Path(folder) / "config.yaml")
     except (OSError, DifftiltError):
         return None
-    if not isinstance(cfg, dict):
+    return cfg if isinstance(cfg, dict) else None
+
+
+def run_kind(folder: str | os.PathLike) -> str | None:
+    """``"online"`` or ``"finetune"``: which command made the run folder, told by its
+    config (an online config has an ``oracle``, a finetune config a ``reward`` and none);
+    ``None`` when there is no readable config."""
+    cfg = saved_config(folder)
+    if cfg is None:
         return None
     return "online" if "oracle" in cfg else "finetune" if "reward" in cfg else None
 

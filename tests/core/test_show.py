@@ -7,6 +7,7 @@ import shlex
 import pytest
 
 from difftilt.core.cli import main
+from difftilt.core.errors import CheckpointError
 from difftilt.core.online import read_results, run_online
 from difftilt.core.run import STATE_FILE, RunFolder, run_finetune
 
@@ -133,6 +134,14 @@ def test_a_finetune_run_that_saved_no_state_says_to_start_again(tmp_path, monkey
     _, lines = _show(capsys, run.path)
     assert lines[2].startswith("transitions  update 1 of 7: reward ")
     assert lines[-1] == "it saved no training state to continue from: start it again"
+
+
+@pytest.mark.parametrize("config", [None, "reward: {name: linear}\n", "- not a mapping\n", "oracle: [unclosed\n"])
+def test_read_results_refuses_a_folder_without_an_online_config(tmp_path, config):
+    if config is not None:
+        (tmp_path / "config.yaml").write_text(config)
+    with pytest.raises(CheckpointError, match=f"{tmp_path} is not a difftilt online run folder"):
+        read_results(tmp_path)
 
 
 def test_an_online_run_shows_each_methods_rounds_so_far_and_plots_them(tmp_path, capsys):

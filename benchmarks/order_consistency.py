@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from difftilt.core.checkpoint import load_finetuned
+from difftilt.core.checkpoint import load_finetuned, load_model_folder
 from difftilt.core.errors import CheckpointError, ConfigError
 from difftilt.core.rollout import sample_trajectories
 from difftilt.plugins.sequences.mdlm import order_log_likelihoods, revealed_order
@@ -43,21 +43,12 @@ from .common import check_output, main_exit
 
 
 def load_start(path: Path):
-    """The model ``--start`` names: a fine-tuned checkpoint folder (``model_index.json``) or a
-    pretrained model folder that an installed plugin reads (``Domain.load_folder``, e.g. the
-    sequences plugin's ``process.json`` folders), as ``difftilt sample`` reads them."""
-    from difftilt.core.plugins import ask_plugins
-
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        return load_finetuned(path).model
-    if not path.is_dir():
-        raise CheckpointError(f"--start {path} is not a folder")
-    found = ask_plugins(lambda domain: domain.load_folder(path))
-    if found is not None:
-        return found[1]
-    raise CheckpointError(f"--start {path} is neither a fine-tuned model folder (no model_index.json) nor a "
-                          "pretrained model folder (as difftilt pretrain writes)")
+    """The model ``--start`` names: a fine-tuned or a pretrained model folder, as ``difftilt
+    sample`` reads them (:func:`~difftilt.core.checkpoint.load_model_folder`)."""
+    try:
+        return load_model_folder(path)[0]
+    except CheckpointError as err:
+        raise CheckpointError(f"--start {err}") from None
 
 
 def check_same_kind(q, p, model: Path, start: Path) -> None:

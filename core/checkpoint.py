@@ -27,11 +27,11 @@ from torch import nn
 from .config import ConfigMixin, atomic_write_text
 from .errors import CheckpointError
 from .finetune import FinetuneResult
-from .plugins import load_plugin
+from .plugins import Domain, ask_plugins, load_plugin
 from .process import (BrownianProcess, ChainedProcess, ControlledProcess, Process, ResidualControlProcess, freeze,
                       transitions_of)
 
-__all__ = ["save_model", "save_finetuned", "load_finetuned", "FORMAT"]
+__all__ = ["save_model", "save_finetuned", "load_finetuned", "load_model_folder", "FORMAT"]
 
 FORMAT = "difftilt.finetuned/1"
 
@@ -161,3 +161,28 @@ def load_finetuned(directory: str | os.PathLike, pretrained: Process | None = No
     alpha = index.get("alpha")
     return FinetuneResult(model=model, transitions=transitions, initial=initial, value_net=value,
                           alpha=float(alpha) if alpha is not None else float("nan"))
+
+
+def load_model_folder(directory: str | os.PathLike) -> tuple[Process, Process, Domain]:
+    """``(model, reference, domain)`` of a model folder, as ``difftilt sample`` reads them: a
+    fine-tuned one (``model_index.json``; ``reference`` its pretrained chain) or a pretrained
+    one that an installed plugin reads (``Domain.load_folder``, e.g. the sequences plugin's
+    ``process.json`` folders; ``reference`` the model itself).
+
+    Raises:
+        CheckpointError: ``directory`` is not a folder, or neither kind of model folder.
+    """
+    path = Path(directory)
+    if (path / "model_index.json").is_file():
+        result = load_finetuned(path)
+        plugin = json.loads((path / "model_index.json").read_text())["plugin"]
+        return result.model, result.transitions.reference, load_plugin(plugin)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder")
+    tried: list[str] = []
+    found = ask_plugins(lambda domain: domain.load_folder(path), tried)
+    if found is not None:
+        domain, process = found
+        return process, process, domain
+    raise CheckpointError(f"{path} is neither a fine-tuned model folder (no model_index.json) nor a pretrained "
+                          f"model folder of an installed plugin (tried: {', '.join(tried) or 'none installed'})")

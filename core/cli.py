@@ -358,28 +358,6 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 TEXT_SUFFIXES = (".fasta", ".fa", ".txt")
 
 
-def _load_sampler(path: Path):
-    """``(model, reference, domain)`` of a model folder: a fine-tuned one (``model_index.json``)
-    or a pretrained one that an installed plugin reads (``Domain.load_folder``)."""
-    from .checkpoint import load_finetuned
-    from .errors import CheckpointError
-    from .plugins import ask_plugins, load_plugin
-
-    if (path / "model_index.json").is_file():
-        result = load_finetuned(path)
-        plugin = json.loads((path / "model_index.json").read_text())["plugin"]
-        return result.model, result.transitions.reference, load_plugin(plugin)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a folder")
-    tried: list[str] = []
-    found = ask_plugins(lambda domain: domain.load_folder(path), tried)
-    if found is not None:
-        domain, process = found
-        return process, process, domain
-    raise CheckpointError(f"{path} is neither a fine-tuned model folder (no model_index.json) nor a pretrained "
-                          f"model folder of an installed plugin (tried: {', '.join(tried) or 'none installed'})")
-
-
 def _sample_in_batches(model, n: int, batch_size: int, generator, progress: bool):
     """``n`` samples, ``batch_size`` chains at a time from one generator (memory stays that of
     one batch; ``n <= batch_size`` is one ``model.sample`` call), with a progress bar."""
@@ -413,6 +391,7 @@ def _sampling_device(name: str):
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model_folder
     from .errors import ConfigError
     from .rollout import step_generator
 
@@ -429,7 +408,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--output {out}: cannot make its folder ({e.strerror or e})") from None
-    model, reference, domain = _load_sampler(Path(args.model))
+    model, reference, domain = load_model_folder(args.model)
     model.to(device)
     x = _sample_in_batches(model, args.num_samples, args.batch_size,
                            step_generator(args.seed, -3, device), progress=not args.no_progress)
